@@ -1,0 +1,1 @@
+//! The sans-IO routing core: placeholder until the route module lands.
