@@ -1,0 +1,1 @@
+//! Kafka harness (placeholder, filled in next).
