@@ -6,5 +6,6 @@
 
 #![warn(missing_docs)]
 
+pub mod kafka;
 pub mod registry;
 pub mod route;

@@ -1,0 +1,537 @@
+//! [`ClusterAdmin`]: administration and offset queries against one cluster.
+//!
+//! Wraps an rdkafka `AdminClient` (topic creation and deletion) and a metadata
+//! consumer (metadata, watermarks, cluster id) for one cluster. Blocking
+//! librdkafka calls run on tokio's blocking pool with timeouts, so async
+//! callers never stall a runtime thread.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::kafka::config::{bootstrap_config, client_config, KafkaProperties, SecurityProfiles};
+use crate::kafka::error::{from_code, from_rdkafka, KafkaError};
+use crate::kafka::identity::{
+    blocking_cluster_id, metadata_consumer, no_answer, verify_cluster_id, GRACE,
+};
+use crate::registry::ClusterSpec;
+
+/// How often readiness is polled while waiting for a topic to appear or vanish.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What [`ClusterAdmin::ensure_topic`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicStatus {
+    /// The topic was missing and has been created (and is visible with leaders).
+    Created,
+    /// The topic already existed with the expected partition count.
+    Existed,
+}
+
+/// Administration of one Kafka cluster. Cheap to clone (shared handles).
+#[derive(Clone)]
+pub struct ClusterAdmin {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cluster: String,
+    bootstrap: String,
+    cluster_id: String,
+    config: ClientConfig,
+    timeout: Duration,
+    admin: Option<AdminClient<DefaultClientContext>>,
+    meta: Option<BaseConsumer>,
+}
+
+impl Inner {
+    fn admin(&self) -> &AdminClient<DefaultClientContext> {
+        self.admin
+            .as_ref()
+            .expect("admin client present until drop")
+    }
+
+    fn meta(&self) -> &BaseConsumer {
+        self.meta
+            .as_ref()
+            .expect("metadata consumer present until drop")
+    }
+
+    fn err(&self, what: &str, e: &RdKafkaError) -> KafkaError {
+        use RDKafkaErrorCode as C;
+        let code = crate::kafka::error::error_code(e);
+        if matches!(
+            code,
+            Some(
+                C::AllBrokersDown
+                    | C::BrokerTransportFailure
+                    | C::Resolve
+                    | C::OperationTimedOut
+                    | C::TimedOutQueue
+            )
+        ) {
+            return no_answer(
+                &self.cluster,
+                &self.bootstrap,
+                self.timeout,
+                self.meta(),
+                what,
+            );
+        }
+        from_rdkafka(&self.cluster, what, e)
+    }
+
+    /// Partition count and whether every partition has a leader; `None` when
+    /// the topic does not exist.
+    fn blocking_topic(
+        &self,
+        topic: &str,
+        timeout: Duration,
+    ) -> Result<Option<(u32, bool)>, KafkaError> {
+        let what = format!("metadata of topic {topic}");
+        let md = self
+            .meta()
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(|e| self.err(&what, &e))?;
+        let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+            return Ok(None);
+        };
+        if let Some(raw) = t.error() {
+            let code = RDKafkaErrorCode::from(raw);
+            return match code {
+                RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic => {
+                    Ok(None)
+                }
+                RDKafkaErrorCode::LeaderNotAvailable if !t.partitions().is_empty() => {
+                    Ok(Some((t.partitions().len() as u32, false)))
+                }
+                RDKafkaErrorCode::LeaderNotAvailable => Ok(None),
+                other => Err(from_code(&self.cluster, other, &what)),
+            };
+        }
+        if t.partitions().is_empty() {
+            return Ok(None);
+        }
+        let ready = t
+            .partitions()
+            .iter()
+            .all(|p| p.error().is_none() && p.leader() >= 0);
+        Ok(Some((t.partitions().len() as u32, ready)))
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Dropping an AdminClient joins its polling thread (up to ~100 ms); keep
+        // that off the async runtime's threads.
+        let admin = self.admin.take();
+        let meta = self.meta.take();
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn_blocking(move || drop((admin, meta)));
+            }
+            Err(_) => drop((admin, meta)),
+        }
+    }
+}
+
+impl std::fmt::Debug for ClusterAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterAdmin")
+            .field("cluster", &self.inner.cluster)
+            .field("bootstrap", &self.inner.bootstrap)
+            .field("cluster_id", &self.inner.cluster_id)
+            .field("timeout", &self.inner.timeout)
+            .finish()
+    }
+}
+
+impl ClusterAdmin {
+    /// Connects to the registered cluster `spec` and checks its identity: the
+    /// brokers must report the spec's `kafka_cluster_id`
+    /// ([`KafkaError::ClusterIdMismatch`] otherwise). `timeout` bounds the
+    /// connection and every later operation.
+    pub async fn connect(
+        spec: &ClusterSpec,
+        base: &KafkaProperties,
+        profiles: &SecurityProfiles,
+        timeout: Duration,
+    ) -> Result<Self, KafkaError> {
+        let config = client_config(spec, base, profiles)?;
+        let admin = Self::connect_with_config(&spec.id, config, timeout).await?;
+        verify_cluster_id(spec, admin.cluster_id())?;
+        Ok(admin)
+    }
+
+    /// Connects to a cluster known only by its bootstrap list (e.g. to read its
+    /// id before registering it). Errors name the cluster by its bootstrap list.
+    pub async fn connect_bootstrap(
+        bootstrap: &str,
+        base: &KafkaProperties,
+        timeout: Duration,
+    ) -> Result<Self, KafkaError> {
+        let config = bootstrap_config(bootstrap, base, None)?;
+        Self::connect_with_config(bootstrap, config, timeout).await
+    }
+
+    /// Connects with a ready rdkafka configuration (`bootstrap.servers` set);
+    /// `cluster` names the cluster in errors. Reads the cluster id, so an
+    /// unreachable cluster fails here with [`KafkaError::Unreachable`].
+    pub async fn connect_with_config(
+        cluster: &str,
+        config: ClientConfig,
+        timeout: Duration,
+    ) -> Result<Self, KafkaError> {
+        let bootstrap = config
+            .get("bootstrap.servers")
+            .unwrap_or_default()
+            .to_string();
+        crate::kafka::config::validate_bootstrap(&bootstrap)?;
+        let cluster_s = cluster.to_string();
+        let bootstrap_s = bootstrap.clone();
+        let task = tokio::task::spawn_blocking(move || -> Result<Inner, KafkaError> {
+            let cfg_err = |e: RdKafkaError| KafkaError::Config {
+                cluster: cluster_s.clone(),
+                detail: format!("cannot create a kafka client: {e}"),
+            };
+            let meta = metadata_consumer(&config).map_err(cfg_err)?;
+            let cluster_id = blocking_cluster_id(&cluster_s, &bootstrap_s, &meta, timeout)?;
+            let admin: AdminClient<DefaultClientContext> = config.create().map_err(cfg_err)?;
+            Ok(Inner {
+                cluster: cluster_s,
+                bootstrap: bootstrap_s,
+                cluster_id,
+                config,
+                timeout,
+                admin: Some(admin),
+                meta: Some(meta),
+            })
+        });
+        match tokio::time::timeout(timeout + GRACE, task).await {
+            Ok(Ok(inner)) => Ok(ClusterAdmin {
+                inner: Arc::new(inner?),
+            }),
+            Ok(Err(join)) => Err(KafkaError::Other {
+                cluster: cluster.to_string(),
+                detail: format!("connect: task failed: {join}"),
+            }),
+            Err(_) => Err(KafkaError::Unreachable {
+                cluster: cluster.to_string(),
+                bootstrap,
+                timeout,
+                detail: "connect: librdkafka did not return in time".into(),
+            }),
+        }
+    }
+
+    /// The cluster's name in errors: its registry id, or its bootstrap list.
+    pub fn cluster(&self) -> &str {
+        &self.inner.cluster
+    }
+
+    /// The bootstrap list this admin dialled.
+    pub fn bootstrap(&self) -> &str {
+        &self.inner.bootstrap
+    }
+
+    /// The Kafka cluster id the brokers reported when this admin connected.
+    pub fn cluster_id(&self) -> &str {
+        &self.inner.cluster_id
+    }
+
+    /// The timeout bounding each operation.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// The rdkafka configuration used for this cluster (bootstrap, security,
+    /// client id), e.g. to create producers and consumers for it.
+    pub fn client_config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    async fn blocking<T, F>(&self, what: String, f: F) -> Result<T, KafkaError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, KafkaError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        let limit = self.inner.timeout + GRACE;
+        match tokio::time::timeout(limit, tokio::task::spawn_blocking(move || f(&inner))).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(KafkaError::Other {
+                cluster: self.inner.cluster.clone(),
+                detail: format!("{what}: task failed: {join}"),
+            }),
+            Err(_) => Err(KafkaError::Transient {
+                cluster: self.inner.cluster.clone(),
+                detail: format!("{what}: no result within {limit:?}"),
+            }),
+        }
+    }
+
+    /// Reads the cluster id from the brokers again (not the cached one), e.g.
+    /// to re-check identity after a reconnect.
+    pub async fn fetch_cluster_id(&self) -> Result<String, KafkaError> {
+        self.blocking("read cluster id".into(), |inner| {
+            blocking_cluster_id(
+                &inner.cluster,
+                &inner.bootstrap,
+                inner.meta(),
+                inner.timeout,
+            )
+        })
+        .await
+    }
+
+    /// The partition count of `topic`, or `None` when it does not exist. Never
+    /// creates the topic (auto-creation is disabled for this client).
+    pub async fn topic_partitions(&self, topic: &str) -> Result<Option<u32>, KafkaError> {
+        let topic = topic.to_string();
+        self.blocking(format!("metadata of topic {topic}"), move |inner| {
+            Ok(inner.blocking_topic(&topic, inner.timeout)?.map(|(n, _)| n))
+        })
+        .await
+    }
+
+    /// Makes sure `topic` exists with `partitions` partitions: creates it when
+    /// missing (broker-default replication factor) and waits until every
+    /// partition has a leader. An existing topic with another partition count
+    /// is [`KafkaError::PartitionMismatch`]; it is never altered.
+    pub async fn ensure_topic(
+        &self,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<TopicStatus, KafkaError> {
+        self.ensure_topic_with(topic, partitions, None, &KafkaProperties::new())
+            .await
+    }
+
+    /// [`ClusterAdmin::ensure_topic`] with an explicit replication factor
+    /// (`None`: broker default) and topic configs used when creating it.
+    pub async fn ensure_topic_with(
+        &self,
+        topic: &str,
+        partitions: u32,
+        replication: Option<i32>,
+        topic_config: &KafkaProperties,
+    ) -> Result<TopicStatus, KafkaError> {
+        if partitions == 0 || partitions > i32::MAX as u32 {
+            return Err(KafkaError::Config {
+                cluster: self.inner.cluster.clone(),
+                detail: format!("topic {topic}: invalid partition count {partitions}"),
+            });
+        }
+        let mismatch = |found: u32| KafkaError::PartitionMismatch {
+            cluster: self.inner.cluster.clone(),
+            topic: topic.to_string(),
+            expected: partitions,
+            found,
+        };
+        let deadline = Instant::now() + self.inner.timeout;
+        let status = match self.topic_partitions(topic).await? {
+            Some(n) if n == partitions => TopicStatus::Existed,
+            Some(n) => return Err(mismatch(n)),
+            None => {
+                let what = format!("create topic {topic}");
+                let mut new = NewTopic::new(
+                    topic,
+                    partitions as i32,
+                    TopicReplication::Fixed(replication.unwrap_or(-1)),
+                );
+                for (k, v) in topic_config.iter() {
+                    new = new.set(k, v);
+                }
+                let opts = AdminOptions::new()
+                    .request_timeout(Some(self.inner.timeout))
+                    .operation_timeout(Some(self.inner.timeout));
+                let fut = self.inner.admin().create_topics([&new], &opts);
+                let res = match tokio::time::timeout(self.inner.timeout + GRACE, fut).await {
+                    Ok(r) => r.map_err(|e| self.inner.err(&what, &e))?,
+                    Err(_) => {
+                        return Err(KafkaError::Transient {
+                            cluster: self.inner.cluster.clone(),
+                            detail: format!("{what}: no answer within {:?}", self.inner.timeout),
+                        })
+                    }
+                };
+                match res.into_iter().next() {
+                    Some(Ok(_)) => TopicStatus::Created,
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
+                        // Somebody else created it meanwhile: check what they made.
+                        match self.wait_topic(topic, deadline).await? {
+                            n if n == partitions => TopicStatus::Existed,
+                            n => return Err(mismatch(n)),
+                        }
+                    }
+                    Some(Err((_, code))) => {
+                        return Err(from_code(&self.inner.cluster, code, &what))
+                    }
+                    None => {
+                        return Err(KafkaError::Other {
+                            cluster: self.inner.cluster.clone(),
+                            detail: format!("{what}: empty result"),
+                        })
+                    }
+                }
+            }
+        };
+        let n = self.wait_topic(topic, deadline).await?;
+        if n != partitions {
+            return Err(mismatch(n));
+        }
+        Ok(status)
+    }
+
+    /// Waits until `topic` is visible with a leader for every partition;
+    /// returns its partition count.
+    async fn wait_topic(&self, topic: &str, deadline: Instant) -> Result<u32, KafkaError> {
+        loop {
+            let t = topic.to_string();
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(500));
+            let found = self
+                .blocking(format!("metadata of topic {topic}"), move |inner| {
+                    inner.blocking_topic(&t, left)
+                })
+                .await?;
+            if let Some((n, true)) = found {
+                return Ok(n);
+            }
+            if Instant::now() >= deadline {
+                return Err(KafkaError::Transient {
+                    cluster: self.inner.cluster.clone(),
+                    detail: format!(
+                        "topic {topic} not visible with leaders within {:?} (found {found:?})",
+                        self.inner.timeout
+                    ),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// The end offset (high watermark, exclusive) of partitions `0..partitions`
+    /// of `topic`, in partition order: the handoff boundary on this cluster.
+    pub async fn end_offsets(&self, topic: &str, partitions: u32) -> Result<Vec<i64>, KafkaError> {
+        let topic = topic.to_string();
+        self.blocking(format!("end offsets of {topic}"), move |inner| {
+            let deadline = Instant::now() + inner.timeout;
+            let mut out = Vec::with_capacity(partitions as usize);
+            for p in 0..partitions {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(KafkaError::Transient {
+                        cluster: inner.cluster.clone(),
+                        detail: format!(
+                            "end offsets of {topic}: timed out after {}/{partitions} partitions",
+                            p
+                        ),
+                    });
+                }
+                let (_low, high) = inner
+                    .meta()
+                    .fetch_watermarks(&topic, p as i32, left)
+                    .map_err(|e| inner.err(&format!("end offset of {topic}/{p}"), &e))?;
+                out.push(high);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The offsets consumer group `group` has committed on this cluster for
+    /// partitions `0..partitions` of `topic`, in partition order (`None`: no
+    /// commit). Uses a throwaway consumer with that `group.id` that never
+    /// subscribes nor commits, so it never joins the group or disturbs members.
+    pub async fn committed_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<Vec<Option<i64>>, KafkaError> {
+        let (group, topic) = (group.to_string(), topic.to_string());
+        self.blocking(
+            format!("committed offsets of group {group} on {topic}"),
+            move |inner| {
+                let what = format!("committed offsets of group {group} on {topic}");
+                let mut cfg = inner.config.clone();
+                cfg.set("group.id", &group)
+                    .set("enable.auto.commit", "false")
+                    .set("enable.auto.offset.store", "false")
+                    .set("allow.auto.create.topics", "false");
+                let consumer: BaseConsumer = cfg.create().map_err(|e| KafkaError::Config {
+                    cluster: inner.cluster.clone(),
+                    detail: format!("{what}: cannot create a kafka consumer: {e}"),
+                })?;
+                let mut tpl = TopicPartitionList::with_capacity(partitions as usize);
+                for p in 0..partitions {
+                    tpl.add_partition(&topic, p as i32);
+                }
+                let tpl = consumer
+                    .committed_offsets(tpl, inner.timeout)
+                    .map_err(|e| inner.err(&what, &e))?;
+                let mut out = Vec::with_capacity(partitions as usize);
+                for p in 0..partitions {
+                    let elem =
+                        tpl.find_partition(&topic, p as i32)
+                            .ok_or_else(|| KafkaError::Other {
+                                cluster: inner.cluster.clone(),
+                                detail: format!("{what}: partition {p} missing from the answer"),
+                            })?;
+                    if let Err(e) = elem.error() {
+                        return Err(inner.err(&format!("{what} (partition {p})"), &e));
+                    }
+                    out.push(match elem.offset() {
+                        Offset::Offset(o) if o >= 0 => Some(o),
+                        _ => None,
+                    });
+                }
+                Ok(out)
+            },
+        )
+        .await
+    }
+
+    /// Deletes `topic` (for tests and cleanup) and waits until it is gone.
+    /// Returns `false` when it did not exist.
+    pub async fn delete_topic(&self, topic: &str) -> Result<bool, KafkaError> {
+        let what = format!("delete topic {topic}");
+        let opts = AdminOptions::new()
+            .request_timeout(Some(self.inner.timeout))
+            .operation_timeout(Some(self.inner.timeout));
+        let fut = self.inner.admin().delete_topics(&[topic], &opts);
+        let res = match tokio::time::timeout(self.inner.timeout + GRACE, fut).await {
+            Ok(r) => r.map_err(|e| self.inner.err(&what, &e))?,
+            Err(_) => {
+                return Err(KafkaError::Transient {
+                    cluster: self.inner.cluster.clone(),
+                    detail: format!("{what}: no answer within {:?}", self.inner.timeout),
+                })
+            }
+        };
+        match res.into_iter().next() {
+            Some(Ok(_)) => {}
+            Some(Err((_, RDKafkaErrorCode::UnknownTopicOrPartition))) => return Ok(false),
+            Some(Err((_, code))) => return Err(from_code(&self.inner.cluster, code, &what)),
+            None => {}
+        }
+        let deadline = Instant::now() + self.inner.timeout;
+        while self.topic_partitions(topic).await?.is_some() {
+            if Instant::now() >= deadline {
+                return Err(KafkaError::Transient {
+                    cluster: self.inner.cluster.clone(),
+                    detail: format!("{what}: still visible after {:?}", self.inner.timeout),
+                });
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        Ok(true)
+    }
+}
