@@ -1,1 +1,4 @@
-//! The sans-IO routing core: placeholder until the route module lands.
+//! The sans-IO routing core (work in progress).
+
+pub mod murmur2;
+pub mod rendezvous;
