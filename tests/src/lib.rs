@@ -19,6 +19,10 @@ pub mod kafka;
 pub mod process;
 
 pub use etcd::{DetachedEtcd, EtcdServer};
+pub use kafka::{
+    create_topic, create_topic_blocking, DetachedKafkaCluster, KafkaCluster, KafkaFleet,
+    KafkaOptions,
+};
 
 use std::path::PathBuf;
 use std::time::Duration;

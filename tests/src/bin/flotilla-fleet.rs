@@ -1,1 +1,209 @@
-fn main() {}
+//! `flotilla-fleet`: a local etcd + N Kafka clusters that outlive the command.
+//!
+//! * `flotilla-fleet up N [--etcd]` starts them detached, writes
+//!   `.cache/fleet/state.json` and prints the registry endpoint and bootstraps.
+//! * `flotilla-fleet status` shows what `state.json` describes and whether it runs.
+//! * `flotilla-fleet down` kills them (by process group) and removes their folders.
+//!
+//! `scripts/fleet-up` / `scripts/fleet-down` wrap this binary.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use flotilla_testkit::process::{group_alive, signal_group};
+use flotilla_testkit::{DetachedEtcd, DetachedKafkaCluster, EtcdServer, KafkaFleet};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(about = "Local etcd + Kafka fleet for flotilla (detached processes)")]
+struct Cli {
+    /// Folder for the servers' folders and state.json.
+    #[arg(long, env = "FLOTILLA_FLEET_DIR")]
+    base: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start N single-node Kafka clusters (and etcd with --etcd), detached.
+    Up {
+        /// Number of Kafka clusters.
+        n: usize,
+        /// Also start an etcd for the registry.
+        #[arg(long)]
+        etcd: bool,
+    },
+    /// Kill every process of the fleet and remove its folders.
+    Down,
+    /// Print the fleet described by state.json and whether its processes run.
+    Status,
+}
+
+/// `.cache/fleet/state.json`.
+#[derive(Serialize, Deserialize)]
+struct State {
+    /// Seconds the start-up took (etcd and Kafka in parallel).
+    startup_secs: f64,
+    /// The registry, when started with `--etcd`.
+    etcd: Option<DetachedEtcd>,
+    /// The Kafka clusters.
+    clusters: Vec<DetachedKafkaCluster>,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let base = cli
+        .base
+        .unwrap_or_else(|| flotilla_testkit::repo_root().join(".cache/fleet"));
+    let state_path = base.join("state.json");
+    match cli.command {
+        Cmd::Up { n, etcd } => up(&base, &state_path, n, etcd),
+        Cmd::Down => down(&base, &state_path),
+        Cmd::Status => status(&state_path),
+    }
+}
+
+fn read_state(path: &Path) -> Result<Option<State>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(
+            serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// Whether `pid` still runs the server that lives in `dir` (guards against pid reuse).
+fn runs_in(pid: i32, dir: &Path) -> bool {
+    if !group_alive(pid) {
+        return false;
+    }
+    match std::fs::read(format!("/proc/{pid}/cmdline")) {
+        Ok(raw) => String::from_utf8_lossy(&raw).contains(&*dir.to_string_lossy()),
+        // No /proc: trust the pid.
+        Err(_) => true,
+    }
+}
+
+fn up(base: &Path, state_path: &Path, n: usize, with_etcd: bool) -> Result<()> {
+    if let Some(state) = read_state(state_path)? {
+        let alive = state.etcd.iter().any(|e| runs_in(e.pid, &e.dir))
+            || state.clusters.iter().any(|c| runs_in(c.pid, &c.dir));
+        if alive {
+            bail!(
+                "a fleet is already up ({}); run scripts/fleet-down first",
+                state_path.display()
+            );
+        }
+        // Left-overs of a fleet that died: clean up before starting anew.
+        down(base, state_path)?;
+    }
+    std::fs::create_dir_all(base).with_context(|| format!("create {}", base.display()))?;
+    let started = Instant::now();
+    let (etcd, kafka) = std::thread::scope(|s| {
+        let etcd = s.spawn(|| with_etcd.then(|| EtcdServer::start_in(base)));
+        let kafka = KafkaFleet::start_in(n, base);
+        (etcd.join().expect("etcd start-up thread"), kafka)
+    });
+    // On any error the already started servers are dropped, i.e. killed and removed.
+    let etcd = etcd.transpose().context("start etcd")?;
+    let kafka = kafka.context("start Kafka clusters")?;
+    let state = State {
+        startup_secs: started.elapsed().as_secs_f64(),
+        etcd: etcd.map(EtcdServer::into_detached),
+        clusters: kafka.into_detached(),
+    };
+    std::fs::write(state_path, serde_json::to_string_pretty(&state)?)
+        .with_context(|| format!("write {}", state_path.display()))?;
+    print_state(&state, state_path);
+    Ok(())
+}
+
+fn print_state(state: &State, state_path: &Path) {
+    println!(
+        "fleet up in {:.1} s (state: {})",
+        state.startup_secs,
+        state_path.display()
+    );
+    if let Some(etcd) = &state.etcd {
+        println!("registry  {}  (etcd pid {})", etcd.endpoint, etcd.pid);
+    }
+    for c in &state.clusters {
+        println!(
+            "cluster {}  {}  (kafka cluster id {}, pid {})",
+            c.index, c.bootstrap, c.kafka_cluster_id, c.pid
+        );
+    }
+    if let Some(etcd) = &state.etcd {
+        println!("export FLOTILLA_ETCD_ENDPOINTS={}", etcd.endpoint);
+    }
+    let bootstraps: Vec<&str> = state
+        .clusters
+        .iter()
+        .map(|c| c.bootstrap.as_str())
+        .collect();
+    println!("export FLOTILLA_KAFKA_BOOTSTRAPS={}", bootstraps.join(","));
+}
+
+fn down(base: &Path, state_path: &Path) -> Result<()> {
+    let Some(state) = read_state(state_path)? else {
+        println!("no fleet ({} not found)", state_path.display());
+        return Ok(());
+    };
+    let mut servers: Vec<(String, i32, PathBuf)> = Vec::new();
+    if let Some(e) = &state.etcd {
+        servers.push((format!("etcd {}", e.endpoint), e.pid, e.dir.clone()));
+    }
+    for c in &state.clusters {
+        servers.push((
+            format!("cluster {} {}", c.index, c.bootstrap),
+            c.pid,
+            c.dir.clone(),
+        ));
+    }
+    for (name, pid, dir) in &servers {
+        if runs_in(*pid, dir) {
+            signal_group(*pid, libc::SIGKILL);
+            println!("killed {name} (process group {pid})");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (name, pid, dir) in &servers {
+        while runs_in(*pid, dir) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if runs_in(*pid, dir) {
+            eprintln!("warning: {name} (pid {pid}) still running");
+        }
+        // Only ever remove folders inside the fleet folder.
+        if dir.starts_with(base) && dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+        }
+    }
+    std::fs::remove_file(state_path).with_context(|| format!("remove {}", state_path.display()))?;
+    println!("fleet down");
+    Ok(())
+}
+
+fn status(state_path: &Path) -> Result<()> {
+    let Some(state) = read_state(state_path)? else {
+        println!("no fleet ({} not found)", state_path.display());
+        return Ok(());
+    };
+    let word = |up: bool| if up { "running" } else { "DOWN" };
+    if let Some(e) = &state.etcd {
+        println!("registry  {}  {}", e.endpoint, word(runs_in(e.pid, &e.dir)));
+    }
+    for c in &state.clusters {
+        println!(
+            "cluster {}  {}  {}  (kafka cluster id {})",
+            c.index,
+            c.bootstrap,
+            word(runs_in(c.pid, &c.dir)),
+            c.kafka_cluster_id
+        );
+    }
+    Ok(())
+}
