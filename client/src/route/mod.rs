@@ -2,3 +2,7 @@
 
 pub mod murmur2;
 pub mod rendezvous;
+pub mod router;
+
+#[cfg(test)]
+mod testutil;
