@@ -104,10 +104,16 @@ impl RendezvousTable {
         let mut slots: Vec<Slot> = Vec::with_capacity(write.len());
         for w in write {
             if w.weight == 0 {
-                return Err(ModelError::Invalid(format!("cluster {} has weight 0", w.cluster)));
+                return Err(ModelError::Invalid(format!(
+                    "cluster {} has weight 0",
+                    w.cluster
+                )));
             }
             if slots.iter().any(|s| *s.id == *w.cluster) {
-                return Err(ModelError::Invalid(format!("cluster {} listed twice", w.cluster)));
+                return Err(ModelError::Invalid(format!(
+                    "cluster {} listed twice",
+                    w.cluster
+                )));
             }
             slots.push(Slot {
                 id: Arc::from(w.cluster.as_str()),
@@ -171,7 +177,9 @@ impl RendezvousTable {
 
 /// One-off convenience: the cluster `key` goes to in `write` (slow path: builds a table).
 pub fn cluster_for_key(key: &[u8], write: &[WeightedCluster]) -> Result<ClusterId, ModelError> {
-    Ok(RendezvousTable::new(write)?.cluster_for_key(key).to_string())
+    Ok(RendezvousTable::new(write)?
+        .cluster_for_key(key)
+        .to_string())
 }
 
 #[cfg(test)]
@@ -183,7 +191,10 @@ mod tests {
     fn ws(items: &[(&str, u32)]) -> Vec<WeightedCluster> {
         items
             .iter()
-            .map(|(c, w)| WeightedCluster { cluster: (*c).to_string(), weight: *w })
+            .map(|(c, w)| WeightedCluster {
+                cluster: (*c).to_string(),
+                weight: *w,
+            })
             .collect()
     }
 
@@ -191,7 +202,8 @@ mod tests {
         let mut m = BTreeMap::new();
         for k in 0..keys {
             let key = format!("key-{k}");
-            *m.entry(t.cluster_for_key(key.as_bytes()).to_string()).or_default() += 1;
+            *m.entry(t.cluster_for_key(key.as_bytes()).to_string())
+                .or_default() += 1;
         }
         m
     }
@@ -219,7 +231,10 @@ mod tests {
         assert_eq!(mix64(1), 0x5692_161d_100b_05e5);
         let t = RendezvousTable::new(&ws(&[("a", 1), ("b", 1), ("c", 1)])).unwrap();
         let picks: String = (0..24)
-            .map(|k| t.cluster_for_key(format!("user-{k}").as_bytes()).to_string())
+            .map(|k| {
+                t.cluster_for_key(format!("user-{k}").as_bytes())
+                    .to_string()
+            })
             .collect();
         assert_eq!(picks, GOLDEN_PICKS, "rendezvous picks changed");
     }
@@ -240,14 +255,18 @@ mod tests {
     fn keyless_sequence_spreads_by_weight() {
         let t = RendezvousTable::new(&ws(&[("a", 1), ("b", 3)])).unwrap();
         let n = 40_000;
-        let a = (0..n).filter(|&i| &**t.cluster(t.pick(key_hash_from_sequence(i))) == "a").count();
+        let a = (0..n)
+            .filter(|&i| &**t.cluster(t.pick(key_hash_from_sequence(i))) == "a")
+            .count();
         let got = a as f64 / n as f64;
         assert!((got - 0.25).abs() < 0.01, "{got}");
     }
 
     fn write_set() -> impl Strategy<Value = Vec<WeightedCluster>> {
         proptest::collection::btree_map("[a-z]{1,6}", 1u32..100, 1..6).prop_map(|m| {
-            m.into_iter().map(|(cluster, weight)| WeightedCluster { cluster, weight }).collect()
+            m.into_iter()
+                .map(|(cluster, weight)| WeightedCluster { cluster, weight })
+                .collect()
         })
     }
 

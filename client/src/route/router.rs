@@ -232,7 +232,10 @@ impl TopicState {
                             settled = false;
                             if !a.flush_requested {
                                 a.flush_requested = true;
-                                out.push(Action::Flush { topic: topic.to_string(), epoch: a.n });
+                                out.push(Action::Flush {
+                                    topic: topic.to_string(),
+                                    epoch: a.n,
+                                });
                             }
                         }
                     }
@@ -241,13 +244,19 @@ impl TopicState {
                             settled = false;
                             if !o.flush_requested {
                                 o.flush_requested = true;
-                                out.push(Action::Flush { topic: topic.to_string(), epoch: n });
+                                out.push(Action::Flush {
+                                    topic: topic.to_string(),
+                                    epoch: n,
+                                });
                             }
                         }
                     }
                     if settled {
                         self.acked = p;
-                        out.push(Action::Ack { topic: topic.to_string(), epoch: p });
+                        out.push(Action::Ack {
+                            topic: topic.to_string(),
+                            epoch: p,
+                        });
                     }
                 }
                 return;
@@ -300,7 +309,10 @@ impl TopicState {
             for (&n, o) in self.older.iter_mut() {
                 if o.inflight > 0 && !o.flush_requested {
                     o.flush_requested = true;
-                    out.push(Action::Flush { topic: topic.to_string(), epoch: n });
+                    out.push(Action::Flush {
+                        topic: topic.to_string(),
+                        epoch: n,
+                    });
                 }
             }
             return;
@@ -308,7 +320,10 @@ impl TopicState {
         if self.held {
             self.held = false;
             let epoch = self.active.as_ref().map_or(0, |a| a.n);
-            out.push(Action::Release { topic: topic.to_string(), epoch });
+            out.push(Action::Release {
+                topic: topic.to_string(),
+                epoch,
+            });
         }
     }
 
@@ -333,10 +348,15 @@ pub struct Router {
 }
 
 fn view_of(route: &TopicRoute, snapshot: &FleetSnapshot) -> View {
-    let ev = |e: &crate::registry::Epoch| EpochView { n: e.n, write: e.write.clone() };
+    let ev = |e: &crate::registry::Epoch| EpochView {
+        n: e.n,
+        write: e.write.clone(),
+    };
     let open = route.open_epoch();
     let problem = match open {
-        None => Some(NoRoute::NoOpenEpoch { topic: route.topic.clone() }),
+        None => Some(NoRoute::NoOpenEpoch {
+            topic: route.topic.clone(),
+        }),
         Some(e) => e.write.iter().find_map(|w| {
             let status = match snapshot.cluster(&w.cluster) {
                 None => ClusterStatus::Missing,
@@ -367,7 +387,11 @@ fn view_of(route: &TopicRoute, snapshot: &FleetSnapshot) -> View {
             .pending_epoch()
             .map(|e| {
                 e.clusters()
-                    .filter(|c| snapshot.cluster(c).is_some_and(|s| s.state == ClusterState::Active))
+                    .filter(|c| {
+                        snapshot
+                            .cluster(c)
+                            .is_some_and(|s| s.state == ClusterState::Active)
+                    })
                     .cloned()
                     .collect()
             })
@@ -388,7 +412,9 @@ impl Router {
     #[inline]
     pub fn route(&mut self, topic: &str, key: Option<&[u8]>) -> Decision {
         let Some(t) = self.topics.get_mut(topic) else {
-            return Decision::NoRoute(NoRoute::UnknownTopic { topic: topic.to_string() });
+            return Decision::NoRoute(NoRoute::UnknownTopic {
+                topic: topic.to_string(),
+            });
         };
         if t.held {
             return Decision::Hold;
@@ -397,25 +423,39 @@ impl Router {
             return Decision::NoRoute(p.clone());
         }
         if !t.view.exists {
-            return Decision::NoRoute(NoRoute::UnknownTopic { topic: topic.to_string() });
+            return Decision::NoRoute(NoRoute::UnknownTopic {
+                topic: topic.to_string(),
+            });
         }
         let Some(a) = t.active.as_mut() else {
-            return Decision::NoRoute(NoRoute::NoOpenEpoch { topic: topic.to_string() });
+            return Decision::NoRoute(NoRoute::NoOpenEpoch {
+                topic: topic.to_string(),
+            });
         };
         let (hash, partition) = match key {
             Some(k) => {
                 let m = murmur2_u32(k);
-                (key_hash_from_murmur2(m), partition_for_hash(m, t.view.partitions))
+                (
+                    key_hash_from_murmur2(m),
+                    partition_for_hash(m, t.view.partitions),
+                )
             }
             None => {
                 let s = t.keyless_seq;
                 t.keyless_seq = s.wrapping_add(1);
-                (key_hash_from_sequence(s), (s % u64::from(t.view.partitions)) as u32)
+                (
+                    key_hash_from_sequence(s),
+                    (s % u64::from(t.view.partitions)) as u32,
+                )
             }
         };
         let cluster = a.table.cluster(a.table.pick(hash)).clone();
         a.inflight += 1;
-        Decision::Send { cluster, partition, epoch: a.n }
+        Decision::Send {
+            cluster,
+            partition,
+            epoch: a.n,
+        }
     }
 
     /// Takes in a new registry snapshot; returns what to do, `Open`s first and `Close`s last.
@@ -434,7 +474,10 @@ impl Router {
             t.reconcile(topic, &mut out);
         }
         self.topics.retain(|_, t| {
-            t.view.exists || t.held || t.active.as_ref().is_some_and(|a| a.inflight > 0) || !t.older.is_empty()
+            t.view.exists
+                || t.held
+                || t.active.as_ref().is_some_and(|a| a.inflight > 0)
+                || !t.older.is_empty()
         });
         self.finish(out)
     }
@@ -493,7 +536,11 @@ impl Router {
                 }
             }
             t.reconcile(topic, &mut out);
-            if !t.view.exists && !t.held && t.older.is_empty() && t.active.as_ref().is_none_or(|a| a.inflight == 0) {
+            if !t.view.exists
+                && !t.held
+                && t.older.is_empty()
+                && t.active.as_ref().is_none_or(|a| a.inflight == 0)
+            {
                 self.topics.remove(topic);
             }
         }
@@ -526,7 +573,10 @@ impl Router {
 
     /// Topics currently held (a switch is under way), in name order.
     pub fn held_topics(&self) -> impl Iterator<Item = &str> {
-        self.topics.iter().filter(|(_, t)| t.held).map(|(n, _)| n.as_str())
+        self.topics
+            .iter()
+            .filter(|(_, t)| t.held)
+            .map(|(n, _)| n.as_str())
     }
 
     /// How many topics are held right now (for a gauge).
@@ -552,7 +602,9 @@ impl Router {
 
     /// Records counted in flight for `(topic, epoch)`.
     pub fn in_flight(&self, topic: &str, epoch: u64) -> u64 {
-        let Some(t) = self.topics.get(topic) else { return 0 };
+        let Some(t) = self.topics.get(topic) else {
+            return 0;
+        };
         match &t.active {
             Some(a) if a.n == epoch => a.inflight,
             _ => t.older.get(&epoch).map_or(0, |o| o.inflight),
@@ -582,13 +634,22 @@ mod tests {
     }
 
     fn flush(t: &str, e: u64) -> Action {
-        Action::Flush { topic: t.into(), epoch: e }
+        Action::Flush {
+            topic: t.into(),
+            epoch: e,
+        }
     }
     fn ack(t: &str, e: u64) -> Action {
-        Action::Ack { topic: t.into(), epoch: e }
+        Action::Ack {
+            topic: t.into(),
+            epoch: e,
+        }
     }
     fn release(t: &str, e: u64) -> Action {
-        Action::Release { topic: t.into(), epoch: e }
+        Action::Release {
+            topic: t.into(),
+            epoch: e,
+        }
     }
 
     #[test]
@@ -598,20 +659,36 @@ mod tests {
             Decision::NoRoute(e) => assert!(e.to_string().contains("nope"), "{e}"),
             d => panic!("{d:?}"),
         }
-        r.on_snapshot(&snapshot(&["a"], vec![route("t", 4, vec![epoch(1, &["a"], Open)])]));
-        assert!(matches!(r.route("nope", None), Decision::NoRoute(NoRoute::UnknownTopic { .. })));
+        r.on_snapshot(&snapshot(
+            &["a"],
+            vec![route("t", 4, vec![epoch(1, &["a"], Open)])],
+        ));
+        assert!(matches!(
+            r.route("nope", None),
+            Decision::NoRoute(NoRoute::UnknownTopic { .. })
+        ));
     }
 
     #[test]
     fn routes_with_the_open_epoch_and_opens_its_clusters() {
         let mut r = Router::new();
-        let acts = r.on_snapshot(&snapshot(&["a", "b"], vec![route("t", 6, vec![epoch(1, &["a", "b"], Open)])]));
-        assert_eq!(acts, vec![Action::Open("a".into()), Action::Open("b".into())]);
+        let acts = r.on_snapshot(&snapshot(
+            &["a", "b"],
+            vec![route("t", 6, vec![epoch(1, &["a", "b"], Open)])],
+        ));
+        assert_eq!(
+            acts,
+            vec![Action::Open("a".into()), Action::Open("b".into())]
+        );
         let table = RendezvousTable::new(&ws(&["a", "b"])).unwrap();
         for i in 0..50 {
             let key = format!("key{i}");
             match r.route("t", Some(key.as_bytes())) {
-                Decision::Send { cluster, partition, epoch } => {
+                Decision::Send {
+                    cluster,
+                    partition,
+                    epoch,
+                } => {
                     assert_eq!(epoch, 1);
                     assert_eq!(partition, partition_for_key(key.as_bytes(), 6));
                     assert_eq!(&cluster, table.cluster_for_key(key.as_bytes()));
@@ -627,11 +704,16 @@ mod tests {
     #[test]
     fn keyless_records_round_robin_partitions_and_spread_clusters() {
         let mut r = Router::new();
-        r.on_snapshot(&snapshot(&["a", "b"], vec![route("t", 3, vec![epoch(1, &["a", "b"], Open)])]));
+        r.on_snapshot(&snapshot(
+            &["a", "b"],
+            vec![route("t", 3, vec![epoch(1, &["a", "b"], Open)])],
+        ));
         let mut per_cluster = BTreeMap::new();
         for i in 0..3000u32 {
             match r.route("t", None) {
-                Decision::Send { cluster, partition, .. } => {
+                Decision::Send {
+                    cluster, partition, ..
+                } => {
                     assert_eq!(partition, i % 3);
                     *per_cluster.entry(cluster.to_string()).or_insert(0u32) += 1;
                 }
@@ -646,7 +728,10 @@ mod tests {
     #[test]
     fn unavailable_cluster_is_no_route_naming_it() {
         let mut r = Router::new();
-        let mut snap = snapshot(&["a"], vec![route("t", 1, vec![epoch(1, &["a", "gone"], Open)])]);
+        let mut snap = snapshot(
+            &["a"],
+            vec![route("t", 1, vec![epoch(1, &["a", "gone"], Open)])],
+        );
         r.on_snapshot(&snap);
         match r.route("t", Some(b"k")) {
             Decision::NoRoute(e) => {
@@ -655,15 +740,25 @@ mod tests {
             }
             d => panic!("{d:?}"),
         }
-        snap.clusters.insert("gone".into(), spec("gone", ClusterState::Draining));
+        snap.clusters
+            .insert("gone".into(), spec("gone", ClusterState::Draining));
         r.on_snapshot(&snap);
         match r.route("t", None) {
-            Decision::NoRoute(NoRoute::ClusterUnavailable { cluster, status, epoch, .. }) => {
-                assert_eq!((cluster.as_str(), status, epoch), ("gone", ClusterStatus::State(ClusterState::Draining), 1));
+            Decision::NoRoute(NoRoute::ClusterUnavailable {
+                cluster,
+                status,
+                epoch,
+                ..
+            }) => {
+                assert_eq!(
+                    (cluster.as_str(), status, epoch),
+                    ("gone", ClusterStatus::State(ClusterState::Draining), 1)
+                );
             }
             d => panic!("{d:?}"),
         }
-        snap.clusters.insert("gone".into(), spec("gone", ClusterState::Active));
+        snap.clusters
+            .insert("gone".into(), spec("gone", ClusterState::Active));
         r.on_snapshot(&snap);
         assert_eq!(send_epoch(&r.route("t", None)), Some(1));
     }
@@ -672,11 +767,17 @@ mod tests {
     fn full_switch_hold_flush_ack_release() {
         let mut r = Router::new();
         let e1 = epoch(1, &["a"], Open);
-        r.on_snapshot(&snapshot(&["a", "b"], vec![route("t", 2, vec![e1.clone()])]));
+        r.on_snapshot(&snapshot(
+            &["a", "b"],
+            vec![route("t", 2, vec![e1.clone()])],
+        ));
         assert_eq!(send_epoch(&r.route("t", Some(b"x"))), Some(1));
         assert_eq!(send_epoch(&r.route("t", Some(b"y"))), Some(1));
         // Epoch 2 pending: hold, warm up b, flush epoch 1; no ack yet.
-        let pending = snapshot(&["a", "b"], vec![route("t", 2, vec![e1.clone(), epoch(2, &["b"], Pending)])]);
+        let pending = snapshot(
+            &["a", "b"],
+            vec![route("t", 2, vec![e1.clone(), epoch(2, &["b"], Pending)])],
+        );
         let acts = r.on_snapshot(&pending);
         assert_eq!(acts, vec![Action::Open("b".into()), flush("t", 1)]);
         assert_eq!(r.route("t", Some(b"x")), Decision::Hold);
@@ -692,7 +793,10 @@ mod tests {
         // Sealed 1, open 2: release on 2 and close a.
         let mut sealed = e1.clone();
         sealed.state = Sealed;
-        let acts = r.on_snapshot(&snapshot(&["a", "b"], vec![route("t", 2, vec![sealed, epoch(2, &["b"], Open)])]));
+        let acts = r.on_snapshot(&snapshot(
+            &["a", "b"],
+            vec![route("t", 2, vec![sealed, epoch(2, &["b"], Open)])],
+        ));
         assert_eq!(acts, vec![release("t", 2), Action::Close("a".into())]);
         match r.route("t", Some(b"x")) {
             Decision::Send { cluster, epoch, .. } => assert_eq!((&*cluster, epoch), ("b", 2)),
@@ -704,12 +808,19 @@ mod tests {
     #[test]
     fn settled_records_alone_complete_the_flush() {
         let mut r = Router::new();
-        r.on_snapshot(&snapshot(&["a", "b"], vec![route("t", 1, vec![epoch(1, &["a"], Open)])]));
+        r.on_snapshot(&snapshot(
+            &["a", "b"],
+            vec![route("t", 1, vec![epoch(1, &["a"], Open)])],
+        ));
         r.route("t", None);
         r.route("t", None);
         let acts = r.on_snapshot(&snapshot(
             &["a", "b"],
-            vec![route("t", 1, vec![epoch(1, &["a"], Open), epoch(2, &["a", "b"], Pending)])],
+            vec![route(
+                "t",
+                1,
+                vec![epoch(1, &["a"], Open), epoch(2, &["a", "b"], Pending)],
+            )],
         ));
         assert!(acts.contains(&flush("t", 1)));
         assert!(r.on_settled("t", 1).is_empty());
@@ -724,7 +835,11 @@ mod tests {
         let mut r = Router::new();
         let acts = r.on_snapshot(&snapshot(
             &["a", "b"],
-            vec![route("t", 1, vec![epoch(1, &["a"], Open), epoch(2, &["b"], Pending)])],
+            vec![route(
+                "t",
+                1,
+                vec![epoch(1, &["a"], Open), epoch(2, &["b"], Pending)],
+            )],
         ));
         assert_eq!(acts, vec![Action::Open("b".into()), ack("t", 2)]);
         assert_eq!(r.route("t", None), Decision::Hold);
@@ -733,22 +848,41 @@ mod tests {
     #[test]
     fn abort_releases_on_the_old_epoch() {
         let mut r = Router::new();
-        r.on_snapshot(&snapshot(&["a", "b"], vec![route("t", 1, vec![epoch(1, &["a"], Open)])]));
+        r.on_snapshot(&snapshot(
+            &["a", "b"],
+            vec![route("t", 1, vec![epoch(1, &["a"], Open)])],
+        ));
         let acts = r.on_snapshot(&snapshot(
             &["a", "b"],
-            vec![route("t", 1, vec![epoch(1, &["a"], Open), epoch(2, &["b"], Pending)])],
+            vec![route(
+                "t",
+                1,
+                vec![epoch(1, &["a"], Open), epoch(2, &["b"], Pending)],
+            )],
         ));
         assert_eq!(acts, vec![Action::Open("b".into()), ack("t", 2)]);
         let acts = r.on_snapshot(&snapshot(
             &["a", "b"],
-            vec![route("t", 1, vec![epoch(1, &["a"], Open), epoch(2, &["b"], Aborted)])],
+            vec![route(
+                "t",
+                1,
+                vec![epoch(1, &["a"], Open), epoch(2, &["b"], Aborted)],
+            )],
         ));
         assert_eq!(acts, vec![release("t", 1), Action::Close("b".into())]);
         assert_eq!(send_epoch(&r.route("t", None)), Some(1));
         // A later proposal needs a new ack.
         let acts = r.on_snapshot(&snapshot(
             &["a", "b"],
-            vec![route("t", 1, vec![epoch(1, &["a"], Open), epoch(2, &["b"], Aborted), epoch(3, &["b"], Pending)])],
+            vec![route(
+                "t",
+                1,
+                vec![
+                    epoch(1, &["a"], Open),
+                    epoch(2, &["b"], Aborted),
+                    epoch(3, &["b"], Pending),
+                ],
+            )],
         ));
         assert_eq!(acts, vec![Action::Open("b".into()), flush("t", 1)]);
         assert_eq!(r.on_flushed("t", 1), vec![ack("t", 3)]);
@@ -757,29 +891,45 @@ mod tests {
     #[test]
     fn sealed_without_our_ack_waits_for_the_flush_before_release() {
         let mut r = Router::new();
-        r.on_snapshot(&snapshot(&["a", "b"], vec![route("t", 1, vec![epoch(1, &["a"], Open)])]));
+        r.on_snapshot(&snapshot(
+            &["a", "b"],
+            vec![route("t", 1, vec![epoch(1, &["a"], Open)])],
+        ));
         r.route("t", None);
         // The pending state was coalesced away: we see 2 open directly.
         let acts = r.on_snapshot(&snapshot(
             &["a", "b"],
-            vec![route("t", 1, vec![epoch(1, &["a"], Sealed), epoch(2, &["b"], Open)])],
+            vec![route(
+                "t",
+                1,
+                vec![epoch(1, &["a"], Sealed), epoch(2, &["b"], Open)],
+            )],
         ));
         assert_eq!(acts, vec![Action::Open("b".into()), flush("t", 1)]);
         assert_eq!(r.route("t", None), Decision::Hold);
         assert_eq!(r.routing_epoch("t"), Some(2));
         // a stays open until its records settle.
         assert!(r.open_clusters().any(|c| c == "a"));
-        assert_eq!(r.on_settled("t", 1), vec![release("t", 2), Action::Close("a".into())]);
+        assert_eq!(
+            r.on_settled("t", 1),
+            vec![release("t", 2), Action::Close("a".into())]
+        );
         assert_eq!(send_epoch(&r.route("t", None)), Some(2));
     }
 
     #[test]
     fn removed_topic_becomes_unknown() {
         let mut r = Router::new();
-        r.on_snapshot(&snapshot(&["a"], vec![route("t", 1, vec![epoch(1, &["a"], Open)])]));
+        r.on_snapshot(&snapshot(
+            &["a"],
+            vec![route("t", 1, vec![epoch(1, &["a"], Open)])],
+        ));
         let acts = r.on_snapshot(&snapshot(&["a"], vec![]));
         assert_eq!(acts, vec![Action::Close("a".into())]);
-        assert!(matches!(r.route("t", None), Decision::NoRoute(NoRoute::UnknownTopic { .. })));
+        assert!(matches!(
+            r.route("t", None),
+            Decision::NoRoute(NoRoute::UnknownTopic { .. })
+        ));
     }
 
     // ---- model-based property test -------------------------------------------------
@@ -874,14 +1024,23 @@ mod tests {
                             "Ack {epoch} of {topic} that is not pending"
                         );
                         assert!(
-                            !self.inflight.iter().any(|(t, e, _)| *t == topic && *e < epoch),
+                            !self
+                                .inflight
+                                .iter()
+                                .any(|(t, e, _)| *t == topic && *e < epoch),
                             "Ack {topic}/{epoch} while older records are in flight"
                         );
-                        assert!(self.acked.get(&topic).is_none_or(|&a| a < epoch), "ack went backwards");
+                        assert!(
+                            self.acked.get(&topic).is_none_or(|&a| a < epoch),
+                            "ack went backwards"
+                        );
                         self.acked.insert(topic, epoch);
                     }
                     Action::Release { topic, epoch } => {
-                        assert!(self.router.held_topics().all(|t| t != topic), "released but held");
+                        assert!(
+                            self.router.held_topics().all(|t| t != topic),
+                            "released but held"
+                        );
                         assert_eq!(self.router.routing_epoch(&topic), Some(epoch));
                         let v = self.view(&topic);
                         assert!(v.pending_epoch().is_none(), "release while pending");
@@ -896,10 +1055,17 @@ mod tests {
             let d = self.router.route(topic, kb.as_ref().map(|k| &k[..]));
             let v = self.view(topic).clone();
             match &d {
-                Decision::Send { cluster, partition, epoch } => {
+                Decision::Send {
+                    cluster,
+                    partition,
+                    epoch,
+                } => {
                     let e = v.epoch(*epoch).expect("send with an unknown epoch");
                     assert_eq!(e.state, Open, "send with epoch {epoch} that is {}", e.state);
-                    assert!(v.pending_epoch().is_none(), "send while a switch is pending");
+                    assert!(
+                        v.pending_epoch().is_none(),
+                        "send while a switch is pending"
+                    );
                     if let Some(&a) = self.acked.get(topic) {
                         if *epoch < a {
                             assert_eq!(
@@ -909,10 +1075,17 @@ mod tests {
                             );
                         }
                     }
-                    assert!(e.writes_to(cluster), "send to {cluster} outside the write set");
-                    assert!(self.open.contains(&**cluster), "send to {cluster} that is not open");
+                    assert!(
+                        e.writes_to(cluster),
+                        "send to {cluster} outside the write set"
+                    );
+                    assert!(
+                        self.open.contains(&**cluster),
+                        "send to {cluster} that is not open"
+                    );
                     assert!(*partition < v.partitions);
-                    self.inflight.push((topic.to_string(), *epoch, cluster.to_string()));
+                    self.inflight
+                        .push((topic.to_string(), *epoch, cluster.to_string()));
                     self.sends += 1;
                 }
                 Decision::Hold => {
@@ -943,8 +1116,12 @@ mod tests {
                 Op::Propose { topic, mask } => {
                     let r = self.registry.get_mut(TOPICS[topic]).unwrap();
                     if r.pending_epoch().is_none() {
-                        let write: Vec<&str> =
-                            CLUSTERS.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, c)| *c).collect();
+                        let write: Vec<&str> = CLUSTERS
+                            .iter()
+                            .enumerate()
+                            .filter(|(i, _)| mask & (1 << i) != 0)
+                            .map(|(_, c)| *c)
+                            .collect();
                         let n = r.last_epoch_n() + 1;
                         r.epochs.push(epoch(n, &write, Pending));
                     }
@@ -979,7 +1156,9 @@ mod tests {
                 }
                 Op::FlushAnswer { pick } => {
                     if !self.flush_requests.is_empty() {
-                        let (t, e) = self.flush_requests.remove(pick.index(self.flush_requests.len()));
+                        let (t, e) = self
+                            .flush_requests
+                            .remove(pick.index(self.flush_requests.len()));
                         self.inflight.retain(|(it, ie, _)| !(*it == t && *ie == e));
                         let acts = self.router.on_flushed(&t, e);
                         self.apply(acts);

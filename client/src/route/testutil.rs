@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use crate::registry::{
-    ClientKind, ClientRecord, ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, FleetSnapshot,
-    TopicRoute, WeightedCluster, SCHEMA_VERSION,
+    ClientKind, ClientRecord, ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState,
+    FleetSnapshot, TopicRoute, WeightedCluster, SCHEMA_VERSION,
 };
 
 pub fn spec(id: &str, state: ClusterState) -> ClusterSpec {
@@ -23,21 +23,42 @@ pub fn spec(id: &str, state: ClusterState) -> ClusterSpec {
 }
 
 pub fn ws(items: &[&str]) -> Vec<WeightedCluster> {
-    items.iter().map(|c| WeightedCluster { cluster: (*c).to_string(), weight: 1 }).collect()
+    items
+        .iter()
+        .map(|c| WeightedCluster {
+            cluster: (*c).to_string(),
+            weight: 1,
+        })
+        .collect()
 }
 
 pub fn epoch(n: u64, write: &[&str], state: EpochState) -> Epoch {
-    Epoch { n, write: ws(write), state, fence: BTreeMap::new(), created_at: 0, ack_deadline: None }
+    Epoch {
+        n,
+        write: ws(write),
+        state,
+        fence: BTreeMap::new(),
+        created_at: 0,
+        ack_deadline: None,
+    }
 }
 
 pub fn route(topic: &str, partitions: u32, epochs: Vec<Epoch>) -> TopicRoute {
-    TopicRoute { version: SCHEMA_VERSION, topic: topic.into(), partitions, epochs }
+    TopicRoute {
+        version: SCHEMA_VERSION,
+        topic: topic.into(),
+        partitions,
+        epochs,
+    }
 }
 
 pub fn snapshot(active: &[&str], routes: Vec<TopicRoute>) -> FleetSnapshot {
     FleetSnapshot {
         revision: 1,
-        clusters: active.iter().map(|c| ((*c).to_string(), spec(c, ClusterState::Active))).collect(),
+        clusters: active
+            .iter()
+            .map(|c| ((*c).to_string(), spec(c, ClusterState::Active)))
+            .collect(),
         routes: routes.into_iter().map(|r| (r.topic.clone(), r)).collect(),
         clients: BTreeMap::new(),
         groups: BTreeMap::new(),
