@@ -24,6 +24,9 @@ use crate::registry::ClusterSpec;
 /// How often readiness is polled while waiting for a topic to appear or vanish.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Pause between attempts when a blocking query fails transiently.
+const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+
 /// What [`ClusterAdmin::ensure_topic`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TopicStatus {
@@ -122,6 +125,42 @@ impl Inner {
             .iter()
             .all(|p| p.error().is_none() && p.leader() >= 0);
         Ok(Some((t.partitions().len() as u32, ready)))
+    }
+}
+
+impl Inner {
+    fn blocking_committed(
+        &self,
+        consumer: &BaseConsumer,
+        what: &str,
+        topic: &str,
+        partitions: u32,
+        timeout: Duration,
+    ) -> Result<Vec<Option<i64>>, KafkaError> {
+        let mut tpl = TopicPartitionList::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            tpl.add_partition(topic, p as i32);
+        }
+        let tpl = consumer
+            .committed_offsets(tpl, timeout)
+            .map_err(|e| self.err(what, &e))?;
+        let mut out = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let elem = tpl
+                .find_partition(topic, p as i32)
+                .ok_or_else(|| KafkaError::Other {
+                    cluster: self.cluster.clone(),
+                    detail: format!("{what}: partition {p} missing from the answer"),
+                })?;
+            if let Err(e) = elem.error() {
+                return Err(self.err(&format!("{what} (partition {p})"), &e));
+            }
+            out.push(match elem.offset() {
+                Offset::Offset(o) if o >= 0 => Some(o),
+                _ => None,
+            });
+        }
+        Ok(out)
     }
 }
 
@@ -435,10 +474,21 @@ impl ClusterAdmin {
                         ),
                     });
                 }
-                let (_low, high) = inner
-                    .meta()
-                    .fetch_watermarks(&topic, p as i32, left)
-                    .map_err(|e| inner.err(&format!("end offset of {topic}/{p}"), &e))?;
+                let high = loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match inner.meta().fetch_watermarks(&topic, p as i32, left) {
+                        Ok((_low, high)) => break high,
+                        Err(e) => {
+                            let e = inner.err(&format!("end offset of {topic}/{p}"), &e);
+                            // Leadership moves and broker restarts are retried
+                            // until the deadline.
+                            if e.is_permanent() || Instant::now() + RETRY_BACKOFF >= deadline {
+                                return Err(e);
+                            }
+                            std::thread::sleep(RETRY_BACKOFF);
+                        }
+                    }
+                };
                 out.push(high);
             }
             Ok(out)
@@ -470,30 +520,21 @@ impl ClusterAdmin {
                     cluster: inner.cluster.clone(),
                     detail: format!("{what}: cannot create a kafka consumer: {e}"),
                 })?;
-                let mut tpl = TopicPartitionList::with_capacity(partitions as usize);
-                for p in 0..partitions {
-                    tpl.add_partition(&topic, p as i32);
-                }
-                let tpl = consumer
-                    .committed_offsets(tpl, inner.timeout)
-                    .map_err(|e| inner.err(&what, &e))?;
-                let mut out = Vec::with_capacity(partitions as usize);
-                for p in 0..partitions {
-                    let elem =
-                        tpl.find_partition(&topic, p as i32)
-                            .ok_or_else(|| KafkaError::Other {
-                                cluster: inner.cluster.clone(),
-                                detail: format!("{what}: partition {p} missing from the answer"),
-                            })?;
-                    if let Err(e) = elem.error() {
-                        return Err(inner.err(&format!("{what} (partition {p})"), &e));
+                // A fresh cluster creates __consumer_offsets on the first group
+                // request and answers "not coordinator" meanwhile: retry
+                // transient errors until the deadline.
+                let deadline = Instant::now() + inner.timeout;
+                loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match inner.blocking_committed(&consumer, &what, &topic, partitions, left) {
+                        Err(e)
+                            if !e.is_permanent() && Instant::now() + RETRY_BACKOFF < deadline =>
+                        {
+                            std::thread::sleep(RETRY_BACKOFF);
+                        }
+                        other => return other,
                     }
-                    out.push(match elem.offset() {
-                        Offset::Offset(o) if o >= 0 => Some(o),
-                        _ => None,
-                    });
                 }
-                Ok(out)
             },
         )
         .await
