@@ -150,3 +150,32 @@ async fn unavailable_store_refuses_everything_and_names_itself() {
     mem.set_unavailable(false);
     kv.put_if("/x", vec![], Expect::Any, None).await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn spawned_keep_alive_holds_the_client_record_until_aborted() {
+    let (_, kv) = kv();
+    let reg = Registry::new(kv, "f");
+    let lease = reg
+        .register_client(conformance::sample_client("p"), Duration::from_secs(1))
+        .await
+        .unwrap();
+    let renew = lease.spawn_keep_alive(Duration::from_millis(300));
+    // Paused tokio time: this sleep runs the reaper and the renewals for 5 virtual seconds.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        reg.snapshot().await.unwrap().producers().count(),
+        1,
+        "renewed, still there"
+    );
+    renew.abort();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        reg.snapshot().await.unwrap().producers().count(),
+        0,
+        "lapsed once renewals stopped"
+    );
+    assert!(matches!(
+        lease.keep_alive().await,
+        Err(RegistryError::LeaseExpired { .. })
+    ));
+}

@@ -35,7 +35,7 @@ async fn etcd_down_at_start_is_unavailable_naming_the_endpoint() {
     etcd.kill();
 
     let started = Instant::now();
-    let err = EtcdKv::connect(&[endpoint.clone()], quick())
+    let err = EtcdKv::connect(&[endpoint.as_str()], quick())
         .await
         .unwrap_err();
     assert!(matches!(err, RegistryError::Unavailable { .. }), "{err:?}");
@@ -49,7 +49,7 @@ async fn etcd_down_at_start_is_unavailable_naming_the_endpoint() {
     );
 
     // A lazily connected store: the watcher's start gives up after its timeout.
-    let kv = EtcdKv::connect_lazy(&[endpoint.clone()], quick())
+    let kv = EtcdKv::connect_lazy(&[endpoint.as_str()], quick())
         .await
         .expect("lazy connect");
     let opts = WatcherOptions {

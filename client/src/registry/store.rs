@@ -521,6 +521,29 @@ impl ClientLease {
         self.registry.kv.keep_alive(self.lease).await
     }
 
+    /// Spawns a task renewing the lease every `every` (pick about a third of the
+    /// TTL). Transient errors are retried at the next tick; the task ends with
+    /// the error that stopped it ([`RegistryError::LeaseExpired`]: register again).
+    /// Abort the handle to stop renewing.
+    pub fn spawn_keep_alive(&self, every: Duration) -> tokio::task::JoinHandle<RegistryError> {
+        let kv = self.registry.kv.clone();
+        let lease = self.lease;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match kv.keep_alive(lease).await {
+                    Ok(_) => {}
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(lease, error = %e, "client lease keep-alive failed; retrying");
+                    }
+                    Err(e) => return e,
+                }
+            }
+        })
+    }
+
     /// Rewrites the record (e.g. newly acknowledged epochs), under the same lease.
     /// Kind and id cannot change.
     pub async fn update(&mut self, record: ClientRecord) -> Result<Revision, RegistryError> {
@@ -556,5 +579,78 @@ impl ClientLease {
     /// Revokes the lease, deleting the record now.
     pub async fn revoke(self) -> Result<(), RegistryError> {
         self.registry.kv.revoke(self.lease).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::conformance::{sample_cluster, sample_route};
+
+    #[test]
+    fn keys_parse_and_print_back() {
+        let cases = [
+            ("clusters/a", FleetKey::Cluster("a".into())),
+            ("topics/orders", FleetKey::Topic("orders".into())),
+            (
+                "clients/producer/p-1",
+                FleetKey::Client(ClientKind::Producer, "p-1".into()),
+            ),
+            (
+                "clients/consumer/c",
+                FleetKey::Client(ClientKind::Consumer, "c".into()),
+            ),
+            ("groups/g", FleetKey::Group("g".into())),
+        ];
+        for (rel, key) in cases {
+            assert_eq!(FleetKey::parse(rel), Some(key.clone()), "{rel}");
+            assert_eq!(key.relative(), rel);
+        }
+        for unknown in [
+            "clusters/",
+            "clusters",
+            "groups/g/progress/x",
+            "clients/robot/x",
+            "clients/producer/",
+            "other/x",
+        ] {
+            assert_eq!(FleetKey::parse(unknown), None, "{unknown}");
+        }
+    }
+
+    #[test]
+    fn registry_keys_live_under_the_fleet_prefix() {
+        let reg = Registry::new(
+            Arc::new(crate::registry::memory::MemoryKv::default()),
+            "prod",
+        );
+        let k = reg.key(&FleetKey::Topic("t".into()));
+        assert_eq!(k, "/flotilla/prod/topics/t");
+        assert_eq!(reg.parse_key(&k), Some(FleetKey::Topic("t".into())));
+        assert_eq!(reg.parse_key("/flotilla/other/topics/t"), None);
+    }
+
+    #[test]
+    fn apply_put_checks_the_id_against_the_key_and_leaves_the_snapshot_alone_on_error() {
+        let mut snap = FleetSnapshot::default();
+        let key = FleetKey::Cluster("a".into());
+        apply_put(&mut snap, &key, "/k", &encode(&sample_cluster("a"))).unwrap();
+        let before = snap.clone();
+        let err = apply_put(&mut snap, &key, "/k", &encode(&sample_cluster("b"))).unwrap_err();
+        assert!(matches!(err, ModelError::Malformed { .. }));
+        assert!(apply_put(&mut snap, &key, "/k", b"nope").is_err());
+        assert_eq!(snap, before);
+        let topic = FleetKey::Topic("t".into());
+        apply_put(&mut snap, &topic, "/t", &encode(&sample_route("t", &["a"]))).unwrap();
+        let mut other = FleetSnapshot::default();
+        copy_key(&snap, &mut other, &topic);
+        assert_eq!(other.routes, snap.routes);
+        apply_delete(&mut snap, &topic);
+        assert!(snap.routes.is_empty());
+        copy_key(&snap, &mut other, &topic);
+        assert!(
+            other.routes.is_empty(),
+            "copying an absent value removes it"
+        );
     }
 }

@@ -183,6 +183,18 @@ impl FleetWatcher {
         self.shared.tx.subscribe()
     }
 
+    /// Waits for the next snapshot published after this call and returns it.
+    /// (A change published between an earlier [`FleetWatcher::snapshot`] and this
+    /// call is not waited for: hold a [`FleetWatcher::subscribe`] receiver to see every change.)
+    pub async fn changed(&self) -> Arc<FleetSnapshot> {
+        let mut rx = self.subscribe();
+        rx.borrow_and_update();
+        // The sender lives in `self`, so `changed` cannot fail while we borrow it.
+        let _ = rx.changed().await;
+        let snap = rx.borrow().clone();
+        snap
+    }
+
     /// Waits until the snapshot satisfies `pred`, at most `timeout`; returns it,
     /// or [`RegistryError::Timeout`].
     pub async fn wait_for(
