@@ -1,0 +1,382 @@
+//! The controller: a level-triggered reconcile loop with leader election.
+//!
+//! Operators write *intents* (a pending epoch, a draining cluster, an expiry);
+//! [`Controller::reconcile_once`] looks at the whole fleet and takes each
+//! intent one step further. Because it only looks at state, never at what it
+//! did before, a controller that restarts — or a new leader replacing a dead
+//! one — finishes whatever was half done. The decisions themselves (when a
+//! switch may seal, what the new route looks like, whether a cluster may
+//! retire) are the pure functions of [`flotilla_client::route::switch`]; this
+//! module only reads the inputs they need and writes their results.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flotilla_client::registry::{
+    ClusterState, Expect, FleetSnapshot, LeaseId, RegistryError, UnixMillis,
+};
+use flotilla_client::route::switch::{self, OnAckDeadline, SwitchStep};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::error::ControlError;
+use crate::ops::ControlPlane;
+
+/// Milliseconds since the Unix epoch, read from the system clock (adapters only).
+pub fn now_millis() -> UnixMillis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// What one reconcile pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// Switches completed: (topic, new open epoch).
+    pub sealed: Vec<(String, u64)>,
+    /// Switches abandoned: (topic, aborted epoch, reason).
+    pub aborted: Vec<(String, u64, String)>,
+    /// Switches still waiting for producers: (topic, pending epoch, missing client ids).
+    pub waiting: Vec<(String, u64, Vec<String>)>,
+    /// Temporary clusters moved to draining because they expired.
+    pub drained: Vec<String>,
+    /// Clusters retired.
+    pub retired: Vec<String>,
+    /// Clusters that would retire but something still needs them: (cluster, why).
+    pub blocked: Vec<(String, String)>,
+    /// Errors met on the way (the pass carries on with the other items).
+    pub errors: Vec<String>,
+}
+
+impl ReconcileReport {
+    /// Whether no switch is left pending.
+    pub fn switches_done(&self) -> bool {
+        self.waiting.is_empty()
+    }
+}
+
+/// Reconciles route switches and the cluster lifecycle.
+#[derive(Clone)]
+pub struct Controller {
+    cp: ControlPlane,
+    policy: OnAckDeadline,
+}
+
+impl Controller {
+    /// A controller acting through `cp`; at an ack deadline it proceeds (see [`OnAckDeadline`]).
+    pub fn new(cp: ControlPlane) -> Self {
+        Controller {
+            cp,
+            policy: OnAckDeadline::default(),
+        }
+    }
+
+    /// What to do when producers miss a switch's ack deadline.
+    pub fn with_policy(mut self, policy: OnAckDeadline) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// The control plane.
+    pub fn control_plane(&self) -> &ControlPlane {
+        &self.cp
+    }
+
+    /// One pass over the whole fleet at `now`. Errors on single items are
+    /// collected in the report; only a failure to read the registry fails the pass.
+    pub async fn reconcile_once(&self, now: UnixMillis) -> Result<ReconcileReport, ControlError> {
+        let snap = self.cp.registry().snapshot().await?;
+        let mut report = ReconcileReport::default();
+        self.reconcile_switches(&snap, now, &mut report).await;
+        // Retirement reads the routes: look at them as they are after the switches.
+        let snap = self.cp.registry().snapshot().await?;
+        self.reconcile_clusters(&snap, now, &mut report).await;
+        metrics::counter!("flotilla_controller_reconciles_total").increment(1);
+        Ok(report)
+    }
+
+    async fn reconcile_switches(
+        &self,
+        snap: &FleetSnapshot,
+        now: UnixMillis,
+        report: &mut ReconcileReport,
+    ) {
+        for route in snap.routes.values() {
+            let Some(pending) = route.pending_epoch() else {
+                continue;
+            };
+            let n = pending.n;
+            match switch::plan(route, snap.producers(), now, self.policy) {
+                SwitchStep::Idle => {}
+                SwitchStep::WaitForAcks { missing, .. } => {
+                    report.waiting.push((route.topic.clone(), n, missing));
+                }
+                SwitchStep::ReadBoundary { clusters, late, .. } => {
+                    if !late.is_empty() {
+                        tracing::warn!(topic = %route.topic, epoch = n, producers = ?late, "ack deadline passed; sealing without them (expect stragglers)");
+                    }
+                    match self.seal(snap, &route.topic, n, &clusters).await {
+                        Ok(()) => {
+                            metrics::counter!("flotilla_route_switches_total", "topic" => route.topic.clone())
+                            .increment(1);
+                            report.sealed.push((route.topic.clone(), n));
+                        }
+                        Err(e) => {
+                            report.waiting.push((route.topic.clone(), n, vec![]));
+                            report.errors.push(format!(
+                                "sealing {} epoch {}: {e}",
+                                route.topic,
+                                n - 1
+                            ));
+                        }
+                    }
+                }
+                SwitchStep::Abort { reason, .. } => {
+                    let topic = route.topic.clone();
+                    let r = self
+                        .cp
+                        .registry()
+                        .update_route(&topic, |cur| match cur {
+                            Some(cur) if cur.pending_epoch().is_some_and(|p| p.n == n) => {
+                                Ok(Some(switch::abort(cur, n)?))
+                            }
+                            _ => Ok(None),
+                        })
+                        .await;
+                    match r {
+                        Ok(_) => report.aborted.push((topic, n, reason)),
+                        Err(e) => report
+                            .errors
+                            .push(format!("aborting {topic} epoch {n}: {e}")),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the boundary on every cluster of both epochs, then records it and
+    /// flips the epochs in one compare-and-swap of the route.
+    async fn seal(
+        &self,
+        snap: &FleetSnapshot,
+        topic: &str,
+        n: u64,
+        clusters: &[String],
+    ) -> Result<(), ControlError> {
+        let route = snap
+            .route(topic)
+            .ok_or_else(|| ControlError::UnknownTopic(topic.into()))?;
+        let mut boundary = std::collections::BTreeMap::new();
+        for id in clusters {
+            let spec = snap
+                .cluster(id)
+                .ok_or_else(|| ControlError::UnknownCluster(id.clone()))?;
+            let ends = self
+                .cp
+                .kafka()
+                .end_offsets(spec, topic, route.partitions)
+                .await?;
+            boundary.insert(id.clone(), ends);
+        }
+        self.cp
+            .registry()
+            .update_route(topic, |cur| match cur {
+                // Someone (another leader, an operator) moved on: leave it to the next pass.
+                Some(cur) if cur.pending_epoch().is_some_and(|p| p.n == n) => {
+                    Ok(Some(switch::seal(cur, n, boundary.clone())?))
+                }
+                _ => Ok(None),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn reconcile_clusters(
+        &self,
+        snap: &FleetSnapshot,
+        now: UnixMillis,
+        report: &mut ReconcileReport,
+    ) {
+        for spec in snap.clusters.values() {
+            let expired = spec.is_expired(now);
+            match spec.state {
+                ClusterState::Provisioning | ClusterState::Active if expired => {
+                    match self.cp.drain(&spec.id).await {
+                        Ok(_) => report.drained.push(spec.id.clone()),
+                        Err(e) => report
+                            .blocked
+                            .push((spec.id.clone(), format!("expired but not drained: {e}"))),
+                    }
+                }
+                ClusterState::Draining => match self.cp.check_retirable(snap, spec).await {
+                    Ok(()) => match self
+                        .cp
+                        .registry()
+                        .set_cluster_state(&spec.id, ClusterState::Retired)
+                        .await
+                    {
+                        Ok(_) => report.retired.push(spec.id.clone()),
+                        Err(e) => report.errors.push(format!("retiring {}: {e}", spec.id)),
+                    },
+                    Err(ControlError::Refused(why)) => report.blocked.push((spec.id.clone(), why)),
+                    Err(e) => report.errors.push(format!("checking {}: {e}", spec.id)),
+                },
+                _ => {}
+            }
+        }
+    }
+
+    /// Reconciles until no switch is pending or `deadline` passes (the CLI's `--wait`).
+    pub async fn reconcile_until_settled(
+        &self,
+        deadline: Duration,
+        every: Duration,
+    ) -> Result<ReconcileReport, ControlError> {
+        let start = tokio::time::Instant::now();
+        let mut total = ReconcileReport::default();
+        loop {
+            let r = self.reconcile_once(now_millis()).await?;
+            let done = r.switches_done();
+            total.sealed.extend(r.sealed);
+            total.aborted.extend(r.aborted);
+            total.drained.extend(r.drained);
+            total.retired.extend(r.retired);
+            total.errors.extend(r.errors);
+            total.blocked = r.blocked;
+            total.waiting = r.waiting;
+            if done || start.elapsed() >= deadline {
+                return Ok(total);
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
+/// Options of [`run_elected`].
+#[derive(Debug, Clone)]
+pub struct ElectionOptions {
+    /// This instance's name, stored in the leader key.
+    pub id: String,
+    /// Leader lease TTL: a dead leader is replaced after about this long.
+    pub lease_ttl: Duration,
+    /// Reconcile at least this often while leading.
+    pub interval: Duration,
+}
+
+/// Leadership changes, for callers that want to observe them (tests, the CLI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leadership {
+    /// Not leading (waiting for the current leader's lease to end).
+    Follower,
+    /// Leading.
+    Leader,
+}
+
+/// The leader key of the fleet.
+fn leader_key(cp: &ControlPlane) -> String {
+    format!("{}controller/leader", cp.registry().prefix())
+}
+
+/// Runs the controller under leader election until `shutdown` turns true.
+///
+/// Candidates race to create the leader key under their own lease; the winner
+/// reconciles every `interval` and renews its lease every `ttl/3`. When a
+/// renewal fails the leader steps down at once (another may already lead);
+/// when a leader dies its lease expires and a follower takes over within about
+/// one TTL. Registry outages are waited out.
+pub async fn run_elected(
+    controller: Controller,
+    opts: ElectionOptions,
+    leadership: watch::Sender<Leadership>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ControlError> {
+    let kv = controller.control_plane().registry().kv().clone();
+    let key = leader_key(controller.control_plane());
+    let renew_every = opts.lease_ttl / 3;
+    loop {
+        if *shutdown.borrow() {
+            return Ok(());
+        }
+        let lease = match campaign(&*kv, &key, &opts).await {
+            Ok(Some(lease)) => lease,
+            Ok(None) | Err(_) => {
+                // Someone else leads, or the registry is unreachable: try again shortly.
+                tokio::select! {
+                    _ = tokio::time::sleep(renew_every) => continue,
+                    _ = shutdown.changed() => continue,
+                }
+            }
+        };
+        tracing::info!(id = %opts.id, "leading the fleet controller");
+        metrics::gauge!("flotilla_controller_is_leader").set(1.0);
+        let _ = leadership.send(Leadership::Leader);
+        let mut renew = tokio::time::interval(renew_every);
+        let mut tick = tokio::time::interval(opts.interval);
+        let stepped_down = loop {
+            tokio::select! {
+                _ = renew.tick() => {
+                    if let Err(e) = kv.keep_alive(lease).await {
+                        tracing::warn!(error = %e, "lost the controller lease; stepping down");
+                        break true;
+                    }
+                }
+                _ = tick.tick() => {
+                    match controller.reconcile_once(now_millis()).await {
+                        Ok(r) => {
+                            for e in &r.errors { tracing::warn!("{e}"); }
+                            for (t, n) in &r.sealed { tracing::info!(topic = %t, epoch = n, "switch completed"); }
+                            for c in &r.retired { tracing::info!(cluster = %c, "cluster retired"); }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+                    }
+                }
+                _ = shutdown.changed() => break false,
+            }
+        };
+        metrics::gauge!("flotilla_controller_is_leader").set(0.0);
+        let _ = leadership.send(Leadership::Follower);
+        if !stepped_down {
+            // Clean shutdown: hand over at once instead of after the TTL.
+            let _ = kv.revoke(lease).await;
+            return Ok(());
+        }
+    }
+}
+
+/// Tries once to become leader: `Some(lease)` when this instance now leads.
+async fn campaign(
+    kv: &dyn flotilla_client::registry::KvStore,
+    key: &str,
+    opts: &ElectionOptions,
+) -> Result<Option<LeaseId>, RegistryError> {
+    let lease = kv.grant_lease(opts.lease_ttl).await?;
+    match kv
+        .put_if(
+            key,
+            opts.id.clone().into_bytes(),
+            Expect::Absent,
+            Some(lease),
+        )
+        .await
+    {
+        Ok(_) => Ok(Some(lease)),
+        Err(RegistryError::Conflict { .. }) => {
+            let _ = kv.revoke(lease).await;
+            Ok(None)
+        }
+        Err(e) => {
+            let _ = kv.revoke(lease).await;
+            Err(e)
+        }
+    }
+}
+
+/// The id of the current leader, if any.
+pub async fn current_leader(cp: &ControlPlane) -> Result<Option<String>, ControlError> {
+    Ok(cp
+        .registry()
+        .kv()
+        .get(&leader_key(cp))
+        .await?
+        .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+}

@@ -1,0 +1,138 @@
+//! The control plane's view of Kafka: the few cluster operations it needs,
+//! behind a small trait so the controller logic does not care whether the
+//! clusters are real (rdkafka) or simulated.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use flotilla_client::kafka::{ClusterAdmin, KafkaError, KafkaProperties, SecurityProfiles};
+use flotilla_client::registry::ClusterSpec;
+
+/// Cluster operations the control plane performs.
+#[async_trait]
+pub trait FleetKafka: Send + Sync {
+    /// Reads the Kafka cluster id at `bootstrap` (before a cluster is registered).
+    async fn read_cluster_id(&self, bootstrap: &str) -> Result<String, KafkaError>;
+    /// Creates `topic` with `partitions` on the cluster, or checks the count when present.
+    async fn ensure_topic(
+        &self,
+        spec: &ClusterSpec,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<(), KafkaError>;
+    /// End offsets (high watermarks) of every partition: the handoff boundary.
+    async fn end_offsets(
+        &self,
+        spec: &ClusterSpec,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<Vec<i64>, KafkaError>;
+    /// The offsets `group` has committed on the cluster, per partition.
+    async fn committed_offsets(
+        &self,
+        spec: &ClusterSpec,
+        group: &str,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<Vec<Option<i64>>, KafkaError>;
+}
+
+/// [`FleetKafka`] over real clusters through rdkafka: one cached
+/// [`ClusterAdmin`] per registered cluster, whose id is checked on connect.
+pub struct RdKafkaFleet {
+    base: KafkaProperties,
+    profiles: SecurityProfiles,
+    timeout: Duration,
+    admins: Mutex<HashMap<String, ClusterAdmin>>,
+}
+
+impl RdKafkaFleet {
+    /// Clients with `base` properties, local security `profiles` and `timeout` per operation.
+    pub fn new(base: KafkaProperties, profiles: SecurityProfiles, timeout: Duration) -> Self {
+        RdKafkaFleet {
+            base,
+            profiles,
+            timeout,
+            admins: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn admin(&self, spec: &ClusterSpec) -> Result<ClusterAdmin, KafkaError> {
+        if let Some(a) = self.admins.lock().expect("admin cache").get(&spec.id) {
+            return Ok(a.clone());
+        }
+        // Connecting verifies the cluster id against the registry: a bootstrap
+        // address that now answers for another cluster is refused here.
+        let admin = ClusterAdmin::connect(spec, &self.base, &self.profiles, self.timeout).await?;
+        self.admins
+            .lock()
+            .expect("admin cache")
+            .insert(spec.id.clone(), admin.clone());
+        Ok(admin)
+    }
+
+    fn forget(&self, spec: &ClusterSpec) {
+        self.admins.lock().expect("admin cache").remove(&spec.id);
+    }
+
+    async fn with_admin<T, F, Fut>(&self, spec: &ClusterSpec, f: F) -> Result<T, KafkaError>
+    where
+        F: FnOnce(ClusterAdmin) -> Fut,
+        Fut: std::future::Future<Output = Result<T, KafkaError>>,
+    {
+        let admin = self.admin(spec).await?;
+        let r = f(admin).await;
+        if r.is_err() {
+            // A failed cluster may come back at another address; reconnect (and re-verify) next time.
+            self.forget(spec);
+        }
+        r
+    }
+}
+
+#[async_trait]
+impl FleetKafka for RdKafkaFleet {
+    async fn read_cluster_id(&self, bootstrap: &str) -> Result<String, KafkaError> {
+        flotilla_client::kafka::read_cluster_id(bootstrap, &self.base, None, self.timeout).await
+    }
+
+    async fn ensure_topic(
+        &self,
+        spec: &ClusterSpec,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<(), KafkaError> {
+        self.with_admin(spec, |a| async move {
+            a.ensure_topic(topic, partitions).await.map(|_| ())
+        })
+        .await
+    }
+
+    async fn end_offsets(
+        &self,
+        spec: &ClusterSpec,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<Vec<i64>, KafkaError> {
+        self.with_admin(
+            spec,
+            |a| async move { a.end_offsets(topic, partitions).await },
+        )
+        .await
+    }
+
+    async fn committed_offsets(
+        &self,
+        spec: &ClusterSpec,
+        group: &str,
+        topic: &str,
+        partitions: u32,
+    ) -> Result<Vec<Option<i64>>, KafkaError> {
+        self.with_admin(spec, |a| async move {
+            a.committed_offsets(group, topic, partitions).await
+        })
+        .await
+    }
+}

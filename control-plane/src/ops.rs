@@ -1,0 +1,474 @@
+//! Control-plane operations: the library behind every `flotilla` command.
+//!
+//! Each operation validates everything it can *before* its single
+//! compare-and-swap write, so a refused command leaves the registry exactly as
+//! it was, and a concurrent operator's change makes it fail with a conflict
+//! instead of being overwritten. Re-running a command that already took effect
+//! is a no-op (idempotent).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use flotilla_client::registry::{
+    ClientRecord, ClusterRole, ClusterSpec, ClusterState, Expect, FleetSnapshot, Registry,
+    RegistryError, TopicRoute, UnixMillis, WeightedCluster, SCHEMA_VERSION,
+};
+use flotilla_client::route::switch;
+use serde::Serialize;
+
+use crate::error::ControlError;
+use crate::kafka::FleetKafka;
+
+/// A request to register a cluster.
+#[derive(Debug, Clone)]
+pub struct AddCluster {
+    /// Registry id.
+    pub id: String,
+    /// Kafka bootstrap servers.
+    pub bootstrap: String,
+    /// Default weight in routes.
+    pub weight: u32,
+    /// Permanent or temporary.
+    pub role: ClusterRole,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Local security profile name.
+    pub security_profile: Option<String>,
+    /// Register as `active` instead of `provisioning`.
+    pub activate: bool,
+}
+
+/// What [`ControlPlane::add_cluster`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum AddOutcome {
+    /// The cluster was registered.
+    Created {
+        /// The stored spec.
+        spec: ClusterSpec,
+    },
+    /// The same cluster (same bootstrap and Kafka cluster id) was already registered.
+    AlreadyRegistered {
+        /// The stored spec.
+        spec: ClusterSpec,
+    },
+}
+
+/// A request to set a topic's route (propose a new epoch).
+#[derive(Debug, Clone)]
+pub struct SetRoute {
+    /// Topic.
+    pub topic: String,
+    /// Write set; `None` weight means the cluster's default weight.
+    pub clusters: Vec<(String, Option<u32>)>,
+    /// Partition count: required for a new topic, checked otherwise.
+    pub partitions: Option<u32>,
+    /// How long producers get to acknowledge the new epoch.
+    pub ack_timeout_ms: u64,
+}
+
+/// What [`ControlPlane::set_route`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum RouteOutcome {
+    /// A first epoch was created open: the topic had no route.
+    Created {
+        /// The stored route.
+        route: TopicRoute,
+    },
+    /// A new epoch is pending; the controller completes the switch.
+    Proposed {
+        /// The stored route.
+        route: TopicRoute,
+    },
+    /// The open (or pending) epoch already has exactly this write set.
+    Unchanged {
+        /// The stored route.
+        route: TopicRoute,
+    },
+}
+
+impl RouteOutcome {
+    /// The route as stored after the operation.
+    pub fn route(&self) -> &TopicRoute {
+        match self {
+            RouteOutcome::Created { route }
+            | RouteOutcome::Proposed { route }
+            | RouteOutcome::Unchanged { route } => route,
+        }
+    }
+}
+
+/// The fleet at a glance.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Registry revision of the view.
+    pub revision: i64,
+    /// Every cluster.
+    pub clusters: Vec<ClusterSpec>,
+    /// Every route.
+    pub routes: Vec<TopicRoute>,
+    /// Live clients with their acknowledged epochs.
+    pub clients: Vec<ClientRecord>,
+    /// Registered consumer groups.
+    pub groups: Vec<String>,
+}
+
+/// Control-plane operations over one fleet's registry and its Kafka clusters.
+#[derive(Clone)]
+pub struct ControlPlane {
+    registry: Registry,
+    kafka: Arc<dyn FleetKafka>,
+}
+
+impl ControlPlane {
+    /// Operations on `registry`, reaching clusters through `kafka`.
+    pub fn new(registry: Registry, kafka: Arc<dyn FleetKafka>) -> Self {
+        ControlPlane { registry, kafka }
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Kafka seam.
+    pub fn kafka(&self) -> &Arc<dyn FleetKafka> {
+        &self.kafka
+    }
+
+    /// Registers a cluster after reading its Kafka cluster id from the brokers
+    /// (which also proves they answer). Re-adding the identical cluster is a no-op;
+    /// an id already used by another cluster is refused.
+    pub async fn add_cluster(
+        &self,
+        req: AddCluster,
+        now: UnixMillis,
+    ) -> Result<AddOutcome, ControlError> {
+        if req.weight == 0 {
+            return Err(ControlError::BadInput(format!(
+                "cluster {}: weight must be at least 1",
+                req.id
+            )));
+        }
+        if let ClusterRole::Temporary { expires_at, .. } = req.role {
+            if expires_at <= now {
+                return Err(ControlError::BadInput(format!(
+                    "cluster {}: expiry is in the past",
+                    req.id
+                )));
+            }
+        }
+        // Fail on a taken id before dialling Kafka, so the common mistake is quick.
+        if let Some((existing, _)) = self.registry.cluster(&req.id).await? {
+            return self.same_cluster_or_refuse(existing, &req).await;
+        }
+        let kafka_cluster_id = self.kafka.read_cluster_id(&req.bootstrap).await?;
+        let spec = ClusterSpec {
+            version: SCHEMA_VERSION,
+            id: req.id.clone(),
+            bootstrap: req.bootstrap.clone(),
+            kafka_cluster_id,
+            state: if req.activate {
+                ClusterState::Active
+            } else {
+                ClusterState::Provisioning
+            },
+            role: req.role.clone(),
+            weight: req.weight,
+            labels: req.labels.clone(),
+            security_profile: req.security_profile.clone(),
+            created_at: now,
+        };
+        match self.registry.create_cluster(&spec).await {
+            Ok(_) => Ok(AddOutcome::Created { spec }),
+            Err(RegistryError::AlreadyExists { .. }) => {
+                // Lost a race with another operator: fine if they registered the same cluster.
+                let (existing, _) = self
+                    .registry
+                    .cluster(&req.id)
+                    .await?
+                    .ok_or_else(|| ControlError::UnknownCluster(req.id.clone()))?;
+                self.same_cluster_or_refuse(existing, &req).await
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn same_cluster_or_refuse(
+        &self,
+        existing: ClusterSpec,
+        req: &AddCluster,
+    ) -> Result<AddOutcome, ControlError> {
+        if existing.bootstrap == req.bootstrap
+            && existing.role == req.role
+            && existing.weight == req.weight
+        {
+            Ok(AddOutcome::AlreadyRegistered { spec: existing })
+        } else {
+            Err(ControlError::Refused(format!(
+                "cluster id `{}` is already registered (bootstrap {}, state {}); cluster ids are never reused — pick another id",
+                existing.id, existing.bootstrap, existing.state
+            )))
+        }
+    }
+
+    /// All clusters, by id.
+    pub async fn clusters(&self) -> Result<Vec<ClusterSpec>, ControlError> {
+        Ok(self
+            .registry
+            .snapshot()
+            .await?
+            .clusters
+            .into_values()
+            .collect())
+    }
+
+    /// One cluster.
+    pub async fn cluster(&self, id: &str) -> Result<ClusterSpec, ControlError> {
+        Ok(self
+            .registry
+            .cluster(id)
+            .await?
+            .ok_or_else(|| ControlError::UnknownCluster(id.into()))?
+            .0)
+    }
+
+    /// `provisioning → active`. Idempotent.
+    pub async fn activate(&self, id: &str) -> Result<ClusterSpec, ControlError> {
+        self.move_state(id, ClusterState::Active).await
+    }
+
+    /// `→ draining`: refused while an open or pending epoch writes to the cluster
+    /// (move those topics off it with `route set` first). Idempotent.
+    pub async fn drain(&self, id: &str) -> Result<ClusterSpec, ControlError> {
+        let snap = self.registry.snapshot().await?;
+        let spec = snap
+            .cluster(id)
+            .ok_or_else(|| ControlError::UnknownCluster(id.into()))?;
+        if spec.state == ClusterState::Draining {
+            return Ok(spec.clone());
+        }
+        let writing: Vec<&str> = snap
+            .routes
+            .values()
+            .filter(|r| {
+                r.open_epoch().is_some_and(|e| e.writes_to(id))
+                    || r.pending_epoch().is_some_and(|e| e.writes_to(id))
+            })
+            .map(|r| r.topic.as_str())
+            .collect();
+        if !writing.is_empty() {
+            return Err(ControlError::Refused(format!(
+                "cluster {id} is still written by the open or pending epoch of {}: move them off it with `flotilla route set` first",
+                writing.join(", ")
+            )));
+        }
+        self.move_state(id, ClusterState::Draining).await
+    }
+
+    /// `→ retired`: refused while any route still writes to the cluster or any
+    /// registered group has not consumed a sealed epoch on it up to its fence.
+    /// Idempotent.
+    pub async fn retire(&self, id: &str) -> Result<ClusterSpec, ControlError> {
+        let snap = self.registry.snapshot().await?;
+        let spec = snap
+            .cluster(id)
+            .ok_or_else(|| ControlError::UnknownCluster(id.into()))?
+            .clone();
+        if spec.state == ClusterState::Retired {
+            return Ok(spec);
+        }
+        self.check_retirable(&snap, &spec).await?;
+        self.move_state_from(&spec, ClusterState::Retired).await
+    }
+
+    /// Why `spec` may not retire yet, if anything stops it.
+    pub async fn check_retirable(
+        &self,
+        snap: &FleetSnapshot,
+        spec: &ClusterSpec,
+    ) -> Result<(), ControlError> {
+        let consumed = self.group_progress(snap, spec).await?;
+        // Every registered group of the topic must be done; a group we have no
+        // answer for counts as not done.
+        switch::may_retire(&spec.id, snap.routes.values(), |topic, epoch, _cluster| {
+            snap.groups
+                .values()
+                .filter(|g| g.topics.iter().any(|t| t == topic))
+                .all(|g| {
+                    consumed
+                        .get(&(g.group.clone(), topic.to_string(), epoch))
+                        .copied()
+                        .unwrap_or(false)
+                })
+        })
+        .map_err(ControlError::Refused)
+    }
+
+    /// For every sealed epoch that wrote to `spec`, whether each registered group
+    /// reading that topic has committed every partition up to the epoch's fence on it.
+    async fn group_progress(
+        &self,
+        snap: &FleetSnapshot,
+        spec: &ClusterSpec,
+    ) -> Result<BTreeMap<(String, String, u64), bool>, ControlError> {
+        let mut out = BTreeMap::new();
+        for route in snap.routes.values() {
+            for epoch in route.sealed_epochs().filter(|e| e.writes_to(&spec.id)) {
+                let Some(fence) = epoch.fence.get(&spec.id) else {
+                    continue;
+                };
+                for group in snap
+                    .groups
+                    .values()
+                    .filter(|g| g.topics.contains(&route.topic))
+                {
+                    let committed = self
+                        .kafka
+                        .committed_offsets(spec, &group.group, &route.topic, route.partitions)
+                        .await?;
+                    let done = fence
+                        .iter()
+                        .zip(committed.iter())
+                        .all(|(end, c)| *end == 0 || c.is_some_and(|c| c >= *end));
+                    out.insert((group.group.clone(), route.topic.clone(), epoch.n), done);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn move_state(&self, id: &str, to: ClusterState) -> Result<ClusterSpec, ControlError> {
+        let spec = self.cluster(id).await?;
+        self.move_state_from(&spec, to).await
+    }
+
+    async fn move_state_from(
+        &self,
+        spec: &ClusterSpec,
+        to: ClusterState,
+    ) -> Result<ClusterSpec, ControlError> {
+        if spec.state == to {
+            return Ok(spec.clone());
+        }
+        if !spec.state.can_move_to(to) {
+            return Err(ControlError::Refused(format!(
+                "cluster {} is {}; it cannot become {} (states only move forward: provisioning → active → draining → retired)",
+                spec.id, spec.state, to
+            )));
+        }
+        Ok(self.registry.set_cluster_state(&spec.id, to).await?.0)
+    }
+
+    /// The route of `topic`.
+    pub async fn route(&self, topic: &str) -> Result<TopicRoute, ControlError> {
+        Ok(self
+            .registry
+            .route(topic)
+            .await?
+            .ok_or_else(|| ControlError::UnknownTopic(topic.into()))?
+            .0)
+    }
+
+    /// Proposes a new epoch for `req.topic` writing to `req.clusters`.
+    ///
+    /// Checks every cluster (registered, active, weight ≥ 1), the partition
+    /// count, and creates the topic with that count on every cluster of the
+    /// write set where it is missing — all before the one compare-and-swap
+    /// write of the route. A topic without a route gets an open epoch 1 at once;
+    /// otherwise the new epoch is pending until the controller seals the old one.
+    pub async fn set_route(
+        &self,
+        req: SetRoute,
+        now: UnixMillis,
+    ) -> Result<RouteOutcome, ControlError> {
+        let snap = self.registry.snapshot().await?;
+        let mut write = Vec::with_capacity(req.clusters.len());
+        for (id, weight) in &req.clusters {
+            let spec = snap
+                .cluster(id)
+                .ok_or_else(|| ControlError::UnknownCluster(id.clone()))?;
+            let weight = weight.unwrap_or(spec.weight);
+            if weight == 0 {
+                return Err(ControlError::BadInput(format!(
+                    "cluster {id}: weight must be at least 1"
+                )));
+            }
+            write.push(WeightedCluster {
+                cluster: id.clone(),
+                weight,
+            });
+        }
+        // The route is read with its revision: the final write is a CAS on it.
+        let (current, current_rev) = match self.registry.route(&req.topic).await? {
+            Some((r, rev)) => (Some(r), Some(rev)),
+            None => (None, None),
+        };
+        let partitions = match (&current, req.partitions) {
+            (Some(r), Some(p)) if r.partitions != p => {
+                return Err(ControlError::BadInput(format!(
+                    "topic {} has {} partitions on every cluster; a route cannot change it (asked for {p})",
+                    req.topic, r.partitions
+                )))
+            }
+            (Some(r), _) => r.partitions,
+            (None, Some(p)) if p > 0 => p,
+            (None, _) => {
+                return Err(ControlError::BadInput(format!(
+                    "topic {} has no route yet: give its partition count with --partitions",
+                    req.topic
+                )))
+            }
+        };
+        if let Some(cur) = &current {
+            let same = |e: &flotilla_client::registry::Epoch| {
+                let mut a = e.write.clone();
+                let mut b = write.clone();
+                a.sort();
+                b.sort();
+                a == b
+            };
+            // Re-running the same command is a no-op, not an error.
+            if cur.pending_epoch().or(cur.open_epoch()).is_some_and(same)
+                && cur.pending_epoch().is_none_or(same)
+            {
+                return Ok(RouteOutcome::Unchanged { route: cur.clone() });
+            }
+        }
+        let next = switch::propose(
+            current.as_ref(),
+            &req.topic,
+            partitions,
+            write.clone(),
+            &snap.clusters,
+            now,
+            req.ack_timeout_ms,
+        )?;
+        for w in &write {
+            let spec = &snap.clusters[&w.cluster];
+            self.kafka
+                .ensure_topic(spec, &req.topic, partitions)
+                .await?;
+        }
+        let expect = current_rev.map_or(Expect::Absent, Expect::ModRevision);
+        self.registry.put_route(&next, expect).await?;
+        Ok(if current.is_none() {
+            RouteOutcome::Created { route: next }
+        } else {
+            RouteOutcome::Proposed { route: next }
+        })
+    }
+
+    /// The fleet at a glance.
+    pub async fn status(&self) -> Result<Status, ControlError> {
+        let snap = self.registry.snapshot().await?;
+        Ok(Status {
+            revision: snap.revision,
+            clusters: snap.clusters.values().cloned().collect(),
+            routes: snap.routes.values().cloned().collect(),
+            clients: snap.clients.values().cloned().collect(),
+            groups: snap.groups.keys().cloned().collect(),
+        })
+    }
+}
