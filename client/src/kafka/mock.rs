@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::mocking::MockCluster;
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::ClientConfig;
 
 use crate::kafka::error::KafkaError;
@@ -41,6 +42,16 @@ enum Command {
     },
     BrokerUp {
         broker: i32,
+        reply: Reply,
+    },
+    TopicError {
+        topic: String,
+        error: RDKafkaRespErr,
+        reply: Reply,
+    },
+    RequestErrors {
+        api: RDKafkaApiKey,
+        errors: Vec<RDKafkaRespErr>,
         reply: Reply,
     },
     Shutdown,
@@ -110,6 +121,19 @@ impl MockKafka {
                         }
                         Command::BrokerUp { broker, reply: r } => {
                             reply(r, cluster.broker_up(broker))
+                        }
+                        Command::TopicError {
+                            topic,
+                            error,
+                            reply: r,
+                        } => reply(r, cluster.topic_error(&topic, error)),
+                        Command::RequestErrors {
+                            api,
+                            errors,
+                            reply: r,
+                        } => {
+                            cluster.request_errors(api, &errors);
+                            reply(r, Ok(()))
                         }
                         Command::Shutdown => break,
                     }
@@ -209,6 +233,33 @@ impl MockKafka {
     /// Brings broker `broker` back up.
     pub fn broker_up(&self, broker: i32) -> Result<(), KafkaError> {
         self.call(|reply| Command::BrokerUp { broker, reply }, "broker up")
+    }
+
+    /// Makes metadata requests for `topic` answer with `error` (e.g.
+    /// `RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED`); `RD_KAFKA_RESP_ERR_NO_ERROR` clears it.
+    pub fn topic_error(&self, topic: &str, error: RDKafkaRespErr) -> Result<(), KafkaError> {
+        let topic = topic.to_string();
+        self.call(
+            |reply| Command::TopicError {
+                topic,
+                error,
+                reply,
+            },
+            "topic error",
+        )
+    }
+
+    /// Makes the next requests of kind `api` fail with `errors`, one per request,
+    /// in order (then they succeed again).
+    pub fn push_request_errors(
+        &self,
+        api: RDKafkaApiKey,
+        errors: Vec<RDKafkaRespErr>,
+    ) -> Result<(), KafkaError> {
+        self.call(
+            |reply| Command::RequestErrors { api, errors, reply },
+            "request errors",
+        )
     }
 
     /// Stops the mock cluster and joins its thread.
@@ -388,6 +439,49 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(e, KafkaError::ClusterIdMismatch { .. }), "{e}");
+
+        // Authorization failures are classified as permanent.
+        let c0 = fleet.cluster(0);
+        c0.topic_error(
+            "secret",
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+        )
+        .unwrap();
+        let e = admin.topic_partitions("secret").await.unwrap_err();
+        assert!(
+            matches!(e, KafkaError::Authorization { .. }) && e.is_permanent(),
+            "{e}"
+        );
+        c0.push_request_errors(
+            RDKafkaApiKey::OffsetFetch,
+            vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED],
+        )
+        .unwrap();
+        let e = admin.committed_offsets("g", "orders", 3).await.unwrap_err();
+        assert!(matches!(e, KafkaError::Authorization { .. }), "{e}");
+        // Transient coordinator errors are retried within the timeout.
+        c0.push_request_errors(
+            RDKafkaApiKey::OffsetFetch,
+            vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 3],
+        )
+        .unwrap();
+        assert_eq!(
+            admin.committed_offsets("g", "orders", 3).await.unwrap(),
+            vec![None, None, None]
+        );
+
+        // A cluster whose broker is down is unreachable, not a hang.
+        let c1 = fleet.cluster(1);
+        c1.broker_down(1).unwrap();
+        let short = Duration::from_secs(2);
+        let started = std::time::Instant::now();
+        let e = ClusterAdmin::connect(&specs[1], &base, &SecurityProfiles::empty(), short)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, KafkaError::Unreachable { .. }), "{e}");
+        assert!(started.elapsed() < short + Duration::from_secs(3));
+        c1.broker_up(1).unwrap();
+
         drop(admin);
         tokio::task::spawn_blocking(move || fleet.shutdown())
             .await
