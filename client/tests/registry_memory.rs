@@ -179,3 +179,21 @@ async fn spawned_keep_alive_holds_the_client_record_until_aborted() {
         Err(RegistryError::LeaseExpired { .. })
     ));
 }
+
+#[tokio::test]
+async fn watcher_start_refuses_a_malformed_registry_naming_the_key() {
+    let (_, kv) = kv();
+    kv.put_if(
+        "/flotilla/f/topics/t",
+        b"{\"version\":1}".to_vec(),
+        Expect::Absent,
+        None,
+    )
+    .await
+    .unwrap();
+    let err = FleetWatcher::start(Registry::new(kv, "f"), WatcherOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::Model(_)), "{err:?}");
+    assert!(err.to_string().contains("/flotilla/f/topics/t"), "{err}");
+}
