@@ -92,10 +92,9 @@ async fn two_operators_racing_the_same_route_change_exactly_one_wins() {
             .filter(|r| matches!(r, Ok(RouteOutcome::Proposed { .. })))
             .count();
         assert_eq!(wins, 1, "exactly one operator must win: {r1:?} / {r2:?}");
-        let loser = if r1.is_ok() {
-            r2.unwrap_err()
-        } else {
-            r1.unwrap_err()
+        let loser = match (r1, r2) {
+            (Ok(_), Err(e)) | (Err(e), Ok(_)) => e,
+            other => panic!("exactly one operator must win: {other:?}"),
         };
         // The loser either lost the compare-and-swap or saw the winner's pending epoch.
         assert!(
@@ -178,7 +177,7 @@ async fn killed_leader_mid_switch_is_replaced_and_the_switch_completes() {
 
     let dir = tempfile::tempdir().unwrap();
     let files = [dir.path().join("c1"), dir.path().join("c2")];
-    let mut procs = vec![
+    let mut procs = [
         spawn_controller(&etcd, "c1", &files[0]),
         spawn_controller(&etcd, "c2", &files[1]),
     ];
