@@ -104,6 +104,11 @@ async fn adapter_against_real_kafka() {
     let admin = connect(&spec0, T).await.expect("connect c0");
     assert_eq!(admin.cluster_id(), id0);
     assert_eq!(admin.fetch_cluster_id().await.unwrap(), id0);
+    admin.verify_identity(&id0).await.unwrap();
+    assert!(matches!(
+        admin.verify_identity(&id1).await,
+        Err(KafkaError::ClusterIdMismatch { .. })
+    ));
     let by_address = ClusterAdmin::connect_bootstrap(&b1, &base, T)
         .await
         .unwrap();

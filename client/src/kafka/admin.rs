@@ -70,13 +70,7 @@ impl Inner {
         let code = crate::kafka::error::error_code(e);
         if matches!(
             code,
-            Some(
-                C::AllBrokersDown
-                    | C::BrokerTransportFailure
-                    | C::Resolve
-                    | C::OperationTimedOut
-                    | C::TimedOutQueue
-            )
+            Some(C::AllBrokersDown | C::BrokerTransportFailure | C::Resolve)
         ) {
             return no_answer(
                 &self.cluster,
@@ -314,18 +308,33 @@ impl ClusterAdmin {
         }
     }
 
-    /// Reads the cluster id from the brokers again (not the cached one), e.g.
-    /// to re-check identity after a reconnect.
+    /// Reads the cluster id from the brokers again through a fresh connection
+    /// (not the id cached at connect time), e.g. to re-check identity after the
+    /// cluster was unreachable for a while.
     pub async fn fetch_cluster_id(&self) -> Result<String, KafkaError> {
-        self.blocking("read cluster id".into(), |inner| {
-            blocking_cluster_id(
-                &inner.cluster,
-                &inner.bootstrap,
-                inner.meta(),
-                inner.timeout,
-            )
-        })
+        crate::kafka::identity::fetch_cluster_id(
+            &self.inner.cluster,
+            &self.inner.config,
+            self.inner.timeout,
+        )
         .await
+    }
+
+    /// [`ClusterAdmin::fetch_cluster_id`] checked against the id recorded in the
+    /// registry: [`KafkaError::ClusterIdMismatch`] when the address now answers
+    /// as another cluster.
+    pub async fn verify_identity(&self, expected_kafka_cluster_id: &str) -> Result<(), KafkaError> {
+        let found = self.fetch_cluster_id().await?;
+        if found == expected_kafka_cluster_id {
+            Ok(())
+        } else {
+            Err(KafkaError::ClusterIdMismatch {
+                cluster: self.inner.cluster.clone(),
+                bootstrap: self.inner.bootstrap.clone(),
+                expected: expected_kafka_cluster_id.to_string(),
+                found,
+            })
+        }
     }
 
     /// The partition count of `topic`, or `None` when it does not exist. Never

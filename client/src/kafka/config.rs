@@ -29,7 +29,10 @@ pub const DEFAULT_CLIENT_ID: &str = "flotilla";
 /// An ordered map of rdkafka properties (`key → value`), like rdkafka's
 /// [`ClientConfig`] but cloneable, comparable and printable without leaking
 /// secrets: `Debug` redacts values of keys that look secret.
-#[derive(Clone, Default, PartialEq, Eq)]
+///
+/// Serializes as a JSON object of strings.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct KafkaProperties {
     props: BTreeMap<String, String>,
 }
@@ -576,6 +579,16 @@ mod tests {
         );
         let c = p.to_client_config();
         assert_eq!(c.get("sasl.password"), Some("hunter2"));
+    }
+
+    #[test]
+    fn properties_serde_as_a_map() {
+        let p: KafkaProperties = serde_json::from_str(r#"{"acks":"all","linger.ms":"5"}"#).unwrap();
+        assert_eq!(p.get("linger.ms"), Some("5"));
+        assert_eq!(
+            serde_json::to_string(&p).unwrap(),
+            r#"{"acks":"all","linger.ms":"5"}"#
+        );
     }
 
     #[test]
