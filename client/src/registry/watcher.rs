@@ -34,6 +34,28 @@ use super::kv::{RegistryError, WatchBatch, WatchEvent};
 use super::snapshot::FleetSnapshot;
 use super::store::{apply_delete, apply_put, copy_key, Registry};
 
+/// Registers the help text of the watcher's metrics with the installed
+/// `metrics` recorder (optional; call once after installing an exporter).
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        "flotilla_registry_snapshot_age_seconds",
+        metrics::Unit::Seconds,
+        "How long the fleet snapshot has not been known current (0 while the registry watch is up)"
+    );
+    metrics::describe_counter!(
+        "flotilla_registry_watch_events_total",
+        "Registry watch events applied to the fleet snapshot"
+    );
+    metrics::describe_counter!(
+        "flotilla_registry_errors_total",
+        "Registry errors seen by the watcher (lost connections, malformed values, failed reloads)"
+    );
+    metrics::describe_counter!(
+        "flotilla_registry_reloads_total",
+        "Full fleet snapshot reloads after the registry history was compacted"
+    );
+}
+
 /// Settings of a [`FleetWatcher`].
 #[derive(Debug, Clone)]
 pub struct WatcherOptions {
