@@ -240,6 +240,29 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn unresolvable_host_is_unreachable_within_the_timeout() {
+        let started = Instant::now();
+        let timeout = Duration::from_millis(1500);
+        let e = read_cluster_id(
+            "no-such-host.invalid:9092",
+            &KafkaProperties::new(),
+            None,
+            timeout,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(&e, KafkaError::Unreachable { bootstrap, .. } if bootstrap == "no-such-host.invalid:9092"),
+            "{e}"
+        );
+        assert!(
+            started.elapsed() < timeout + GRACE + Duration::from_millis(500),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
     async fn closed_port_is_unreachable_within_the_timeout() {
         // Bind then drop a listener to get a port nobody listens on.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
