@@ -16,13 +16,15 @@
 //! Everything is deterministic across processes and platforms: the key hash is
 //! Kafka's murmur2 (already computed for the partition, so each key is hashed
 //! once per record), cluster seeds come from a fixed FNV-1a + SplitMix64 hash
-//! of the cluster id, and no `RandomState` is involved. The only
-//! platform-dependent step is `f64::ln`, whose last-bit differences could only
-//! matter for a key whose two best scores agree to ~1 ulp.
+//! of the cluster id, no `RandomState` is involved, and the logarithm is
+//! [`neg_ln`], built from IEEE-754 basic operations only (no platform libm),
+//! so a key picks the same cluster on every platform, bit for bit.
 //!
 //! [`RendezvousTable`] precomputes seeds and reciprocal weights when a write set
-//! is installed, so [`RendezvousTable::pick`] costs one mix and one `ln` per
-//! cluster (none at all for a single cluster).
+//! is installed, so [`RendezvousTable::pick`] costs one 64-bit mix and one
+//! [`neg_ln`] per cluster; when all weights are equal (the common case) it
+//! compares the uniforms directly and needs no logarithm at all, and a
+//! single-cluster write set costs nothing.
 
 use std::sync::Arc;
 
@@ -69,10 +71,39 @@ fn unit(x: u64) -> f64 {
     ((x >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64)
 }
 
+/// `-ln(u)` for `u` in (0, 1), from IEEE-754 basic operations only (no libm),
+/// so it is bit-identical on every platform. Relative error below 1e-15.
+#[inline]
+pub fn neg_ln(u: f64) -> f64 {
+    const LN2: f64 = std::f64::consts::LN_2;
+    const SQRT2: f64 = std::f64::consts::SQRT_2;
+    let bits = u.to_bits();
+    let mut e = ((bits >> 52) & 0x7ff) as i64 - 1023;
+    // Mantissa in [1, 2), then folded into (√2/2, √2] so the series converges fast.
+    let mut m = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000);
+    if m > SQRT2 {
+        m *= 0.5;
+        e += 1;
+    }
+    // ln m = 2 atanh(s) = 2 (s + s³/3 + s⁵/5 + …), s = (m - 1) / (m + 1), |s| < 0.172.
+    let s = (m - 1.0) / (m + 1.0);
+    let z = s * s;
+    let p = z
+        * (1.0 / 3.0
+            + z * (1.0 / 5.0
+                + z * (1.0 / 7.0
+                    + z * (1.0 / 9.0
+                        + z * (1.0 / 11.0
+                            + z * (1.0 / 13.0
+                                + z * (1.0 / 15.0 + z * (1.0 / 17.0 + z / 19.0))))))));
+    let ln_m = 2.0 * (s + s * p);
+    -((e as f64) * LN2 + ln_m)
+}
+
 /// `-ln(u(key, cluster))`, an Exp(1) variable; the score is `weight / this`.
 #[inline]
 fn exp1(key_hash: u64, seed: u64) -> f64 {
-    -unit(mix64(key_hash ^ seed)).ln()
+    neg_ln(unit(mix64(key_hash ^ seed)))
 }
 
 /// The rendezvous score of `cluster` (given by its [`cluster_seed`]) for a key:
@@ -93,6 +124,8 @@ struct Slot {
 #[derive(Debug, Clone)]
 pub struct RendezvousTable {
     slots: Vec<Slot>,
+    /// All weights equal: the highest `u` wins, no logarithm needed.
+    uniform: bool,
 }
 
 impl RendezvousTable {
@@ -124,7 +157,8 @@ impl RendezvousTable {
         }
         // Canonical order, so the pick (including tie-breaks) ignores write-set order.
         slots.sort_by(|a, b| a.seed.cmp(&b.seed).then_with(|| a.id.cmp(&b.id)));
-        Ok(RendezvousTable { slots })
+        let uniform = slots.iter().all(|s| s.weight == slots[0].weight);
+        Ok(RendezvousTable { slots, uniform })
     }
 
     /// Number of clusters.
@@ -142,6 +176,20 @@ impl RendezvousTable {
     pub fn pick(&self, key_hash: u64) -> usize {
         if self.slots.len() == 1 {
             return 0;
+        }
+        if self.uniform {
+            // Equal weights: -w/ln(u) is increasing in u, and u in the 53 bits
+            // `unit` keeps, so compare those directly (same winner, same ties).
+            let mut best = 0;
+            let mut best_u = 0;
+            for (i, s) in self.slots.iter().enumerate() {
+                let u = (mix64(key_hash ^ s.seed) >> 11) + 1;
+                if u > best_u {
+                    best_u = u;
+                    best = i;
+                }
+            }
+            return best;
         }
         // Highest -w/ln(u) == lowest (-ln u) / w; strict `<` keeps the first
         // (lowest seed) on an exact tie.
@@ -239,6 +287,92 @@ mod tests {
         assert_eq!(picks, GOLDEN_PICKS, "rendezvous picks changed");
     }
     const GOLDEN_PICKS: &str = "cbaaaaacccbcbabaaccabbab";
+
+    #[test]
+    fn golden_values_weighted() {
+        let t = RendezvousTable::new(&[
+            WeightedCluster {
+                cluster: "a".into(),
+                weight: 1,
+            },
+            WeightedCluster {
+                cluster: "b".into(),
+                weight: 2,
+            },
+            WeightedCluster {
+                cluster: "c".into(),
+                weight: 3,
+            },
+        ])
+        .unwrap();
+        let picks: String = (0..24)
+            .map(|k| {
+                t.cluster_for_key(format!("user-{k}").as_bytes())
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            picks, "cbaccaccccbcbabbaccacbcb",
+            "weighted rendezvous picks changed"
+        );
+    }
+
+    #[test]
+    fn neg_ln_matches_libm() {
+        let mut x = 1u64;
+        for _ in 0..100_000 {
+            x = mix64(x.wrapping_add(GOLDEN));
+            let u = unit(x);
+            let (a, b) = (neg_ln(u), -u.ln());
+            assert!(
+                (a - b).abs() <= 4.0 * f64::EPSILON * b.abs().max(1e-300),
+                "u={u}: {a} vs {b}"
+            );
+        }
+        for u in [
+            f64::MIN_POSITIVE,
+            1e-300,
+            2f64.powi(-54),
+            0.25,
+            0.5,
+            0.7071067811865476,
+            0.75,
+            1.0 - 1e-16,
+        ] {
+            let (a, b) = (neg_ln(u), -u.ln());
+            assert!(
+                (a - b).abs() <= 4.0 * f64::EPSILON * b.abs().max(1e-300),
+                "u={u}: {a} vs {b}"
+            );
+        }
+    }
+
+    /// The equal-weight shortcut picks what the logarithmic formula picks.
+    #[test]
+    fn uniform_shortcut_agrees_with_scores() {
+        let write: Vec<WeightedCluster> = ["a", "b", "c", "d", "e"]
+            .iter()
+            .map(|c| WeightedCluster {
+                cluster: (*c).into(),
+                weight: 7,
+            })
+            .collect();
+        let t = RendezvousTable::new(&write).unwrap();
+        for k in 0..20_000u64 {
+            let h = key_hash_from_sequence(k);
+            let best = write
+                .iter()
+                .max_by(|x, y| {
+                    score(h, cluster_seed(&x.cluster), x.weight).total_cmp(&score(
+                        h,
+                        cluster_seed(&y.cluster),
+                        y.weight,
+                    ))
+                })
+                .unwrap();
+            assert_eq!(&**t.cluster(t.pick(h)), best.cluster.as_str());
+        }
+    }
 
     #[test]
     fn distribution_follows_weights() {
