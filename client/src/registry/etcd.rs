@@ -130,14 +130,17 @@ impl EtcdKv {
     /// Maps an etcd-client error to the registry's.
     fn map_err(&self, e: etcd_client::Error) -> RegistryError {
         use etcd_client::Error as E;
+        if e.to_string().contains("lease not found") {
+            // The caller knows which lease; see `with_lease`.
+            return RegistryError::LeaseExpired { lease: 0 };
+        }
         match e {
             E::GRpcStatus(status) => {
-                let msg = status.message().to_string();
+                let msg = status.message();
                 // tonic::Code: Cancelled = 1, Unknown = 2, DeadlineExceeded = 4, Unavailable = 14.
                 let code = status.code() as i32;
-                if msg.contains("lease not found") {
-                    RegistryError::Other(format!("etcd: {msg}"))
-                } else if msg.contains("has been compacted") {
+                let text = format!("{:?}: {msg}", status.code());
+                if msg.contains("has been compacted") {
                     RegistryError::Compacted {
                         compact_revision: 0,
                         requested: 0,
@@ -147,9 +150,9 @@ impl EtcdKv {
                     || code == 4
                     || (code == 2 && (msg.contains("transport") || msg.contains("connect")))
                 {
-                    self.unavailable(format!("{status}"))
+                    self.unavailable(text)
                 } else {
-                    RegistryError::Other(format!("etcd: {status}"))
+                    RegistryError::Other(format!("etcd: {text}"))
                 }
             }
             E::TransportError(t) => self.unavailable(format!("transport error: {t}")),
@@ -236,7 +239,7 @@ impl KvStore for EtcdKv {
             .or_else(vec![TxnOp::get(key, None)]);
         let mut c = self.client.clone();
         let resp = match self.timed("put", c.txn(txn)).await {
-            Err(RegistryError::Other(m)) if m.contains("lease not found") => {
+            Err(RegistryError::LeaseExpired { .. }) => {
                 return Err(RegistryError::LeaseExpired {
                     lease: lease.unwrap_or(0),
                 })
@@ -302,9 +305,7 @@ impl KvStore for EtcdKv {
         match self.timed("lease keep-alive", fut).await {
             Ok(ttl) if ttl > 0 => Ok(Duration::from_secs(ttl as u64)),
             Ok(_) => Err(RegistryError::LeaseExpired { lease }),
-            Err(RegistryError::Other(m)) if m.contains("lease not found") => {
-                Err(RegistryError::LeaseExpired { lease })
-            }
+            Err(RegistryError::LeaseExpired { .. }) => Err(RegistryError::LeaseExpired { lease }),
             Err(e) => Err(e),
         }
     }
@@ -313,7 +314,7 @@ impl KvStore for EtcdKv {
         let mut c = self.client.clone();
         match self.timed("lease revoke", c.lease_revoke(lease)).await {
             Ok(_) => Ok(()),
-            Err(RegistryError::Other(m)) if m.contains("lease not found") => Ok(()),
+            Err(RegistryError::LeaseExpired { .. }) => Ok(()),
             Err(e) => Err(e),
         }
     }

@@ -397,12 +397,12 @@ async fn run(
         match registry.kv().watch(registry.prefix(), from).await {
             Ok(mut stream) => {
                 shared.set_connected(true);
+                backoff = base;
                 tracing::debug!(fleet = registry.fleet(), from, "registry watch established");
                 let mut compacted = false;
                 while let Some(item) = stream.next().await {
                     match item {
                         Ok(batch) => {
-                            backoff = base;
                             snap = Arc::new(apply_batch(&registry, &shared, &snap, &batch));
                             shared.publish(snap.clone());
                         }
