@@ -5,7 +5,8 @@
 //! librdkafka calls run on tokio's blocking pool with timeouts, so async
 //! callers never stall a runtime thread.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -17,7 +18,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use crate::kafka::config::{bootstrap_config, client_config, KafkaProperties, SecurityProfiles};
 use crate::kafka::error::{from_code, from_rdkafka, KafkaError};
 use crate::kafka::identity::{
-    blocking_cluster_id, metadata_consumer, no_answer, verify_cluster_id, GRACE,
+    blocking_cluster_id, drain_errors, metadata_consumer, no_answer, verify_cluster_id, GRACE,
 };
 use crate::registry::ClusterSpec;
 
@@ -50,6 +51,8 @@ struct Inner {
     timeout: Duration,
     admin: Option<AdminClient<DefaultClientContext>>,
     meta: Option<BaseConsumer>,
+    /// One offset-reading consumer per group (`group.id` set, never subscribed).
+    groups: Mutex<HashMap<String, Arc<BaseConsumer>>>,
 }
 
 impl Inner {
@@ -123,6 +126,28 @@ impl Inner {
 }
 
 impl Inner {
+    /// The cached offset-reading consumer of `group`, created on first use.
+    fn group_consumer(&self, group: &str, what: &str) -> Result<Arc<BaseConsumer>, KafkaError> {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = groups.get(group) {
+            // Serve queued events (errors, stats) so they do not pile up.
+            drain_errors(c);
+            return Ok(c.clone());
+        }
+        let mut cfg = self.config.clone();
+        cfg.set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("allow.auto.create.topics", "false");
+        let consumer: BaseConsumer = cfg.create().map_err(|e| KafkaError::Config {
+            cluster: self.cluster.clone(),
+            detail: format!("{what}: cannot create a kafka consumer: {e}"),
+        })?;
+        let consumer = Arc::new(consumer);
+        groups.insert(group.to_string(), consumer.clone());
+        Ok(consumer)
+    }
+
     fn blocking_committed(
         &self,
         consumer: &BaseConsumer,
@@ -164,11 +189,12 @@ impl Drop for Inner {
         // that off the async runtime's threads.
         let admin = self.admin.take();
         let meta = self.meta.take();
+        let groups = std::mem::take(self.groups.get_mut().unwrap_or_else(|e| e.into_inner()));
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                handle.spawn_blocking(move || drop((admin, meta)));
+                handle.spawn_blocking(move || drop((admin, meta, groups)));
             }
-            Err(_) => drop((admin, meta)),
+            Err(_) => drop((admin, meta, groups)),
         }
     }
 }
@@ -243,6 +269,7 @@ impl ClusterAdmin {
                 timeout,
                 admin: Some(admin),
                 meta: Some(meta),
+                groups: Mutex::new(HashMap::new()),
             })
         });
         match tokio::time::timeout(timeout + GRACE, task).await {
@@ -507,8 +534,9 @@ impl ClusterAdmin {
 
     /// The offsets consumer group `group` has committed on this cluster for
     /// partitions `0..partitions` of `topic`, in partition order (`None`: no
-    /// commit). Uses a throwaway consumer with that `group.id` that never
-    /// subscribes nor commits, so it never joins the group or disturbs members.
+    /// commit). Uses a consumer with that `group.id` (created on first use and
+    /// kept for later calls) that never subscribes nor commits, so it never
+    /// joins the group or disturbs its members.
     pub async fn committed_offsets(
         &self,
         group: &str,
@@ -520,15 +548,7 @@ impl ClusterAdmin {
             format!("committed offsets of group {group} on {topic}"),
             move |inner| {
                 let what = format!("committed offsets of group {group} on {topic}");
-                let mut cfg = inner.config.clone();
-                cfg.set("group.id", &group)
-                    .set("enable.auto.commit", "false")
-                    .set("enable.auto.offset.store", "false")
-                    .set("allow.auto.create.topics", "false");
-                let consumer: BaseConsumer = cfg.create().map_err(|e| KafkaError::Config {
-                    cluster: inner.cluster.clone(),
-                    detail: format!("{what}: cannot create a kafka consumer: {e}"),
-                })?;
+                let consumer = inner.group_consumer(&group, &what)?;
                 // A fresh cluster creates __consumer_offsets on the first group
                 // request and answers "not coordinator" meanwhile: retry
                 // transient errors until the deadline.
