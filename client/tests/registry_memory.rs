@@ -197,3 +197,31 @@ async fn watcher_start_refuses_a_malformed_registry_naming_the_key() {
     assert!(matches!(err, RegistryError::Model(_)), "{err:?}");
     assert!(err.to_string().contains("/flotilla/f/topics/t"), "{err}");
 }
+
+#[tokio::test]
+async fn a_lease_drops_all_its_keys_in_one_revision_like_etcd() {
+    let (_, kv) = kv();
+    let lease = kv.grant_lease(Duration::from_secs(30)).await.unwrap();
+    kv.put_if("/l/a", vec![1], Expect::Absent, Some(lease))
+        .await
+        .unwrap();
+    let r = kv
+        .put_if("/l/b", vec![2], Expect::Absent, Some(lease))
+        .await
+        .unwrap();
+    let mut w = kv.watch("/l/", r + 1).await.unwrap();
+    kv.revoke(lease).await.unwrap();
+    assert_eq!(
+        kv.current_revision().await.unwrap(),
+        r + 1,
+        "one revision for the revoke"
+    );
+    let evs = conformance::next_events(&mut w, 2).await;
+    assert!(evs.iter().all(|e| e.mod_revision() == r + 1), "{evs:?}");
+    // Replayed from history: still one batch for that revision.
+    let mut replay = kv.watch("/l/", r + 1).await.unwrap();
+    use futures::StreamExt;
+    let batch = replay.next().await.unwrap().unwrap();
+    assert_eq!(batch.events.len(), 2);
+    assert_eq!(batch.revision, r + 1);
+}

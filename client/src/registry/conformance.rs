@@ -346,10 +346,23 @@ pub async fn case_lease_expiry(kv: Arc<dyn KvStore>, ns: &str) {
     kv.put_if(&k, b"v".to_vec(), Expect::Absent, Some(lease))
         .await
         .unwrap();
+    let k2 = ns_key(ns, "leased2");
+    let r = kv
+        .put_if(&k2, b"v".to_vec(), Expect::Absent, Some(lease))
+        .await
+        .unwrap();
+    let mut watch = kv.watch(&ns_key(ns, ""), r + 1).await.unwrap();
     kv.revoke(lease).await.unwrap();
     assert!(
-        kv.get(&k).await.unwrap().is_none(),
+        kv.get(&k).await.unwrap().is_none() && kv.get(&k2).await.unwrap().is_none(),
         "revoke deletes the lease's keys at once"
+    );
+    let evs = next_events(&mut watch, 2).await;
+    assert!(
+        evs.iter().all(
+            |e| matches!(e, WatchEvent::Delete { mod_revision, .. } if *mod_revision == r + 1)
+        ),
+        "a lease's keys go in one revision: {evs:?}"
     );
 }
 

@@ -136,49 +136,75 @@ impl State {
         }
     }
 
-    /// Records one change at a new revision: history, watchers.
-    fn emit(&mut self, event: WatchEvent) {
-        let rev = event.mod_revision();
-        self.history.push_back(event.clone());
+    /// Records the changes of one new revision (all `events` carry it): history, watchers.
+    fn emit(&mut self, events: Vec<WatchEvent>) {
+        let Some(rev) = events.first().map(WatchEvent::mod_revision) else {
+            return;
+        };
+        self.history.extend(events.iter().cloned());
+        // Evict whole revisions only, so a watch from `compact_revision` misses nothing.
         while self.history.len() > self.history_limit {
-            self.history.pop_front();
-            if let Some(first) = self.history.front() {
-                self.compact_revision = self.compact_revision.max(first.mod_revision());
+            let Some(gone) = self.history.pop_front() else {
+                break;
+            };
+            while self
+                .history
+                .front()
+                .is_some_and(|e| e.mod_revision() == gone.mod_revision())
+            {
+                self.history.pop_front();
             }
+            self.compact_revision = self.compact_revision.max(gone.mod_revision() + 1);
         }
         self.watchers.retain(|w| {
-            if !event.key().starts_with(&w.prefix) {
+            let mine: Vec<WatchEvent> = events
+                .iter()
+                .filter(|e| e.key().starts_with(&w.prefix))
+                .cloned()
+                .collect();
+            if mine.is_empty() {
                 return !w.tx.is_closed();
             }
             w.tx.send(Ok(WatchBatch {
-                events: vec![event.clone()],
+                events: mine,
                 revision: rev,
             }))
             .is_ok()
         });
     }
 
-    fn delete_key(&mut self, key: &str) -> Option<Revision> {
-        let old = self.data.remove(key)?;
-        if let Some(l) = old.lease.and_then(|l| self.leases.get_mut(&l)) {
-            l.keys.remove(key);
+    /// Deletes `keys` (those present) in one new revision, as one etcd request does.
+    fn delete_keys(&mut self, keys: &[String]) -> Option<Revision> {
+        let present: Vec<&String> = keys.iter().filter(|k| self.data.contains_key(*k)).collect();
+        if present.is_empty() {
+            return None;
         }
         self.revision += 1;
         let rev = self.revision;
-        self.emit(WatchEvent::Delete {
-            key: key.to_string(),
-            mod_revision: rev,
-        });
+        let mut events = Vec::with_capacity(present.len());
+        for key in present {
+            let old = self.data.remove(key).expect("present");
+            if let Some(l) = old.lease.and_then(|l| self.leases.get_mut(&l)) {
+                l.keys.remove(key);
+            }
+            events.push(WatchEvent::Delete {
+                key: key.clone(),
+                mod_revision: rev,
+            });
+        }
+        self.emit(events);
         Some(rev)
     }
 
+    /// Drops a lease and deletes its keys in one revision (like etcd's revoke/expiry).
     fn drop_lease(&mut self, id: LeaseId) {
         if let Some(lease) = self.leases.remove(&id) {
-            for key in lease.keys {
-                if self.data.get(&key).is_some_and(|s| s.lease == Some(id)) {
-                    self.delete_key(&key);
-                }
-            }
+            let keys: Vec<String> = lease
+                .keys
+                .into_iter()
+                .filter(|k| self.data.get(k).is_some_and(|s| s.lease == Some(id)))
+                .collect();
+            self.delete_keys(&keys);
         }
     }
 
@@ -393,11 +419,11 @@ impl KvStore for MemoryKv {
                 lease,
             },
         );
-        s.emit(WatchEvent::Put {
+        s.emit(vec![WatchEvent::Put {
             key: key.to_string(),
             value,
             mod_revision: rev,
-        });
+        }]);
         Ok(rev)
     }
 
@@ -412,7 +438,7 @@ impl KvStore for MemoryKv {
                 actual: current,
             });
         }
-        Ok(s.delete_key(key).unwrap_or(s.revision))
+        Ok(s.delete_keys(&[key.to_string()]).unwrap_or(s.revision))
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, RegistryError> {
@@ -467,16 +493,28 @@ impl KvStore for MemoryKv {
             });
         }
         let (tx, rx) = mpsc::unbounded_channel();
+        // Replay the retained history, one batch per revision.
+        let mut batch: Option<WatchBatch> = None;
         for ev in s
             .history
             .iter()
             .filter(|e| e.mod_revision() >= from && e.key().starts_with(prefix))
         {
-            let batch = WatchBatch {
-                events: vec![ev.clone()],
-                revision: ev.mod_revision(),
-            };
-            let _ = tx.send(Ok(batch));
+            match &mut batch {
+                Some(b) if b.revision == ev.mod_revision() => b.events.push(ev.clone()),
+                _ => {
+                    if let Some(done) = batch.take() {
+                        let _ = tx.send(Ok(done));
+                    }
+                    batch = Some(WatchBatch {
+                        events: vec![ev.clone()],
+                        revision: ev.mod_revision(),
+                    });
+                }
+            }
+        }
+        if let Some(done) = batch {
+            let _ = tx.send(Ok(done));
         }
         s.watchers.push(Watcher {
             prefix: prefix.to_string(),
