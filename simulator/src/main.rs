@@ -1,1 +1,219 @@
-fn main() {}
+//! `flotilla-sim`: run many seeds of the deterministic simulator, or replay one.
+
+use std::io::Write as _;
+use std::time::Instant;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use flotilla_sim::report::Summary;
+use flotilla_sim::{run_seed, Bugs, Config, Faults, LeasePolicy, RunResult};
+
+/// Deterministic chaos simulator of a flotilla fleet, driving the real routing core.
+#[derive(Parser)]
+#[command(name = "flotilla-sim", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run many seeds and print a summary; on a failure, the seed and a readable trace.
+    Run {
+        /// How many seeds to run.
+        #[arg(long, default_value_t = 100)]
+        seeds: u64,
+        /// First seed.
+        #[arg(long, default_value_t = 0)]
+        first_seed: u64,
+        /// Worker threads (each runs whole seeds; results do not depend on it).
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Write a Markdown report (switch pause histogram, failing seeds) here.
+        #[arg(long)]
+        report: Option<std::path::PathBuf>,
+        #[command(flatten)]
+        shape: Shape,
+    },
+    /// Rerun one seed and print its full trace.
+    Replay {
+        /// The seed.
+        #[arg(long)]
+        seed: u64,
+        /// Print every trace line, not only the important ones and the tail.
+        #[arg(long)]
+        full: bool,
+        #[command(flatten)]
+        shape: Shape,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Shape {
+    /// Comma-separated faults: cluster-loss, partition, registry-outage, zombie,
+    /// crash, ambiguous, flap, clock-jump, or `all`.
+    #[arg(long, default_value = "none")]
+    faults: String,
+    /// Virtual minutes of traffic and faults per seed (default 3).
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Use the short test schedule instead of the realistic one.
+    #[arg(long)]
+    short: bool,
+    /// Producers hold (instead of writing on) while their lease is lost.
+    #[arg(long)]
+    hold_without_lease: bool,
+    /// Broken variant: answer Flush without waiting (ack too early).
+    #[arg(long)]
+    bug_skip_flush: bool,
+    /// Broken variant: consumers start a new cluster at the high watermark.
+    #[arg(long)]
+    bug_consumer_latest: bool,
+    /// Broken variant: the controller retires before the group passed the fence.
+    #[arg(long)]
+    bug_retire_early: bool,
+}
+
+impl Shape {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut cfg = if self.short {
+            Config::short()
+        } else {
+            Config::default()
+        };
+        cfg.faults = Faults::parse(&self.faults).map_err(anyhow::Error::msg)?;
+        if let Some(m) = self.minutes {
+            if !(m > 0.0) {
+                bail!("--minutes must be positive");
+            }
+            cfg.active_ms = (m * 60_000.0) as u64;
+        }
+        if self.hold_without_lease {
+            cfg.lease_policy = LeasePolicy::Hold;
+        }
+        cfg.bugs = Bugs {
+            skip_flush_before_ack: self.bug_skip_flush,
+            consumer_from_latest: self.bug_consumer_latest,
+            retire_before_fence: self.bug_retire_early,
+        };
+        Ok(cfg)
+    }
+}
+
+fn run_many(cfg: &Config, first: u64, seeds: u64, threads: usize) -> Vec<RunResult> {
+    let threads = threads.max(1);
+    let next = std::sync::atomic::AtomicU64::new(first);
+    let mut out: Vec<RunResult> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let seed = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if seed >= first + seeds {
+                            break;
+                        }
+                        let mut r = run_seed(seed, cfg);
+                        r.trace.clear();
+                        mine.push(r);
+                    }
+                    mine
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .flat_map(|h| h.join().expect("worker panicked"))
+            .collect()
+    });
+    out.sort_by_key(|r| r.seed);
+    out
+}
+
+/// The important lines of a trace (faults, switches, anomalies) plus the last
+/// `tail` lines before the first anomaly.
+fn minimal_trace(r: &RunResult, tail: usize) -> Vec<String> {
+    let first_bad = r
+        .trace
+        .iter()
+        .position(|l| l.contains("! ANOMALY"))
+        .unwrap_or(r.trace.len());
+    let start = first_bad.saturating_sub(tail);
+    r.trace
+        .iter()
+        .enumerate()
+        .filter(|(i, l)| {
+            (*i >= start && *i <= first_bad) || l.contains(" # ") || l.contains(" ! ")
+        })
+        .map(|(_, l)| l.clone())
+        .collect()
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run {
+            seeds,
+            first_seed,
+            threads,
+            report,
+            shape,
+        } => {
+            let cfg = shape.config()?;
+            let t0 = Instant::now();
+            let results = run_many(&cfg, first_seed, seeds, threads);
+            let wall = t0.elapsed().as_secs_f64();
+            let mut sum = Summary::default();
+            for r in &results {
+                sum.add(r);
+            }
+            print!("{}", sum.text());
+            println!(
+                "wall time:        {wall:.1} s ({:.0} seeds/hour)",
+                seeds as f64 * 3600.0 / wall.max(1e-9)
+            );
+            if let Some(path) = report {
+                std::fs::write(&path, sum.markdown(&cfg, wall))
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("report written to {}", path.display());
+            }
+            if let Some((seed, _)) = sum.failing.first() {
+                let mut c = cfg.clone();
+                c.keep_trace = true;
+                let r = run_seed(*seed, &c);
+                println!("\nfirst failing seed {seed}; minimal trace:");
+                for l in minimal_trace(&r, 40).iter().take(400) {
+                    println!("{l}");
+                }
+                for a in r.anomalies.list.iter().take(20) {
+                    println!("ANOMALY {} at {} ms: {}", a.kind, a.at, a.detail);
+                }
+                println!("\nreplay: flotilla-sim replay --seed {seed} --faults {}", cfg.faults);
+                std::process::exit(1);
+            }
+        }
+        Cmd::Replay { seed, full, shape } => {
+            let mut cfg = shape.config()?;
+            cfg.keep_trace = true;
+            let r = run_seed(seed, &cfg);
+            let lines = if full {
+                r.trace.clone()
+            } else {
+                minimal_trace(&r, 60)
+            };
+            let mut out = std::io::stdout().lock();
+            for l in &lines {
+                writeln!(out, "{l}")?;
+            }
+            writeln!(out, "trace hash {:016x}, {} events", r.trace_hash, r.stats.events)?;
+            if r.anomalies.is_empty() {
+                writeln!(out, "no anomaly")?;
+            } else {
+                for (k, n) in r.anomalies.by_kind() {
+                    writeln!(out, "{k}: {n}")?;
+                }
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,1606 @@
+//! The simulated world: a virtual clock and event queue, Kafka clusters, a
+//! registry with leases and delayed watches, and the actors around the real
+//! routing core (producers with a [`Router`], consumers with a [`FenceGate`],
+//! a controller and an operator). Single-threaded, no wall clock; every random
+//! choice comes from one [`SmallRng`] seeded with the run's seed.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use flotilla_client::registry::{
+    ClientKind, ClientRecord, ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState,
+    FleetSnapshot, GroupRecord, TopicRoute, WeightedCluster, SCHEMA_VERSION,
+};
+use flotilla_client::route::gate::{read_set, FenceGate, RecordClass};
+use flotilla_client::route::router::{Action, Decision, Router};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use crate::config::{Config, Fault, LeasePolicy};
+use crate::control::{self, SwitchStep};
+use crate::history::{Anomalies, AnomalyKind, RecInfo};
+
+/// The one simulated topic.
+pub const TOPIC: &str = "events";
+/// The one simulated consumer group.
+pub const GROUP: &str = "readers";
+/// Records per produce request.
+const BATCH: usize = 16;
+/// A producer gives up on a record after this long (Kafka `delivery.timeout.ms`).
+const DELIVERY_TIMEOUT_MS: u64 = 30_000;
+
+/// Counters and measurements of one run.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Events processed.
+    pub events: u64,
+    /// Records created by producers.
+    pub records: u64,
+    /// Records acknowledged by Kafka.
+    pub acked: u64,
+    /// Deliveries to the group.
+    pub consumed: u64,
+    /// Allowed stragglers written.
+    pub stragglers: u64,
+    /// Appends removed by idempotence.
+    pub deduped: u64,
+    /// Records the producers gave up on (or that could not be routed).
+    pub failed: u64,
+    /// Sealed switches: (epoch opened, pause in ms from proposal to seal).
+    pub switches: Vec<(u64, u64)>,
+    /// Aborted proposals.
+    pub aborted: u64,
+    /// Clusters created.
+    pub clusters: u64,
+    /// Clusters retired.
+    pub retired: u64,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<Fault, u64>,
+}
+
+/// The outcome of one seeded run.
+#[derive(Debug, Clone)]
+pub struct RunResult {
+    /// The seed.
+    pub seed: u64,
+    /// Virtual time simulated, in ms.
+    pub sim_ms: u64,
+    /// What the checker found.
+    pub anomalies: Anomalies,
+    /// FNV-1a hash of the full event trace (equal for equal seed and code).
+    pub trace_hash: u64,
+    /// Trace lines, when [`Config::keep_trace`] was set.
+    pub trace: Vec<String>,
+    /// Counters.
+    pub stats: Stats,
+}
+
+#[derive(Debug)]
+enum Ev {
+    Produce { p: usize, sess: u32 },
+    Arrive { p: usize, sess: u32, c: u16, bid: u64, rids: Arc<[u64]> },
+    Reply { p: usize, sess: u32, c: u16, bid: u64, ok: bool },
+    Deliver { l: usize, sess: u32, snap: Arc<FleetSnapshot> },
+    Keepalive { l: usize, sess: u32 },
+    LeaseCheck { id: String },
+    RegWrite { l: usize, sess: u32 },
+    LinkHeal { l: usize },
+    Poll { ci: usize, sess: u32 },
+    ControllerTick,
+    OperatorTick,
+    OperatorAbort { n: u64 },
+    Teardown { c: u16 },
+    FaultStart,
+    FaultEnd { what: FaultEnd },
+    Restart { l: usize },
+    Heal,
+    StopProducing,
+    End,
+}
+
+#[derive(Debug)]
+enum FaultEnd {
+    ClusterBack(u16),
+    RegistryBack,
+}
+
+struct Sched {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Sched {
+    fn eq(&self, o: &Self) -> bool {
+        self.at == o.at && self.seq == o.seq
+    }
+}
+impl Eq for Sched {}
+impl PartialOrd for Sched {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Sched {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // Min-heap on (time, sequence).
+        o.at.cmp(&self.at).then(o.seq.cmp(&self.seq))
+    }
+}
+
+struct SimCluster {
+    name: String,
+    up: bool,
+    torn_down: bool,
+    logs: Vec<Vec<u64>>,
+    committed: Vec<i64>,
+    has_commit: Vec<bool>,
+}
+
+/// A client's connection to the registry, and its lease as the client sees it.
+struct Link {
+    kind: ClientKind,
+    idx: usize,
+    session: u32,
+    alive: bool,
+    cut_until: u64,
+    zombie_until: u64,
+    last_deliver: u64,
+    delay: u64,
+    rev: i64,
+    write_pending: bool,
+    write_retry: bool,
+    lease_ok_at: u64,
+    started_at: u64,
+}
+
+impl Link {
+    fn id(&self) -> String {
+        match self.kind {
+            ClientKind::Producer => format!("prod{}.{}", self.idx, self.session),
+            ClientKind::Consumer => format!("cons{}.{}", self.idx, self.session),
+        }
+    }
+}
+
+struct Inflight {
+    bid: u64,
+    rids: Arc<[u64]>,
+    first_sent: u64,
+}
+
+#[derive(Default)]
+struct Conn {
+    queue: VecDeque<u64>,
+    inflight: Option<Inflight>,
+}
+
+struct Producer {
+    router: Router,
+    conns: BTreeMap<u16, Conn>,
+    held: VecDeque<u64>,
+    unsettled: BTreeMap<u64, u64>,
+    flush_waiters: BTreeSet<u64>,
+    keys: Vec<u32>,
+}
+
+struct Consumer {
+    gate: FenceGate,
+    route: Option<TopicRoute>,
+    seen: BTreeSet<u16>,
+}
+
+struct SealInfo {
+    acked_ids: BTreeSet<String>,
+}
+
+/// One simulated world. Build with [`World::new`], run with [`World::run`].
+pub struct World {
+    cfg: Config,
+    seed: u64,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Sched>,
+    rng: SmallRng,
+    // Kafka
+    clusters: Vec<SimCluster>,
+    // Registry
+    truth: FleetSnapshot,
+    published: Arc<FleetSnapshot>,
+    reg_up: bool,
+    leases: BTreeMap<String, u64>,
+    // Clients
+    links: Vec<Link>,
+    producers: Vec<Producer>,
+    consumers: Vec<Consumer>,
+    key_bytes: Vec<Vec<u8>>,
+    key_seq: Vec<u64>,
+    key_last: Vec<Option<u64>>,
+    producing: bool,
+    next_bid: u64,
+    // Control
+    skew: i64,
+    proposed_at: BTreeMap<u64, u64>,
+    prev_write: Option<Vec<String>>,
+    seals: BTreeMap<u64, SealInfo>,
+    active_end: u64,
+    healed: bool,
+    // History
+    recs: Vec<RecInfo>,
+    anomalies: Anomalies,
+    stats: Stats,
+    trace_hash: u64,
+    trace: Vec<String>,
+    buf: String,
+}
+
+fn fnv(h: u64, bytes: &[u8]) -> u64 {
+    let mut h = h;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+fn cluster_name(i: u16) -> String {
+    format!("c{i}")
+}
+
+fn cluster_index(name: &str) -> u16 {
+    name[1..].parse().expect("simulated cluster names are c<n>")
+}
+
+macro_rules! tr {
+    ($w:expr, $($arg:tt)*) => {{
+        let mut b = std::mem::take(&mut $w.buf);
+        b.clear();
+        let _ = write!(b, "{:>9} ", $w.now);
+        let _ = write!(b, $($arg)*);
+        $w.trace_line(b);
+    }};
+}
+
+impl World {
+    /// Builds the initial world of `seed`: one active cluster, an open epoch
+    /// on it, the group registered, clients about to start.
+    pub fn new(seed: u64, cfg: Config) -> World {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let total_keys = cfg.producers as u32 * cfg.keys_per_producer;
+        let key_bytes = (0..total_keys)
+            .map(|k| format!("key-{k}").into_bytes())
+            .collect();
+        let mut links = Vec::new();
+        let mut producers = Vec::new();
+        for i in 0..cfg.producers {
+            links.push(Link {
+                kind: ClientKind::Producer,
+                idx: i,
+                session: 0,
+                alive: false,
+                cut_until: 0,
+                zombie_until: 0,
+                last_deliver: 0,
+                delay: rng.random_range(1..40),
+                rev: 0,
+                write_pending: false,
+                write_retry: false,
+                lease_ok_at: 0,
+                started_at: 0,
+            });
+            producers.push(Producer {
+                router: Router::new(),
+                conns: BTreeMap::new(),
+                held: VecDeque::new(),
+                unsettled: BTreeMap::new(),
+                flush_waiters: BTreeSet::new(),
+                keys: (0..cfg.keys_per_producer)
+                    .map(|k| i as u32 * cfg.keys_per_producer + k)
+                    .collect(),
+            });
+        }
+        let mut consumers = Vec::new();
+        for i in 0..cfg.consumers {
+            links.push(Link {
+                kind: ClientKind::Consumer,
+                idx: i,
+                session: 0,
+                alive: false,
+                cut_until: 0,
+                zombie_until: 0,
+                last_deliver: 0,
+                delay: rng.random_range(1..40),
+                rev: 0,
+                write_pending: false,
+                write_retry: false,
+                lease_ok_at: 0,
+                started_at: 0,
+            });
+            consumers.push(Consumer {
+                gate: FenceGate::new(),
+                route: None,
+                seen: BTreeSet::new(),
+            });
+        }
+        let active_end = cfg.active_ms;
+        let mut w = World {
+            seed,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            rng,
+            clusters: Vec::new(),
+            truth: FleetSnapshot::default(),
+            published: Arc::new(FleetSnapshot::default()),
+            reg_up: true,
+            leases: BTreeMap::new(),
+            links,
+            producers,
+            consumers,
+            key_bytes,
+            key_seq: vec![0; total_keys as usize],
+            key_last: vec![None; total_keys as usize],
+            producing: true,
+            next_bid: 0,
+            skew: 0,
+            proposed_at: BTreeMap::new(),
+            prev_write: None,
+            seals: BTreeMap::new(),
+            active_end,
+            healed: false,
+            recs: Vec::new(),
+            anomalies: Anomalies::default(),
+            stats: Stats::default(),
+            trace_hash: 0xcbf2_9ce4_8422_2325,
+            trace: Vec::new(),
+            buf: String::new(),
+            cfg,
+        };
+        let c0 = w.add_cluster();
+        w.truth.routes.insert(
+            TOPIC.to_string(),
+            TopicRoute {
+                version: SCHEMA_VERSION,
+                topic: TOPIC.to_string(),
+                partitions: w.cfg.partitions,
+                epochs: vec![Epoch {
+                    n: 1,
+                    write: vec![WeightedCluster {
+                        cluster: cluster_name(c0),
+                        weight: 100,
+                    }],
+                    state: EpochState::Open,
+                    fence: BTreeMap::new(),
+                    created_at: 0,
+                    ack_deadline: None,
+                }],
+            },
+        );
+        w.truth.groups.insert(
+            GROUP.to_string(),
+            GroupRecord {
+                version: SCHEMA_VERSION,
+                group: GROUP.to_string(),
+                topics: vec![TOPIC.to_string()],
+                created_at: 0,
+            },
+        );
+        w.commit();
+        for l in 0..w.links.len() {
+            let at = w.rng.random_range(0..200);
+            w.at(at, Ev::Restart { l });
+        }
+        let first = w.rng.random_range(w.cfg.switch_gap_ms.0..w.cfg.switch_gap_ms.1);
+        w.at(first, Ev::OperatorTick);
+        w.at(100, Ev::ControllerTick);
+        if w.cfg.faults.iter().any(|f| f != Fault::Ambiguous) {
+            let gap = w.cfg.fault_gap_ms;
+            let t = w.rng.random_range(gap / 2..gap * 3 / 2);
+            w.at(t, Ev::FaultStart);
+        }
+        w.at(active_end, Ev::Heal);
+        w.at(active_end + 2_000, Ev::StopProducing);
+        w.at(active_end + w.cfg.drain_ms, Ev::End);
+        w
+    }
+
+    fn at(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Sched {
+            at,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn after(&mut self, delay: u64, ev: Ev) {
+        self.at(self.now + delay, ev);
+    }
+
+    fn trace_line(&mut self, line: String) {
+        self.trace_hash = fnv(self.trace_hash, line.as_bytes());
+        self.trace_hash = fnv(self.trace_hash, b"\n");
+        if self.cfg.keep_trace {
+            self.trace.push(line.clone());
+        }
+        self.buf = line;
+    }
+
+    fn anomaly(&mut self, kind: AnomalyKind, detail: String) {
+        tr!(self, "! ANOMALY {kind}: {detail}");
+        self.anomalies.push(kind, self.now, detail);
+    }
+
+    fn add_cluster(&mut self) -> u16 {
+        let i = self.clusters.len() as u16;
+        let name = cluster_name(i);
+        let parts = self.cfg.partitions as usize;
+        self.clusters.push(SimCluster {
+            name: name.clone(),
+            up: true,
+            torn_down: false,
+            logs: vec![Vec::new(); parts],
+            committed: vec![0; parts],
+            has_commit: vec![false; parts],
+        });
+        self.truth.clusters.insert(
+            name.clone(),
+            ClusterSpec {
+                version: SCHEMA_VERSION,
+                id: name.clone(),
+                bootstrap: format!("{name}.sim:9092"),
+                kafka_cluster_id: format!("kid-{name}"),
+                state: ClusterState::Active,
+                role: ClusterRole::Permanent,
+                weight: 100,
+                labels: BTreeMap::new(),
+                security_profile: None,
+                created_at: self.now,
+            },
+        );
+        self.stats.clusters += 1;
+        i
+    }
+
+    /// Runs the world to the end and checks the history.
+    pub fn run(mut self) -> RunResult {
+        while let Some(s) = self.queue.pop() {
+            self.now = s.at;
+            self.stats.events += 1;
+            if matches!(s.ev, Ev::End) {
+                self.final_check();
+                break;
+            }
+            self.handle(s.ev);
+        }
+        RunResult {
+            seed: self.seed,
+            sim_ms: self.now,
+            anomalies: self.anomalies,
+            trace_hash: self.trace_hash,
+            trace: self.trace,
+            stats: self.stats,
+        }
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Produce { p, sess } => self.on_produce(p, sess),
+            Ev::Arrive {
+                p,
+                sess,
+                c,
+                bid,
+                rids,
+            } => self.on_arrive(p, sess, c, bid, rids),
+            Ev::Reply {
+                p,
+                sess,
+                c,
+                bid,
+                ok,
+            } => self.on_reply(p, sess, c, bid, ok),
+            Ev::Deliver { l, sess, snap } => self.on_deliver(l, sess, snap),
+            Ev::Keepalive { l, sess } => self.on_keepalive(l, sess),
+            Ev::LeaseCheck { id } => self.on_lease_check(id),
+            Ev::RegWrite { l, sess } => {
+                if self.links[l].session == sess {
+                    self.links[l].write_retry = false;
+                    self.reg_write(l);
+                }
+            }
+            Ev::LinkHeal { l } => self.on_link_heal(l),
+            Ev::Poll { ci, sess } => self.on_poll(ci, sess),
+            Ev::ControllerTick => self.on_controller_tick(),
+            Ev::OperatorTick => self.on_operator_tick(),
+            Ev::OperatorAbort { n } => self.on_operator_abort(n),
+            Ev::Teardown { c } => {
+                self.clusters[c as usize].torn_down = true;
+                tr!(self, "# teardown {}", self.clusters[c as usize].name);
+            }
+            Ev::FaultStart => self.on_fault_start(),
+            Ev::FaultEnd { what } => self.on_fault_end(what),
+            Ev::Restart { l } => self.on_restart(l),
+            Ev::Heal => self.on_heal(),
+            Ev::StopProducing => {
+                self.producing = false;
+                tr!(self, "# producers stop creating records");
+            }
+            Ev::End => {}
+        }
+    }
+
+    // ---------------------------------------------------------------- registry
+
+    fn link_ok(&self, l: usize) -> bool {
+        let k = &self.links[l];
+        self.reg_up && k.alive && self.now >= k.cut_until && self.now >= k.zombie_until
+    }
+
+    /// Commits a change of `truth`: new revision, watch events to every client.
+    fn commit(&mut self) {
+        self.truth.revision += 1;
+        self.published = Arc::new(self.truth.clone());
+        tr!(self, "reg rev {}", self.truth.revision);
+        for l in 0..self.links.len() {
+            if self.link_ok(l) {
+                self.send_snapshot(l);
+            }
+        }
+        let d = self.rng.random_range(1..10);
+        self.after(d, Ev::ControllerTick);
+    }
+
+    fn send_snapshot(&mut self, l: usize) {
+        let jitter = self.rng.random_range(0..5);
+        let k = &mut self.links[l];
+        let at = (self.now + k.delay + jitter).max(k.last_deliver);
+        k.last_deliver = at;
+        let sess = k.session;
+        let snap = self.published.clone();
+        self.at(at, Ev::Deliver { l, sess, snap });
+    }
+
+    fn reg_write(&mut self, l: usize) {
+        if !self.links[l].alive || !self.links[l].write_pending {
+            return;
+        }
+        if !self.link_ok(l) {
+            if !self.links[l].write_retry {
+                self.links[l].write_retry = true;
+                let sess = self.links[l].session;
+                self.after(100, Ev::RegWrite { l, sess });
+            }
+            return;
+        }
+        let k = &self.links[l];
+        let id = k.id();
+        let acked = match k.kind {
+            ClientKind::Producer => self.producers[k.idx].router.acked(),
+            ClientKind::Consumer => BTreeMap::new(),
+        };
+        let rec = ClientRecord {
+            version: SCHEMA_VERSION,
+            kind: k.kind,
+            id: id.clone(),
+            acked,
+            group: (k.kind == ClientKind::Consumer).then(|| GROUP.to_string()),
+            started_at: k.started_at,
+        };
+        let kind = k.kind;
+        self.links[l].write_pending = false;
+        self.links[l].lease_ok_at = self.now;
+        let ttl = self.cfg.lease_ttl_ms;
+        self.leases.insert(id.clone(), self.now + ttl);
+        self.after(ttl + 1, Ev::LeaseCheck { id: id.clone() });
+        let key = (kind, id.clone());
+        if self.truth.clients.get(&key) != Some(&rec) {
+            tr!(self, "reg put client {id} acked={:?}", rec.acked);
+            self.truth.clients.insert(key, rec);
+            self.commit();
+        }
+    }
+
+    fn on_keepalive(&mut self, l: usize, sess: u32) {
+        let k = &self.links[l];
+        if !k.alive || k.session != sess {
+            return;
+        }
+        let zombie = self.now < k.zombie_until;
+        let ttl = self.cfg.lease_ttl_ms;
+        self.after(ttl / 3, Ev::Keepalive { l, sess });
+        if zombie {
+            // The zombie believes its lease is fine.
+            self.links[l].lease_ok_at = self.now;
+            return;
+        }
+        if !self.link_ok(l) {
+            return;
+        }
+        let id = self.links[l].id();
+        match self.leases.get_mut(&id) {
+            Some(exp) => {
+                *exp = self.now + ttl;
+                self.links[l].lease_ok_at = self.now;
+                self.after(ttl + 1, Ev::LeaseCheck { id });
+                if self.links[l].kind == ClientKind::Producer {
+                    self.drain_held(self.links[l].idx);
+                }
+            }
+            None => {
+                tr!(self, "{id} finds its lease gone: registers again");
+                self.links[l].write_pending = true;
+                self.reg_write(l);
+                if self.links[l].kind == ClientKind::Producer {
+                    self.drain_held(self.links[l].idx);
+                }
+            }
+        }
+    }
+
+    fn on_lease_check(&mut self, id: String) {
+        if !self.reg_up {
+            return;
+        }
+        let Some(&exp) = self.leases.get(&id) else {
+            return;
+        };
+        if exp > self.now {
+            return;
+        }
+        self.leases.remove(&id);
+        self.expire_client(&id);
+    }
+
+    fn expire_client(&mut self, id: &str) {
+        let kind = if id.starts_with("prod") {
+            ClientKind::Producer
+        } else {
+            ClientKind::Consumer
+        };
+        if self.truth.clients.remove(&(kind, id.to_string())).is_some() {
+            tr!(self, "# lease of {id} expired");
+            self.commit();
+        }
+    }
+
+    fn on_link_heal(&mut self, l: usize) {
+        if !self.links[l].alive || !self.link_ok(l) {
+            return;
+        }
+        tr!(self, "{} reconnects to the registry", self.links[l].id());
+        self.links[l].write_pending = true;
+        self.send_snapshot(l);
+        self.reg_write(l);
+    }
+
+    fn on_deliver(&mut self, l: usize, sess: u32, snap: Arc<FleetSnapshot>) {
+        let k = &self.links[l];
+        if !k.alive || k.session != sess || snap.revision <= k.rev {
+            return;
+        }
+        if !self.link_ok(l) {
+            return;
+        }
+        self.links[l].rev = snap.revision;
+        let idx = self.links[l].idx;
+        match self.links[l].kind {
+            ClientKind::Producer => {
+                let acts = self.producers[idx].router.on_snapshot(&snap);
+                tr!(self, "prod{idx} snapshot rev {} -> {:?}", snap.revision, acts);
+                self.apply_actions(idx, acts);
+                self.drain_held(idx);
+            }
+            ClientKind::Consumer => {
+                if let Some(r) = snap.route(TOPIC) {
+                    let c = &mut self.consumers[idx];
+                    c.gate.on_route(r);
+                    c.route = Some(r.clone());
+                }
+                tr!(self, "cons{idx} snapshot rev {}", snap.revision);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- producers
+
+    fn on_produce(&mut self, p: usize, sess: u32) {
+        let l = p;
+        if !self.links[l].alive || self.links[l].session != sess || !self.producing {
+            return;
+        }
+        let pr = &self.producers[p];
+        let key = pr.keys[self.rng.random_range(0..pr.keys.len())];
+        let seq = self.key_seq[key as usize];
+        self.key_seq[key as usize] += 1;
+        let rid = self.recs.len() as u64;
+        self.recs.push(RecInfo {
+            key,
+            seq,
+            producer: p as u16,
+            session: sess,
+            ..RecInfo::default()
+        });
+        self.stats.records += 1;
+        self.producers[p].held.push_back(rid);
+        self.drain_held(p);
+        let gap = self.rng.random_range(1..2 * self.cfg.produce_gap_ms);
+        self.after(gap, Ev::Produce { p, sess });
+    }
+
+    fn lease_valid(&self, l: usize) -> bool {
+        self.now.saturating_sub(self.links[l].lease_ok_at) <= self.cfg.lease_ttl_ms
+    }
+
+    /// Routes the buffered records of producer `p`, oldest first, until one is held.
+    fn drain_held(&mut self, p: usize) {
+        if !self.links[p].alive || self.links[p].rev == 0 {
+            return;
+        }
+        if self.cfg.lease_policy == LeasePolicy::Hold && !self.lease_valid(p) {
+            return;
+        }
+        while let Some(&rid) = self.producers[p].held.front() {
+            let key = self.recs[rid as usize].key as usize;
+            let d = self.producers[p]
+                .router
+                .route(TOPIC, Some(&self.key_bytes[key]));
+            match d {
+                Decision::Send {
+                    cluster,
+                    partition,
+                    epoch,
+                } => {
+                    self.producers[p].held.pop_front();
+                    let c = cluster_index(&cluster);
+                    let r = &mut self.recs[rid as usize];
+                    r.epoch = epoch;
+                    r.cluster = c;
+                    r.partition = partition;
+                    let pr = &mut self.producers[p];
+                    *pr.unsettled.entry(epoch).or_insert(0) += 1;
+                    let conn = pr.conns.entry(c).or_default();
+                    conn.queue.push_back(rid);
+                    let idle = conn.inflight.is_none();
+                    tr!(self, "prod{p} send r{rid} key{key} -> {cluster}/{partition} e{epoch}");
+                    if idle {
+                        let sess = self.links[p].session;
+                        self.pump(p, sess, c);
+                    }
+                }
+                Decision::Hold => break,
+                Decision::NoRoute(e) => {
+                    self.producers[p].held.pop_front();
+                    self.recs[rid as usize].failed = true;
+                    self.stats.failed += 1;
+                    tr!(self, "prod{p} r{rid} no route: {e}");
+                }
+            }
+        }
+    }
+
+    fn pump(&mut self, p: usize, sess: u32, c: u16) {
+        if !self.links[p].alive || self.links[p].session != sess {
+            return;
+        }
+        let Some(conn) = self.producers[p].conns.get_mut(&c) else {
+            return;
+        };
+        if conn.inflight.is_some() || conn.queue.is_empty() {
+            return;
+        }
+        let n = conn.queue.len().min(BATCH);
+        let rids: Arc<[u64]> = conn.queue.drain(..n).collect::<Vec<_>>().into();
+        let bid = self.next_bid;
+        self.next_bid += 1;
+        conn.inflight = Some(Inflight {
+            bid,
+            rids: rids.clone(),
+            first_sent: self.now,
+        });
+        let lat = self.rng.random_range(2..20);
+        self.after(
+            lat,
+            Ev::Arrive {
+                p,
+                sess,
+                c,
+                bid,
+                rids,
+            },
+        );
+    }
+
+    fn on_arrive(&mut self, p: usize, sess: u32, c: u16, bid: u64, rids: Arc<[u64]>) {
+        let cl = &self.clusters[c as usize];
+        if !cl.up || cl.torn_down {
+            let d = self.rng.random_range(50..150);
+            self.after(
+                d,
+                Ev::Reply {
+                    p,
+                    sess,
+                    c,
+                    bid,
+                    ok: false,
+                },
+            );
+            return;
+        }
+        for &rid in rids.iter() {
+            self.append(c, rid);
+        }
+        let lost = self.cfg.faults.has(Fault::Ambiguous) && !self.healed && self.rng.random_bool(0.03);
+        if lost {
+            tr!(self, "batch b{bid} of prod{p} applied on c{c}, reply lost");
+            let d = self.rng.random_range(100..300);
+            self.after(
+                d,
+                Ev::Reply {
+                    p,
+                    sess,
+                    c,
+                    bid,
+                    ok: false,
+                },
+            );
+        } else {
+            let d = self.rng.random_range(2..20);
+            self.after(
+                d,
+                Ev::Reply {
+                    p,
+                    sess,
+                    c,
+                    bid,
+                    ok: true,
+                },
+            );
+        }
+    }
+
+    fn on_reply(&mut self, p: usize, sess: u32, c: u16, bid: u64, ok: bool) {
+        if !self.links[p].alive || self.links[p].session != sess {
+            return;
+        }
+        let Some(conn) = self.producers[p].conns.get_mut(&c) else {
+            return;
+        };
+        if conn.inflight.as_ref().is_none_or(|i| i.bid != bid) {
+            return;
+        }
+        if ok {
+            let inf = conn.inflight.take().expect("checked");
+            for &rid in inf.rids.iter() {
+                self.recs[rid as usize].acked = true;
+                self.stats.acked += 1;
+            }
+            tr!(self, "prod{p} b{bid} acked ({} records)", inf.rids.len());
+            for &rid in inf.rids.iter() {
+                self.settle(p, rid);
+            }
+            self.pump(p, sess, c);
+        } else if self.now - conn.inflight.as_ref().expect("checked").first_sent
+            > DELIVERY_TIMEOUT_MS
+        {
+            let inf = conn.inflight.take().expect("checked");
+            tr!(self, "prod{p} b{bid} failed after the delivery timeout");
+            for &rid in inf.rids.iter() {
+                self.recs[rid as usize].failed = true;
+                self.stats.failed += 1;
+                self.settle(p, rid);
+            }
+            self.pump(p, sess, c);
+        } else {
+            let rids = conn.inflight.as_ref().expect("checked").rids.clone();
+            tr!(self, "prod{p} b{bid} retried");
+            let d = self.rng.random_range(20..60);
+            self.after(
+                d,
+                Ev::Arrive {
+                    p,
+                    sess,
+                    c,
+                    bid,
+                    rids,
+                },
+            );
+        }
+    }
+
+    fn settle(&mut self, p: usize, rid: u64) {
+        let epoch = self.recs[rid as usize].epoch;
+        let pr = &mut self.producers[p];
+        let left = pr.unsettled.get_mut(&epoch).map(|n| {
+            *n = n.saturating_sub(1);
+            *n
+        });
+        let acts = pr.router.on_settled(TOPIC, epoch);
+        self.apply_actions(p, acts);
+        if left == Some(0) {
+            let pr = &mut self.producers[p];
+            pr.unsettled.remove(&epoch);
+            if pr.flush_waiters.remove(&epoch) {
+                let acts = pr.router.on_flushed(TOPIC, epoch);
+                tr!(self, "prod{p} flushed e{epoch} -> {acts:?}");
+                self.apply_actions(p, acts);
+            }
+        }
+    }
+
+    fn apply_actions(&mut self, p: usize, acts: Vec<Action>) {
+        let mut work: VecDeque<Action> = acts.into();
+        let mut release = false;
+        while let Some(a) = work.pop_front() {
+            match a {
+                Action::Open(c) => {
+                    self.producers[p]
+                        .conns
+                        .entry(cluster_index(&c))
+                        .or_default();
+                }
+                Action::Close(c) => {
+                    let ci = cluster_index(&c);
+                    let pr = &mut self.producers[p];
+                    if pr
+                        .conns
+                        .get(&ci)
+                        .is_some_and(|k| k.queue.is_empty() && k.inflight.is_none())
+                    {
+                        pr.conns.remove(&ci);
+                    }
+                }
+                Action::Flush { topic, epoch } => {
+                    let pr = &mut self.producers[p];
+                    let pending = pr.unsettled.get(&epoch).copied().unwrap_or(0);
+                    if pending == 0 || self.cfg.bugs.skip_flush_before_ack {
+                        let more = pr.router.on_flushed(&topic, epoch);
+                        work.extend(more);
+                    } else {
+                        pr.flush_waiters.insert(epoch);
+                    }
+                }
+                Action::Ack { epoch, .. } => {
+                    tr!(self, "prod{p} acks e{epoch}");
+                    self.links[p].write_pending = true;
+                    self.reg_write(p);
+                }
+                Action::Release { .. } => release = true,
+            }
+        }
+        if release {
+            self.drain_held(p);
+        }
+    }
+
+    /// Appends `rid` to its partition on cluster `c` (idempotently) and checks
+    /// the write against the registry's truth.
+    fn append(&mut self, c: u16, rid: u64) {
+        let r = &mut self.recs[rid as usize];
+        if r.offset.is_some() {
+            r.dedup += 1;
+            self.stats.deduped += 1;
+            return;
+        }
+        let part = r.partition as usize;
+        let (epoch, producer, session) = (r.epoch, r.producer, r.session);
+        let cl = &mut self.clusters[c as usize];
+        let off = cl.logs[part].len() as u64;
+        cl.logs[part].push(rid);
+        self.recs[rid as usize].offset = Some(off);
+        let cname = &self.clusters[c as usize].name;
+        let writer = format!("prod{producer}.{session}");
+        let route = &self.truth.routes[TOPIC];
+        let verdict = match route.epoch(epoch) {
+            None => Err(format!("unknown epoch {epoch}")),
+            Some(e) if !e.writes_to(cname) => {
+                Err(format!("epoch {epoch} does not write to {cname}"))
+            }
+            Some(e) => match e.state {
+                EpochState::Open => Ok(false),
+                EpochState::Pending | EpochState::Aborted => {
+                    Err(format!("epoch {epoch} is {}", e.state))
+                }
+                EpochState::Sealed => {
+                    if self
+                        .seals
+                        .get(&epoch)
+                        .is_some_and(|s| s.acked_ids.contains(&writer))
+                    {
+                        Err(format!(
+                            "epoch {epoch} is sealed and {writer} had acknowledged its successor"
+                        ))
+                    } else {
+                        Ok(true)
+                    }
+                }
+            },
+        };
+        let cname = cname.clone();
+        match verdict {
+            Ok(straggler) => {
+                if straggler {
+                    self.recs[rid as usize].straggler = true;
+                    self.stats.stragglers += 1;
+                    tr!(self, "straggler r{rid} of {writer} on {cname}/{part}@{off} e{epoch}");
+                }
+            }
+            Err(why) => self.anomaly(
+                AnomalyKind::WriteOutsideOpenEpoch,
+                format!("r{rid} by {writer} landed on {cname}/{part}@{off}: {why}"),
+            ),
+        }
+    }
+
+    // ---------------------------------------------------------------- consumers
+
+    fn on_poll(&mut self, ci: usize, sess: u32) {
+        let l = self.cfg.producers + ci;
+        if !self.links[l].alive || self.links[l].session != sess {
+            return;
+        }
+        let gap = self.rng.random_range(5..30);
+        self.after(gap, Ev::Poll { ci, sess });
+        let Some(route) = self.consumers[ci].route.take() else {
+            return;
+        };
+        let parts = self.cfg.partitions;
+        let members = self.cfg.consumers as u32;
+        // Feed the group's committed offsets (an admin fetch) to the gate.
+        let first = read_set(&route, |n, c| self.consumers[ci].gate.epoch_consumed(n, c));
+        for c in &first {
+            let cl = &self.clusters[cluster_index(c) as usize];
+            if cl.torn_down {
+                continue;
+            }
+            for p in 0..parts {
+                let off = cl.committed[p as usize];
+                self.consumers[ci].gate.on_committed(c, p, off);
+            }
+        }
+        let rs = read_set(&route, |n, c| self.consumers[ci].gate.epoch_consumed(n, c));
+        for c in &rs {
+            let cx = cluster_index(c);
+            let cl = &self.clusters[cx as usize];
+            if cl.torn_down || !cl.up {
+                continue;
+            }
+            if self.cfg.bugs.consumer_from_latest && self.consumers[ci].seen.insert(cx) {
+                let cl = &mut self.clusters[cx as usize];
+                for p in 0..parts as usize {
+                    if !cl.has_commit[p] {
+                        cl.has_commit[p] = true;
+                        cl.committed[p] = cl.logs[p].len() as i64;
+                    }
+                }
+            }
+            for p in (0..parts).filter(|p| p % members == ci as u32) {
+                let cl = &self.clusters[cx as usize];
+                let mut pos = cl.committed[p as usize];
+                let hw = cl.logs[p as usize].len() as i64;
+                let limit = self.consumers[ci].gate.allowed_until(c, p).unwrap_or(i64::MAX);
+                let end = hw.min(limit).min(pos + 64);
+                while pos < end {
+                    let rid = self.clusters[cx as usize].logs[p as usize][pos as usize];
+                    let epoch = self.recs[rid as usize].epoch;
+                    let class = self.consumers[ci].gate.classify(c, p, pos, Some(epoch));
+                    if class == RecordClass::Ahead {
+                        break;
+                    }
+                    self.deliver(ci, cx, p, pos, rid, class);
+                    pos += 1;
+                    let cl = &mut self.clusters[cx as usize];
+                    cl.committed[p as usize] = pos;
+                    cl.has_commit[p as usize] = true;
+                    self.consumers[ci].gate.on_committed(c, p, pos);
+                }
+            }
+        }
+        self.consumers[ci].route = Some(route);
+    }
+
+    fn deliver(&mut self, ci: usize, c: u16, p: u32, off: i64, rid: u64, class: RecordClass) {
+        self.stats.consumed += 1;
+        let r = &mut self.recs[rid as usize];
+        r.consumed += 1;
+        let (key, seq, consumed, straggler) = (r.key, r.seq, r.consumed, r.straggler);
+        let at = (r.cluster, r.partition, r.offset);
+        tr!(self, "cons{ci} got r{rid} key{key}#{seq} from c{c}/{p}@{off} {class:?}");
+        if at != (c, p, Some(off as u64)) {
+            self.anomaly(
+                AnomalyKind::OffsetMismatch,
+                format!("c{c}/{p}@{off} delivered r{rid}, written at {at:?}"),
+            );
+        }
+        if consumed > 1 {
+            self.anomaly(
+                AnomalyKind::DuplicateDelivery,
+                format!("r{rid} (key{key}#{seq}) delivered {consumed} times, last from c{c}/{p}@{off}"),
+            );
+            return;
+        }
+        if straggler {
+            return;
+        }
+        let last = self.key_last[key as usize];
+        if last.is_some_and(|l| l >= seq) {
+            self.anomaly(
+                AnomalyKind::OrderViolation,
+                format!(
+                    "key{key}: #{seq} (r{rid}, c{c}/{p}@{off}) consumed after #{}",
+                    last.unwrap_or(0)
+                ),
+            );
+        }
+        self.key_last[key as usize] = Some(last.map_or(seq, |l| l.max(seq)));
+    }
+
+    // ---------------------------------------------------------------- lifecycle
+
+    fn on_restart(&mut self, l: usize) {
+        let k = &mut self.links[l];
+        if k.alive {
+            return;
+        }
+        if k.started_at > 0 || k.rev > 0 {
+            k.session += 1;
+        }
+        k.alive = true;
+        k.rev = 0;
+        k.cut_until = 0;
+        k.zombie_until = 0;
+        k.write_pending = true;
+        k.write_retry = false;
+        k.started_at = self.now.max(1);
+        k.lease_ok_at = self.now;
+        let (idx, sess, kind) = (k.idx, k.session, k.kind);
+        let id = k.id();
+        tr!(self, "# {id} starts");
+        match kind {
+            ClientKind::Producer => {
+                let pr = &mut self.producers[idx];
+                pr.router = Router::new();
+                pr.conns.clear();
+                pr.held.clear();
+                pr.unsettled.clear();
+                pr.flush_waiters.clear();
+                let gap = self.rng.random_range(1..2 * self.cfg.produce_gap_ms);
+                self.after(gap, Ev::Produce { p: idx, sess });
+            }
+            ClientKind::Consumer => {
+                let c = &mut self.consumers[idx];
+                c.gate = FenceGate::new();
+                c.route = None;
+                c.seen.clear();
+                self.after(5, Ev::Poll { ci: idx, sess });
+            }
+        }
+        self.reg_write(l);
+        if self.link_ok(l) {
+            self.send_snapshot(l);
+        }
+        let ttl = self.cfg.lease_ttl_ms;
+        self.after(ttl / 3, Ev::Keepalive { l, sess });
+    }
+
+    fn crash(&mut self, l: usize) {
+        let k = &mut self.links[l];
+        k.alive = false;
+        let (idx, kind) = (k.idx, k.kind);
+        let id = k.id();
+        tr!(self, "# CRASH {id}");
+        if kind == ClientKind::Producer {
+            let pr = &mut self.producers[idx];
+            let mut lost: Vec<u64> = pr.held.drain(..).collect();
+            for conn in pr.conns.values_mut() {
+                lost.extend(conn.queue.drain(..));
+            }
+            for rid in lost {
+                self.recs[rid as usize].failed = true;
+                self.stats.failed += 1;
+            }
+        }
+        let down = self.rng.random_range(200..3_000);
+        self.after(down, Ev::Restart { l });
+    }
+
+    // ---------------------------------------------------------------- controller
+
+    fn on_controller_tick(&mut self) {
+        if !self.reg_up {
+            return;
+        }
+        let now_c = (self.now as i64 + self.skew).max(0) as u64;
+        match control::plan_switch(&self.truth, TOPIC, now_c) {
+            SwitchStep::Wait => {}
+            SwitchStep::Seal { clusters } => {
+                let readable = clusters.iter().all(|c| {
+                    let cl = &self.clusters[cluster_index(c) as usize];
+                    cl.up && !cl.torn_down
+                });
+                let route = &self.truth.routes[TOPIC];
+                let pending = route.pending_epoch().expect("planned a seal");
+                let pn = pending.n;
+                if !readable {
+                    // An unreadable cluster cannot be fenced: wait, abort after
+                    // twice the deadline.
+                    let late = pending
+                        .ack_deadline
+                        .is_some_and(|d| now_c >= d + self.cfg.ack_deadline_ms);
+                    if late {
+                        self.abort_pending("a cluster of the boundary is unreachable");
+                    }
+                } else {
+                    let fence: BTreeMap<String, Vec<i64>> = clusters
+                        .iter()
+                        .map(|c| {
+                            let cl = &self.clusters[cluster_index(c) as usize];
+                            (c.clone(), cl.logs.iter().map(|l| l.len() as i64).collect())
+                        })
+                        .collect();
+                    let acked_ids: BTreeSet<String> = self
+                        .truth
+                        .producers()
+                        .filter(|r| r.acked.get(TOPIC).is_some_and(|&a| a >= pn))
+                        .map(|r| r.id.clone())
+                        .collect();
+                    let route = self.truth.routes.get_mut(TOPIC).expect("route");
+                    if let Some((sealed, opened)) = control::seal(route, fence.clone()) {
+                        self.seals.insert(sealed, SealInfo { acked_ids });
+                        let pause = self.now - self.proposed_at.get(&opened).copied().unwrap_or(0);
+                        self.stats.switches.push((opened, pause));
+                        tr!(self, "# SEAL e{sealed} fence {fence:?}; e{opened} open after {pause} ms");
+                        self.commit();
+                    }
+                }
+            }
+            SwitchStep::Abort => self.abort_pending("ack deadline passed"),
+        }
+        // Retire drained clusters the group no longer needs.
+        let draining: Vec<String> = self
+            .truth
+            .clusters
+            .values()
+            .filter(|s| s.state == ClusterState::Draining)
+            .map(|s| s.id.clone())
+            .collect();
+        let mut changed = false;
+        for name in draining {
+            let cx = cluster_index(&name) as usize;
+            let route = &self.truth.routes[TOPIC];
+            let ok = if self.cfg.bugs.retire_before_fence {
+                !route.epochs.iter().any(|e| {
+                    matches!(e.state, EpochState::Open | EpochState::Pending) && e.writes_to(&name)
+                })
+            } else {
+                let cl = &self.clusters[cx];
+                control::may_retire(route, &name, |p| cl.committed[p as usize])
+            };
+            if ok {
+                self.retire(cx);
+                changed = true;
+            }
+        }
+        if changed {
+            self.commit();
+        }
+        self.after(200, Ev::ControllerTick);
+    }
+
+    fn abort_pending(&mut self, why: &str) {
+        let route = self.truth.routes.get_mut(TOPIC).expect("route");
+        if let Some(n) = control::abort(route) {
+            self.stats.aborted += 1;
+            tr!(self, "# ABORT e{n}: {why}");
+            self.commit();
+        }
+    }
+
+    fn retire(&mut self, cx: usize) {
+        let name = self.clusters[cx].name.clone();
+        if let Some(s) = self.truth.clusters.get_mut(&name) {
+            s.state = ClusterState::Retired;
+        }
+        self.stats.retired += 1;
+        tr!(self, "# RETIRE {name}");
+        let mut missing = Vec::new();
+        for (p, log) in self.clusters[cx].logs.iter().enumerate() {
+            for (o, &rid) in log.iter().enumerate() {
+                let r = &self.recs[rid as usize];
+                if r.consumed == 0 && !r.straggler {
+                    missing.push((p, o, rid));
+                }
+            }
+        }
+        if let Some(&(p, o, rid)) = missing.first() {
+            self.anomaly(
+                AnomalyKind::RetiredWhileNeeded,
+                format!(
+                    "{name} retired with {} unconsumed records, first r{rid} at {p}@{o}",
+                    missing.len()
+                ),
+            );
+        }
+        let d = self.rng.random_range(200..1_000);
+        self.after(d, Ev::Teardown { c: cx as u16 });
+    }
+
+    // ---------------------------------------------------------------- operator
+
+    fn on_operator_tick(&mut self) {
+        if self.now >= self.active_end {
+            return;
+        }
+        let (lo, hi) = self.cfg.switch_gap_ms;
+        if !self.reg_up {
+            self.after(200, Ev::OperatorTick);
+            return;
+        }
+        let route = &self.truth.routes[TOPIC];
+        if route.pending_epoch().is_some() {
+            self.after(200, Ev::OperatorTick);
+            return;
+        }
+        let open: Vec<String> = route
+            .open_epoch()
+            .map(|e| e.clusters().cloned().collect())
+            .unwrap_or_default();
+        let flap = self.cfg.faults.has(Fault::Flap);
+        let active = |w: &World, set: &[String]| {
+            set.iter()
+                .all(|c| w.truth.clusters.get(c).is_some_and(|s| s.state == ClusterState::Active))
+        };
+        let next: Vec<String> = match self.prev_write.clone() {
+            Some(prev) if flap && prev != open && active(self, &prev) && self.rng.random_bool(0.3) => {
+                prev
+            }
+            _ if open.len() >= 2 => vec![open.last().expect("non-empty").clone()],
+            _ => {
+                let c = self.add_cluster();
+                let mut n = open.clone();
+                n.push(cluster_name(c));
+                n
+            }
+        };
+        // Drain what neither the open nor the next write set uses.
+        let drain: Vec<String> = self
+            .truth
+            .clusters
+            .values()
+            .filter(|s| s.state == ClusterState::Active && !open.contains(&s.id) && !next.contains(&s.id))
+            .map(|s| s.id.clone())
+            .collect();
+        for c in &drain {
+            if let Some(s) = self.truth.clusters.get_mut(c) {
+                s.state = ClusterState::Draining;
+            }
+            tr!(self, "# DRAIN {c}");
+        }
+        let route = self.truth.routes.get_mut(TOPIC).expect("route");
+        let n = route.last_epoch_n() + 1;
+        route.epochs.push(Epoch {
+            n,
+            write: next
+                .iter()
+                .map(|c| WeightedCluster {
+                    cluster: c.clone(),
+                    weight: 100,
+                })
+                .collect(),
+            state: EpochState::Pending,
+            fence: BTreeMap::new(),
+            created_at: self.now,
+            ack_deadline: Some(self.now + self.cfg.ack_deadline_ms),
+        });
+        self.proposed_at.insert(n, self.now);
+        self.prev_write = Some(open);
+        tr!(self, "# PROPOSE e{n} -> {next:?}");
+        self.commit();
+        if flap && self.rng.random_bool(0.15) {
+            let d = self.rng.random_range(0..300);
+            self.after(d, Ev::OperatorAbort { n });
+        }
+        let gap = self.rng.random_range(lo..hi);
+        self.after(gap, Ev::OperatorTick);
+    }
+
+    fn on_operator_abort(&mut self, n: u64) {
+        if !self.reg_up {
+            return;
+        }
+        if self.truth.routes[TOPIC].pending_epoch().is_some_and(|e| e.n == n) {
+            self.abort_pending("operator cancelled the switch");
+        }
+    }
+
+    // ---------------------------------------------------------------- faults
+
+    fn on_fault_start(&mut self) {
+        if self.now >= self.active_end {
+            return;
+        }
+        let gap = self.cfg.fault_gap_ms;
+        let next = self.rng.random_range(gap / 2..gap * 3 / 2);
+        self.after(next, Ev::FaultStart);
+        let kinds: Vec<Fault> = self
+            .cfg
+            .faults
+            .iter()
+            .filter(|f| !matches!(f, Fault::Ambiguous | Fault::Flap))
+            .collect();
+        if kinds.is_empty() {
+            return;
+        }
+        let f = kinds[self.rng.random_range(0..kinds.len())];
+        *self.stats.faults.entry(f).or_insert(0) += 1;
+        match f {
+            Fault::ClusterLoss => {
+                let live: Vec<u16> = (0..self.clusters.len() as u16)
+                    .filter(|&c| {
+                        let cl = &self.clusters[c as usize];
+                        cl.up && !cl.torn_down
+                    })
+                    .collect();
+                if live.is_empty() {
+                    return;
+                }
+                let c = live[self.rng.random_range(0..live.len())];
+                self.clusters[c as usize].up = false;
+                let d = self.rng.random_range(500..5_000);
+                tr!(self, "# FAULT cluster c{c} lost for {d} ms");
+                self.after(
+                    d,
+                    Ev::FaultEnd {
+                        what: FaultEnd::ClusterBack(c),
+                    },
+                );
+            }
+            Fault::Partition => {
+                let l = self.rng.random_range(0..self.links.len());
+                let d = self.rng.random_range(300..6_000);
+                let k = &mut self.links[l];
+                k.cut_until = k.cut_until.max(self.now + d);
+                let until = k.cut_until;
+                tr!(self, "# FAULT {} cut from the registry for {d} ms", self.links[l].id());
+                self.at(until, Ev::LinkHeal { l });
+            }
+            Fault::RegistryOutage => {
+                if !self.reg_up {
+                    return;
+                }
+                self.reg_up = false;
+                let d = self.rng.random_range(300..4_000);
+                tr!(self, "# FAULT registry down for {d} ms");
+                self.after(
+                    d,
+                    Ev::FaultEnd {
+                        what: FaultEnd::RegistryBack,
+                    },
+                );
+            }
+            Fault::Zombie => {
+                if !self.reg_up {
+                    return;
+                }
+                let p = self.rng.random_range(0..self.cfg.producers);
+                if !self.links[p].alive || self.now < self.links[p].zombie_until {
+                    return;
+                }
+                let d = self.rng.random_range(500..5_000);
+                self.links[p].zombie_until = self.now + d;
+                let id = self.links[p].id();
+                tr!(self, "# FAULT {id} loses its lease without noticing for {d} ms");
+                self.leases.remove(&id);
+                self.expire_client(&id);
+                self.after(d, Ev::LinkHeal { l: p });
+            }
+            Fault::Crash => {
+                let l = self.rng.random_range(0..self.links.len());
+                if self.links[l].alive {
+                    self.crash(l);
+                }
+            }
+            Fault::ClockJump => {
+                let j = self.rng.random_range(-3_000i64..8_000);
+                self.skew = (self.skew + j).clamp(-10_000, 20_000);
+                tr!(self, "# FAULT controller clock jumps {j} ms (skew {})", self.skew);
+            }
+            Fault::Ambiguous | Fault::Flap => {}
+        }
+    }
+
+    fn on_fault_end(&mut self, what: FaultEnd) {
+        match what {
+            FaultEnd::ClusterBack(c) => {
+                self.clusters[c as usize].up = true;
+                tr!(self, "# cluster c{c} back");
+            }
+            FaultEnd::RegistryBack => self.registry_back(),
+        }
+    }
+
+    fn registry_back(&mut self) {
+        if self.reg_up {
+            return;
+        }
+        self.reg_up = true;
+        tr!(self, "# registry back");
+        // A new etcd leader extends every lease.
+        let ttl = self.cfg.lease_ttl_ms;
+        let ids: Vec<String> = self.leases.keys().cloned().collect();
+        for id in ids {
+            let e = self.leases.get_mut(&id).expect("listed");
+            *e = (*e).max(self.now + ttl);
+            self.after(ttl + 1, Ev::LeaseCheck { id });
+        }
+        for l in 0..self.links.len() {
+            self.on_link_heal(l);
+        }
+        self.after(1, Ev::ControllerTick);
+    }
+
+    fn on_heal(&mut self) {
+        self.healed = true;
+        tr!(self, "# HEAL: every fault ends");
+        for c in 0..self.clusters.len() {
+            self.clusters[c].up = true;
+        }
+        self.skew = 0;
+        self.registry_back();
+        for l in 0..self.links.len() {
+            let k = &mut self.links[l];
+            if k.cut_until > self.now || k.zombie_until > self.now {
+                k.cut_until = 0;
+                k.zombie_until = 0;
+                self.on_link_heal(l);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- checker
+
+    fn final_check(&mut self) {
+        tr!(self, "# END: checking the history");
+        for rid in 0..self.recs.len() {
+            let r = &self.recs[rid];
+            if !r.acked || r.consumed > 0 {
+                continue;
+            }
+            let cl = &self.clusters[r.cluster as usize];
+            let at = format!("{}/{}@{}", cl.name, r.partition, r.offset.unwrap_or(0));
+            let what = format!("r{rid} key{}#{} e{} at {at}", r.key, r.seq, r.epoch);
+            let kind = if r.straggler {
+                AnomalyKind::StragglerLost
+            } else if cl.torn_down {
+                AnomalyKind::AckedLost
+            } else {
+                AnomalyKind::NotConsumed
+            };
+            self.anomaly(kind, format!("acknowledged {what} never consumed"));
+        }
+        if let Some(p) = self.truth.routes[TOPIC].pending_epoch() {
+            let n = p.n;
+            self.anomaly(AnomalyKind::SwitchStuck, format!("epoch {n} still pending at the end"));
+        }
+        for p in 0..self.producers.len() {
+            if !self.links[p].alive {
+                continue;
+            }
+            let pr = &self.producers[p];
+            let queued: usize = pr
+                .conns
+                .values()
+                .map(|c| c.queue.len() + c.inflight.as_ref().map_or(0, |i| i.rids.len()))
+                .sum();
+            if !pr.held.is_empty() || queued > 0 {
+                let held = pr.held.len();
+                self.anomaly(
+                    AnomalyKind::ProducerStuck,
+                    format!("prod{p}: {held} records held, {queued} in flight at the end"),
+                );
+            }
+        }
+    }
+}
