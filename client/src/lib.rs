@@ -6,6 +6,14 @@
 
 #![warn(missing_docs)]
 
+pub mod consumer;
 pub mod kafka;
+pub mod producer;
 pub mod registry;
 pub mod route;
+
+pub use consumer::{FleetConsumer, FleetConsumerConfig, FleetMessage};
+pub use producer::{
+    Delivery, FleetProducer, FleetProducerConfig, FleetProducerError, FleetSendError, OutageMode,
+    OwnedRecord, EPOCH_HEADER,
+};

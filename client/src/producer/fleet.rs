@@ -1,0 +1,1183 @@
+//! The [`FleetProducer`] adapter: performs the [`Router`]'s decisions with
+//! rdkafka and the registry.
+//!
+//! # Moving parts
+//!
+//! - `Core::state` (one mutex): the [`Router`], one rdkafka
+//!   `ThreadedProducer` per open cluster, and the hold queues (per topic,
+//!   FIFO). Routing a record and handing it to librdkafka happen under the
+//!   lock, so the order records are routed in is the order librdkafka queues
+//!   them in.
+//! - Every routed record carries a boxed delivery opaque; the producer
+//!   context's delivery callback (librdkafka's polling thread) answers the
+//!   sender and reports the record to the router ([`Router::on_settled`]),
+//!   exactly once per `Send` decision — also for records the caller stopped
+//!   waiting for. Records that never reach librdkafka are settled at once.
+//!   The router's in-flight counts are therefore exact and `Flush` actions are
+//!   only hints.
+//! - A driver task applies every new registry snapshot: first it opens (and
+//!   verifies the Kafka cluster id of) every active cluster the routes
+//!   reference, then it calls [`Router::on_snapshot`] and performs the
+//!   actions. `Release` (route the held records again, in order) and `Close`
+//!   (drop the cluster's producer after a flush, off the lock) are performed
+//!   synchronously wherever the router emits them; `Ack` (write the client
+//!   record) is sent to the driver.
+//! - A lease task renews the client record's lease (and registers again
+//!   with the acknowledged epochs when it lapsed).
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::join_all;
+use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders, OwnedMessage, ToBytes};
+use rdkafka::producer::{BaseRecord, FutureRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::util::Timeout;
+use rdkafka::ClientContext;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::config::{FleetProducerConfig, OutageMode};
+use super::{
+    headers_from_vec, Delivery, FleetDeliveryResult, FleetProducerError, FleetSendError,
+    OwnedRecord, WaitReason, EPOCH_HEADER,
+};
+use crate::kafka::error::{from_code, from_rdkafka};
+use crate::kafka::{check_cluster, client_config, KafkaError, KafkaProperties, SecurityProfiles};
+use crate::registry::etcd::EtcdKv;
+use crate::registry::{
+    ClientKind, ClientLease, ClientRecord, ClusterSpec, ClusterState, FleetSnapshot, FleetWatcher,
+    Registry, RegistryError, SCHEMA_VERSION,
+};
+use crate::route::router::{Action, Decision, Router};
+
+type Tx = oneshot::Sender<FleetDeliveryResult>;
+type Rx = oneshot::Receiver<FleetDeliveryResult>;
+type Kafka = ThreadedProducer<Ctx>;
+
+/// How often the driver re-checks registry health, retries unverified
+/// clusters and resumes held records whose release was deferred.
+const TICK: Duration = Duration::from_millis(50);
+/// How often an unverified (unreachable when opened) cluster is checked again.
+const VERIFY_RETRY: Duration = Duration::from_secs(2);
+/// How long a closing cluster's producer may take to flush.
+const CLOSE_FLUSH: Duration = Duration::from_secs(30);
+
+// ---- records --------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+enum HRef<'a> {
+    None,
+    Rd(&'a OwnedHeaders),
+    Vec(&'a [(String, Option<Vec<u8>>)]),
+}
+
+/// A borrowed view of a record, whatever its origin (`FutureRecord` or `OwnedRecord`).
+#[derive(Clone, Copy)]
+struct RecordRef<'a> {
+    topic: &'a str,
+    key: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
+    partition: Option<i32>,
+    timestamp: Option<i64>,
+    headers: HRef<'a>,
+}
+
+impl<'a> RecordRef<'a> {
+    fn of_future<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
+        r: &'a FutureRecord<'_, K, P>,
+    ) -> RecordRef<'a> {
+        RecordRef {
+            topic: r.topic,
+            key: r.key.map(|k| k.to_bytes()),
+            payload: r.payload.map(|p| p.to_bytes()),
+            partition: r.partition,
+            timestamp: r.timestamp,
+            headers: r.headers.as_ref().map_or(HRef::None, HRef::Rd),
+        }
+    }
+
+    fn of_owned(r: &'a OwnedRecord) -> RecordRef<'a> {
+        RecordRef {
+            topic: &r.topic,
+            key: r.key.as_deref(),
+            payload: r.payload.as_deref(),
+            partition: r.partition,
+            timestamp: r.timestamp,
+            headers: if r.headers.is_empty() {
+                HRef::None
+            } else {
+                HRef::Vec(&r.headers)
+            },
+        }
+    }
+
+    fn to_owned_record(self) -> OwnedRecord {
+        OwnedRecord {
+            topic: self.topic.to_string(),
+            key: self.key.map(<[u8]>::to_vec),
+            payload: self.payload.map(<[u8]>::to_vec),
+            headers: match self.headers {
+                HRef::None => Vec::new(),
+                HRef::Rd(h) => super::headers_to_vec(h),
+                HRef::Vec(v) => v.to_vec(),
+            },
+            partition: self.partition,
+            timestamp: self.timestamp,
+        }
+    }
+
+    fn size(&self) -> usize {
+        self.key.map_or(0, <[u8]>::len) + self.payload.map_or(0, <[u8]>::len)
+    }
+
+    /// The user's headers plus the epoch header (decimal ASCII).
+    fn headers_with_epoch(&self, epoch: u64) -> OwnedHeaders {
+        let base = match self.headers {
+            HRef::None => OwnedHeaders::new_with_capacity(1),
+            HRef::Rd(h) => h.clone(),
+            HRef::Vec(v) => headers_from_vec(v),
+        };
+        let mut buf = [0u8; 20];
+        let digits = decimal(epoch, &mut buf);
+        base.insert(Header {
+            key: EPOCH_HEADER,
+            value: Some(digits),
+        })
+    }
+}
+
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+// ---- rdkafka context ------------------------------------------------------------------
+
+/// What travels with a record through librdkafka.
+struct Opaque {
+    topic: String,
+    cluster: Arc<str>,
+    epoch: u64,
+    bytes: usize,
+    tx: Option<Tx>,
+}
+
+struct Ctx {
+    core: Weak<Core>,
+    cluster: Arc<str>,
+}
+
+impl ClientContext for Ctx {
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        tracing::warn!(cluster = %self.cluster, %error, reason, "kafka client error");
+    }
+}
+
+impl ProducerContext for Ctx {
+    type DeliveryOpaque = Box<Opaque>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, mut op: Box<Opaque>) {
+        let cluster = op.cluster.clone();
+        let out = match result {
+            Ok(m) => {
+                metrics::counter!("flotilla_producer_records_total", "cluster" => cluster.clone())
+                    .increment(1);
+                metrics::counter!("flotilla_producer_bytes_total", "cluster" => cluster.clone())
+                    .increment(op.bytes as u64);
+                Ok(Delivery {
+                    cluster,
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    epoch: op.epoch,
+                })
+            }
+            Err((e, m)) => {
+                metrics::counter!("flotilla_producer_delivery_errors_total", "cluster" => cluster.clone())
+                    .increment(1);
+                let error = from_rdkafka(&cluster, "delivery", e);
+                if error.is_authorization() {
+                    tracing::error!(cluster = %cluster, %error, "authorization failure: record not delivered (never rerouted)");
+                }
+                Err((FleetSendError::Kafka { cluster, error }, m.detach()))
+            }
+        };
+        if let Some(tx) = op.tx.take() {
+            let _ = tx.send(out);
+        }
+        if let Some(core) = self.core.upgrade() {
+            core.settled(&op.topic, op.epoch);
+        }
+    }
+}
+
+// ---- shared state ---------------------------------------------------------------------
+
+enum Conn {
+    Ready(Arc<Kafka>),
+    /// Permanent problem (cluster id mismatch, configuration): not retried.
+    Refused(KafkaError),
+    /// Could not be verified yet (unreachable): retried every few seconds.
+    Unverified(KafkaError),
+}
+
+struct Held {
+    id: u64,
+    rec: OwnedRecord,
+    tx: Tx,
+}
+
+#[derive(Default)]
+struct State {
+    router: Router,
+    clusters: HashMap<String, Conn>,
+    /// Held records per topic, in the order they were held.
+    held: HashMap<String, VecDeque<Held>>,
+    held_total: usize,
+    next_id: u64,
+    /// When each currently held topic started holding (for the hold histogram).
+    held_since: HashMap<String, Instant>,
+    /// The epoch each topic was last released with.
+    released: HashMap<String, u64>,
+}
+
+enum Cmd {
+    SyncAcks,
+    Verify,
+}
+
+enum Why {
+    Hold,
+    QueueFull(Arc<str>),
+    Failed(FleetSendError),
+}
+
+enum Attempt {
+    Sent,
+    Held(u64),
+    Full(Tx),
+    QueueFull(Tx, Arc<str>),
+    Failed(FleetSendError),
+}
+
+struct Core {
+    state: Mutex<State>,
+    kafka: KafkaProperties,
+    profiles: SecurityProfiles,
+    connect_timeout: Duration,
+    hold_capacity: usize,
+    outage: OutageMode,
+    /// The registry is unreachable (watch down or lease lapsed).
+    registry_down: AtomicBool,
+    /// Hold buffer space was freed.
+    space: Notify,
+    cmds: mpsc::UnboundedSender<Cmd>,
+    shut: AtomicBool,
+    me: Weak<Core>,
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        // Dropping a ThreadedProducer joins its polling thread (which may be
+        // the thread dropping us): do it on a thread of its own.
+        let st = std::mem::take(self.state.get_mut().unwrap_or_else(|p| p.into_inner()));
+        if !st.clusters.is_empty() {
+            let _ = std::thread::Builder::new()
+                .name("flotilla-producer-drop".into())
+                .spawn(move || drop(st));
+        }
+    }
+}
+
+impl Core {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn outage_hold(&self) -> bool {
+        self.outage == OutageMode::Hold && self.registry_down.load(Ordering::Relaxed)
+    }
+
+    /// One record of `topic`/`epoch` settled (delivery callback).
+    fn settled(&self, topic: &str, epoch: u64) {
+        let mut st = self.lock();
+        let acts = st.router.on_settled(topic, epoch);
+        if !acts.is_empty() {
+            self.perform(&mut st, acts);
+        }
+    }
+
+    /// Routes `rec` and hands it to librdkafka. On anything but success the
+    /// record's in-flight count has been settled and `tx` comes back.
+    fn try_send(
+        &self,
+        st: &mut State,
+        rec: &RecordRef<'_>,
+        tx: Tx,
+        acts: &mut Vec<Action>,
+    ) -> Result<(), (Tx, Why)> {
+        let State {
+            router, clusters, ..
+        } = st;
+        let (cluster, partition, epoch) = match router.route(rec.topic, rec.key) {
+            Decision::Hold => return Err((tx, Why::Hold)),
+            Decision::NoRoute(e) => return Err((tx, Why::Failed(e.into()))),
+            Decision::Send {
+                cluster,
+                partition,
+                epoch,
+            } => (cluster, partition, epoch),
+        };
+        let p = match clusters.get(&*cluster) {
+            Some(Conn::Ready(p)) => p,
+            other => {
+                let error = match other {
+                    Some(Conn::Refused(e)) | Some(Conn::Unverified(e)) => e.clone(),
+                    _ => KafkaError::Other {
+                        cluster: cluster.to_string(),
+                        detail: "no producer open for the cluster yet".into(),
+                    },
+                };
+                acts.extend(router.on_settled(rec.topic, epoch));
+                metrics::counter!("flotilla_producer_delivery_errors_total", "cluster" => cluster.clone())
+                    .increment(1);
+                return Err((
+                    tx,
+                    Why::Failed(FleetSendError::ClusterUnavailable { cluster, error }),
+                ));
+            }
+        };
+        let opaque = Box::new(Opaque {
+            topic: rec.topic.to_string(),
+            cluster: cluster.clone(),
+            epoch,
+            bytes: rec.size(),
+            tx: Some(tx),
+        });
+        let mut br = BaseRecord::<[u8], [u8], Box<Opaque>>::with_opaque_to(rec.topic, opaque)
+            .partition(rec.partition.unwrap_or(partition as i32))
+            .headers(rec.headers_with_epoch(epoch));
+        if let Some(k) = rec.key {
+            br = br.key(k);
+        }
+        if let Some(v) = rec.payload {
+            br = br.payload(v);
+        }
+        if let Some(ts) = rec.timestamp {
+            br = br.timestamp(ts);
+        }
+        match p.send(br) {
+            Ok(()) => Ok(()),
+            Err((e, mut br)) => {
+                let tx = br
+                    .delivery_opaque
+                    .tx
+                    .take()
+                    .expect("opaque keeps its sender");
+                acts.extend(router.on_settled(rec.topic, epoch));
+                if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
+                    Err((tx, Why::QueueFull(cluster)))
+                } else {
+                    let error = from_rdkafka(&cluster, "enqueue", &e);
+                    metrics::counter!("flotilla_producer_delivery_errors_total", "cluster" => cluster.clone())
+                        .increment(1);
+                    Err((tx, Why::Failed(FleetSendError::Kafka { cluster, error })))
+                }
+            }
+        }
+    }
+
+    /// One attempt to send (or hold) a record; see [`Attempt`].
+    fn attempt(&self, rec: &RecordRef<'_>, tx: Tx) -> Attempt {
+        if self.shut.load(Ordering::Relaxed) {
+            return Attempt::Failed(FleetSendError::Closed);
+        }
+        let mut st = self.lock();
+        let mut acts = Vec::new();
+        let queued = st.held.get(rec.topic).is_some_and(|q| !q.is_empty());
+        let res = if queued || self.outage_hold() {
+            Err((tx, Why::Hold))
+        } else {
+            self.try_send(&mut st, rec, tx, &mut acts)
+        };
+        let out = match res {
+            Ok(()) => Attempt::Sent,
+            Err((tx, Why::Hold)) => {
+                if st.held_total < self.hold_capacity {
+                    let id = st.next_id;
+                    st.next_id += 1;
+                    st.held_total += 1;
+                    st.held
+                        .entry(rec.topic.to_string())
+                        .or_default()
+                        .push_back(Held {
+                            id,
+                            rec: rec.to_owned_record(),
+                            tx,
+                        });
+                    if !st.held_since.contains_key(rec.topic) {
+                        st.held_since.insert(rec.topic.to_string(), Instant::now());
+                    }
+                    metrics::gauge!("flotilla_producer_held_records").set(st.held_total as f64);
+                    Attempt::Held(id)
+                } else {
+                    Attempt::Full(tx)
+                }
+            }
+            Err((tx, Why::QueueFull(c))) => Attempt::QueueFull(tx, c),
+            Err((_, Why::Failed(e))) => Attempt::Failed(e),
+        };
+        if !acts.is_empty() {
+            self.perform(&mut st, acts);
+        }
+        out
+    }
+
+    /// Takes a held record back (its sender timed out). None: already sent.
+    fn unhold(&self, topic: &str, id: u64) -> Option<OwnedRecord> {
+        let mut st = self.lock();
+        let q = st.held.get_mut(topic)?;
+        let i = q.iter().position(|h| h.id == id)?;
+        let h = q.remove(i)?;
+        if q.is_empty() {
+            st.held.remove(topic);
+        }
+        st.held_total -= 1;
+        metrics::gauge!("flotilla_producer_held_records").set(st.held_total as f64);
+        drop(st);
+        self.space.notify_waiters();
+        Some(h.rec)
+    }
+
+    /// Performs router actions in order (Release and Close here, Ack via the driver).
+    fn perform(&self, st: &mut State, acts: Vec<Action>) {
+        let mut work: VecDeque<Action> = acts.into();
+        while let Some(a) = work.pop_front() {
+            match a {
+                Action::Open(c) => {
+                    if !st.clusters.contains_key(&c) {
+                        // Normally opened before the snapshot is applied; if not, verify now.
+                        st.clusters.insert(
+                            c.clone(),
+                            Conn::Unverified(KafkaError::Other {
+                                cluster: c,
+                                detail: "not verified yet".into(),
+                            }),
+                        );
+                        let _ = self.cmds.send(Cmd::Verify);
+                    }
+                }
+                Action::Flush { topic, epoch } => {
+                    // In-flight counts are exact (delivery callbacks): nothing to do
+                    // but wait; librdkafka sends within linger.ms.
+                    tracing::debug!(topic, epoch, "switch: waiting for in-flight records");
+                }
+                Action::Ack { topic, epoch } => {
+                    tracing::debug!(topic, epoch, "switch: acknowledging pending epoch");
+                    let _ = self.cmds.send(Cmd::SyncAcks);
+                }
+                Action::Release { topic, epoch } => {
+                    if let Some(since) = st.held_since.remove(&topic) {
+                        metrics::histogram!("flotilla_producer_hold_seconds")
+                            .record(since.elapsed().as_secs_f64());
+                    }
+                    let prev = st.released.insert(topic.clone(), epoch);
+                    if prev.is_some_and(|p| p != epoch) {
+                        metrics::counter!("flotilla_producer_epoch_switches_total").increment(1);
+                        tracing::info!(topic, epoch, "switch: routing with the new epoch");
+                    }
+                    let mut more = Vec::new();
+                    self.drain(st, &topic, &mut more);
+                    work.extend(more);
+                }
+                Action::Close(c) => {
+                    if let Some(Conn::Ready(p)) = st.clusters.remove(&c) {
+                        tracing::info!(cluster = %c, "closing the producer of a cluster no route needs");
+                        let _ = std::thread::Builder::new()
+                            .name("flotilla-producer-close".into())
+                            .spawn(move || {
+                                let _ = p.flush(CLOSE_FLUSH);
+                                drop(p);
+                            });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Routes the held records of `topic` again, in order, until one is held again.
+    fn drain(&self, st: &mut State, topic: &str, acts: &mut Vec<Action>) {
+        if self.outage_hold() {
+            return;
+        }
+        let mut freed = false;
+        while let Some(h) = st.held.get_mut(topic).and_then(VecDeque::pop_front) {
+            let rec = RecordRef::of_owned(&h.rec);
+            match self.try_send(st, &rec, h.tx, acts) {
+                Ok(()) => {
+                    st.held_total -= 1;
+                    freed = true;
+                }
+                Err((tx, Why::Hold | Why::QueueFull(_))) => {
+                    // Still held (a newer switch), or librdkafka's queue is
+                    // full: keep it first; the driver's tick retries.
+                    let q = st.held.entry(topic.to_string()).or_default();
+                    q.push_front(Held {
+                        id: h.id,
+                        rec: h.rec,
+                        tx,
+                    });
+                    if !st.held_since.contains_key(topic) {
+                        st.held_since.insert(topic.to_string(), Instant::now());
+                    }
+                    break;
+                }
+                Err((tx, Why::Failed(e))) => {
+                    st.held_total -= 1;
+                    freed = true;
+                    let _ = tx.send(Err((e, h.rec.into_message())));
+                }
+            }
+        }
+        if st.held.get(topic).is_some_and(VecDeque::is_empty) {
+            st.held.remove(topic);
+        }
+        if freed {
+            metrics::gauge!("flotilla_producer_held_records").set(st.held_total as f64);
+            self.space.notify_waiters();
+        }
+    }
+
+    /// Retries held records whose release was deferred (queue full, outage over).
+    fn drain_all(&self) {
+        let mut st = self.lock();
+        if st.held.is_empty() {
+            return;
+        }
+        let topics: Vec<String> = st.held.keys().cloned().collect();
+        let mut acts = Vec::new();
+        for t in topics {
+            self.drain(&mut st, &t, &mut acts);
+        }
+        if !acts.is_empty() {
+            self.perform(&mut st, acts);
+        }
+    }
+
+    /// Opens every active cluster the snapshot's open and pending epochs
+    /// write to that has no producer yet (or could not be verified before).
+    async fn open_clusters(&self, snap: &FleetSnapshot) {
+        let wanted: Vec<ClusterSpec> = {
+            let st = self.lock();
+            let mut ids: Vec<&String> = snap
+                .routes
+                .values()
+                .flat_map(|r| r.open_epoch().into_iter().chain(r.pending_epoch()))
+                .flat_map(|e| e.clusters())
+                .collect();
+            ids.sort();
+            ids.dedup();
+            ids.into_iter()
+                .filter(|c| matches!(st.clusters.get(*c), None | Some(Conn::Unverified(_))))
+                .filter_map(|c| snap.cluster(c))
+                .filter(|s| s.state == ClusterState::Active)
+                .cloned()
+                .collect()
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        let opened = join_all(wanted.into_iter().map(|spec| async move {
+            let r = self.open_one(&spec).await;
+            (spec, r)
+        }))
+        .await;
+        let mut st = self.lock();
+        for (spec, r) in opened {
+            if matches!(st.clusters.get(&spec.id), Some(Conn::Ready(_))) {
+                continue;
+            }
+            let conn = match r {
+                Ok(p) => {
+                    tracing::info!(cluster = %spec.id, bootstrap = %spec.bootstrap, "opened producer (Kafka cluster id verified)");
+                    Conn::Ready(p)
+                }
+                Err(e) if e.is_permanent() => {
+                    tracing::error!(cluster = %spec.id, error = %e, "REFUSING cluster: records routed to it fail");
+                    Conn::Refused(e)
+                }
+                Err(e) => {
+                    tracing::warn!(cluster = %spec.id, error = %e, "cannot open cluster yet; records routed to it fail until it answers");
+                    Conn::Unverified(e)
+                }
+            };
+            st.clusters.insert(spec.id.clone(), conn);
+        }
+    }
+
+    async fn open_one(&self, spec: &ClusterSpec) -> Result<Arc<Kafka>, KafkaError> {
+        check_cluster(spec, &self.kafka, &self.profiles, self.connect_timeout).await?;
+        let cfg = client_config(spec, &self.kafka, &self.profiles)?;
+        let cluster: Arc<str> = spec.id.as_str().into();
+        let ctx = Ctx {
+            core: self.me.clone(),
+            cluster,
+        };
+        cfg.create_with_context::<_, Kafka>(ctx)
+            .map(Arc::new)
+            .map_err(|e| from_rdkafka(&spec.id, "create producer", &e))
+    }
+
+    /// Opens what the snapshot needs, then hands it to the router.
+    async fn apply_snapshot(&self, snap: &FleetSnapshot) {
+        self.open_clusters(snap).await;
+        let mut st = self.lock();
+        let acts = st.router.on_snapshot(snap);
+        let held: Vec<String> = st.router.held_topics().map(str::to_string).collect();
+        for t in held {
+            st.held_since.entry(t).or_insert_with(Instant::now);
+        }
+        self.perform(&mut st, acts);
+    }
+
+    fn ready_producers(&self) -> Vec<Arc<Kafka>> {
+        self.lock()
+            .clusters
+            .values()
+            .filter_map(|c| match c {
+                Conn::Ready(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+// ---- lease and driver -----------------------------------------------------------------
+
+type LeaseSlot = Arc<tokio::sync::Mutex<Option<ClientLease>>>;
+
+struct Health {
+    lease_ok: AtomicBool,
+}
+
+async fn sync_acks(core: &Core, lease: &LeaseSlot) {
+    let acked = core.lock().router.acked();
+    let mut slot = lease.lock().await;
+    let Some(l) = slot.as_mut() else { return };
+    if l.record().acked == acked {
+        return;
+    }
+    let mut rec = l.record().clone();
+    rec.acked = acked;
+    if let Err(e) = l.update(rec).await {
+        tracing::warn!(error = %e, "cannot write acknowledged epochs to the registry; retrying");
+        let _ = core.cmds.send(Cmd::SyncAcks);
+        drop(slot);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn driver(
+    core: Arc<Core>,
+    watcher: Arc<FleetWatcher>,
+    lease: LeaseSlot,
+    health: Arc<Health>,
+    mut snaps: tokio::sync::watch::Receiver<Arc<FleetSnapshot>>,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_verify = Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            cmd = cmds.recv() => match cmd {
+                Some(Cmd::SyncAcks) => sync_acks(&core, &lease).await,
+                Some(Cmd::Verify) => core.apply_snapshot(&watcher.snapshot()).await,
+                None => return,
+            },
+            r = snaps.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let snap = snaps.borrow_and_update().clone();
+                core.apply_snapshot(&snap).await;
+            }
+            _ = tick.tick() => {
+                let down = watcher.is_stale() || !health.lease_ok.load(Ordering::Relaxed);
+                let was = core.registry_down.swap(down, Ordering::Relaxed);
+                if was != down {
+                    if down {
+                        tracing::warn!(mode = ?core.outage, "registry unreachable");
+                    } else {
+                        tracing::info!("registry reachable again");
+                    }
+                }
+                if last_verify.elapsed() >= VERIFY_RETRY {
+                    last_verify = Instant::now();
+                    let retry = core.lock().clusters.values().any(|c| matches!(c, Conn::Unverified(_)));
+                    if retry {
+                        core.apply_snapshot(&watcher.snapshot()).await;
+                    }
+                }
+                core.drain_all();
+            }
+        }
+    }
+}
+
+async fn lease_keeper(
+    core: Arc<Core>,
+    registry: Registry,
+    lease: LeaseSlot,
+    health: Arc<Health>,
+    template: ClientRecord,
+    ttl: Duration,
+) {
+    let every = (ttl / 3).max(Duration::from_millis(50));
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let r = match lease.lock().await.as_ref() {
+            Some(l) => l.keep_alive().await.map(|_| ()),
+            None => Err(RegistryError::Other("not registered".into())),
+        };
+        match r {
+            Ok(()) => {
+                last_ok = Instant::now();
+                health.lease_ok.store(true, Ordering::Relaxed);
+            }
+            Err(e) => {
+                let expired =
+                    matches!(e, RegistryError::LeaseExpired { .. }) || last_ok.elapsed() > ttl;
+                if !expired {
+                    tracing::warn!(error = %e, "lease renewal failed; retrying");
+                    continue;
+                }
+                health.lease_ok.store(false, Ordering::Relaxed);
+                let mut rec = template.clone();
+                rec.acked = core.lock().router.acked();
+                match registry.register_client(rec, ttl).await {
+                    Ok(l) => {
+                        tracing::info!(id = %template.id, "registered again after the lease lapsed");
+                        *lease.lock().await = Some(l);
+                        last_ok = Instant::now();
+                        health.lease_ok.store(true, Ordering::Relaxed);
+                        let _ = core.cmds.send(Cmd::SyncAcks);
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot register with the registry; retrying")
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ---- the public handle ----------------------------------------------------------------
+
+struct Inner {
+    core: Arc<Core>,
+    watcher: Arc<FleetWatcher>,
+    lease: LeaseSlot,
+    tasks: Vec<JoinHandle<()>>,
+    client_id: String,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.core.shut.store(true, Ordering::Relaxed);
+        for t in &self.tasks {
+            t.abort();
+        }
+        let lease = self.lease.clone();
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            h.spawn(async move {
+                if let Some(l) = lease.lock().await.take() {
+                    let _ = l.revoke().await;
+                }
+            });
+        }
+    }
+}
+
+/// A drop-in for rdkafka's `FutureProducer` that routes every record by the
+/// fleet registry. Cheap to clone (one shared producer); `Send + Sync`; no
+/// polling needed (librdkafka's polling threads and two tokio tasks do it).
+///
+/// Must be created inside a tokio runtime.
+#[derive(Clone)]
+pub struct FleetProducer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for FleetProducer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetProducer")
+            .field("client_id", &self.inner.client_id)
+            .finish()
+    }
+}
+
+impl FleetProducer {
+    /// Connects to the etcd registry at `endpoints` for `fleet` and starts a
+    /// producer with `config` (whose `registry` is replaced). etcd down is a
+    /// [`FleetProducerError::Registry`] naming the endpoints.
+    pub async fn connect<S: AsRef<str>>(
+        endpoints: &[S],
+        fleet: &str,
+        mut config: FleetProducerConfig,
+    ) -> Result<FleetProducer, FleetProducerError> {
+        let kv = EtcdKv::connect(endpoints, Default::default()).await?;
+        config.registry = Some(Registry::new(Arc::new(kv), fleet));
+        Self::new(config).await
+    }
+
+    /// Starts a producer: reads the fleet snapshot (an unreachable registry
+    /// is an error after `config.watcher.start_timeout`), registers the client
+    /// record under a lease, opens the clusters the routes need and
+    /// acknowledges any pending epoch.
+    pub async fn new(config: FleetProducerConfig) -> Result<FleetProducer, FleetProducerError> {
+        let registry = config.registry.clone().ok_or_else(|| {
+            FleetProducerError::Config(
+                "no registry set (FleetProducerConfig::registry, or use FleetProducer::connect)"
+                    .into(),
+            )
+        })?;
+        if config.hold_capacity == 0 {
+            return Err(FleetProducerError::Config(
+                "hold_capacity must be at least 1".into(),
+            ));
+        }
+        let watcher =
+            Arc::new(FleetWatcher::start(registry.clone(), config.watcher.clone()).await?);
+        let template = ClientRecord {
+            version: SCHEMA_VERSION,
+            kind: ClientKind::Producer,
+            id: config.client_id.clone(),
+            acked: Default::default(),
+            group: None,
+            started_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+        };
+        let lease = registry
+            .register_client(template.clone(), config.lease_ttl)
+            .await?;
+        let lease: LeaseSlot = Arc::new(tokio::sync::Mutex::new(Some(lease)));
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let core = Arc::new_cyclic(|me| Core {
+            state: Mutex::new(State::default()),
+            kafka: config.kafka.clone(),
+            profiles: config.profiles.clone(),
+            connect_timeout: config.connect_timeout,
+            hold_capacity: config.hold_capacity,
+            outage: config.registry_outage,
+            registry_down: AtomicBool::new(false),
+            space: Notify::new(),
+            cmds: cmd_tx,
+            shut: AtomicBool::new(false),
+            me: me.clone(),
+        });
+        let health = Arc::new(Health {
+            lease_ok: AtomicBool::new(true),
+        });
+        // Subscribe first so no snapshot published after this one is missed.
+        let snaps = watcher.subscribe();
+        core.apply_snapshot(&watcher.snapshot()).await;
+        sync_acks(&core, &lease).await;
+        let tasks = vec![
+            tokio::spawn(driver(
+                core.clone(),
+                watcher.clone(),
+                lease.clone(),
+                health.clone(),
+                snaps,
+                cmd_rx,
+            )),
+            tokio::spawn(lease_keeper(
+                core.clone(),
+                registry,
+                lease.clone(),
+                health,
+                template,
+                config.lease_ttl,
+            )),
+        ];
+        Ok(FleetProducer {
+            inner: Arc::new(Inner {
+                core,
+                watcher,
+                lease,
+                tasks,
+                client_id: config.client_id,
+            }),
+        })
+    }
+
+    /// This producer's registry id (`clients/producer/<id>`).
+    pub fn client_id(&self) -> &str {
+        &self.inner.client_id
+    }
+
+    /// The registry snapshot the producer currently sees.
+    pub fn snapshot(&self) -> Arc<FleetSnapshot> {
+        self.inner.watcher.snapshot()
+    }
+
+    /// The epoch `topic` is currently routed with, if any.
+    pub fn routing_epoch(&self, topic: &str) -> Option<u64> {
+        self.inner.core.lock().router.routing_epoch(topic)
+    }
+
+    /// Records currently waiting in the hold buffer.
+    pub fn held_records(&self) -> usize {
+        self.inner.core.lock().held_total
+    }
+
+    /// The epochs this producer has acknowledged, per topic.
+    pub fn acked(&self) -> std::collections::BTreeMap<String, u64> {
+        self.inner.core.lock().router.acked()
+    }
+
+    /// Sends a record, like `FutureProducer::send`: `queue_timeout` bounds how
+    /// long the record may wait *before* it is handed to Kafka (held during a
+    /// route switch, hold buffer full, librdkafka queue full, registry outage
+    /// in [`OutageMode::Hold`]); `Timeout::Never` waits as long as it takes.
+    /// Once handed over, delivery is bounded by `message.timeout.ms`.
+    ///
+    /// The record gets an [`EPOCH_HEADER`](super::EPOCH_HEADER) after its own headers.
+    pub async fn send<K, P, T>(
+        &self,
+        record: FutureRecord<'_, K, P>,
+        queue_timeout: T,
+    ) -> FleetDeliveryResult
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+        T: Into<Timeout>,
+    {
+        let rec = RecordRef::of_future(&record);
+        self.send_ref(rec, queue_timeout.into()).await
+    }
+
+    /// [`send`](Self::send) for an [`OwnedRecord`]; the future is `'static`.
+    pub async fn send_owned(
+        &self,
+        record: OwnedRecord,
+        queue_timeout: impl Into<Timeout>,
+    ) -> FleetDeliveryResult {
+        let timeout = queue_timeout.into();
+        self.send_ref(RecordRef::of_owned(&record), timeout).await
+    }
+
+    async fn send_ref(&self, rec: RecordRef<'_>, timeout: Timeout) -> FleetDeliveryResult {
+        let core = &self.inner.core;
+        let started = Instant::now();
+        let deadline = match timeout {
+            Timeout::After(d) => Some(started + d),
+            Timeout::Never => None,
+        };
+        let (mut tx, rx) = oneshot::channel();
+        loop {
+            let notified = core.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (reason, back) = match core.attempt(&rec, tx) {
+                Attempt::Sent => return await_delivery(rx, rec).await,
+                Attempt::Held(id) => return self.await_held(rx, rec, id, deadline, started).await,
+                Attempt::Failed(e) => return Err((e, rec.to_owned_record().into_message())),
+                Attempt::Full(t) => (WaitReason::HoldBufferFull, t),
+                Attempt::QueueFull(t, _) => (WaitReason::QueueFull, t),
+            };
+            tx = back;
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err((
+                    FleetSendError::Timeout {
+                        waited: now - started,
+                        reason,
+                    },
+                    rec.to_owned_record().into_message(),
+                ));
+            }
+            let mut wait = Duration::from_millis(if reason == WaitReason::QueueFull {
+                5
+            } else {
+                50
+            });
+            if let Some(d) = deadline {
+                wait = wait.min(d - now);
+            }
+            if reason == WaitReason::HoldBufferFull {
+                let _ = tokio::time::timeout(wait, notified).await;
+            } else {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+
+    async fn await_held(
+        &self,
+        mut rx: Rx,
+        rec: RecordRef<'_>,
+        id: u64,
+        deadline: Option<Instant>,
+        started: Instant,
+    ) -> FleetDeliveryResult {
+        if let Some(d) = deadline {
+            tokio::select! {
+                r = &mut rx => return flatten(r, rec),
+                _ = tokio::time::sleep_until(d) => {}
+            }
+            if let Some(owned) = self.inner.core.unhold(rec.topic, id) {
+                return Err((
+                    FleetSendError::Timeout {
+                        waited: started.elapsed(),
+                        reason: WaitReason::Held,
+                    },
+                    owned.into_message(),
+                ));
+            }
+        }
+        await_delivery(rx, rec).await
+    }
+
+    /// Sends without waiting, like `FutureProducer::send_result`: routes (or
+    /// holds) the record now and returns a future of its delivery. A full hold
+    /// buffer or librdkafka queue, or a record with no route, gives the record
+    /// back with the error. A held record waits for the switch without a
+    /// timeout (until it completes or is aborted).
+    #[allow(clippy::result_large_err)]
+    pub fn send_result<'a, K, P>(
+        &self,
+        record: FutureRecord<'a, K, P>,
+    ) -> Result<DeliveryFuture, (FleetSendError, FutureRecord<'a, K, P>)>
+    where
+        K: ToBytes + ?Sized,
+        P: ToBytes + ?Sized,
+    {
+        let (tx, rx) = oneshot::channel();
+        let topic = record.topic.to_string();
+        let err = match self.inner.core.attempt(&RecordRef::of_future(&record), tx) {
+            Attempt::Sent | Attempt::Held(_) => return Ok(DeliveryFuture { rx, topic }),
+            Attempt::Failed(e) => e,
+            Attempt::Full(_) => FleetSendError::HoldBufferFull {
+                capacity: self.inner.core.hold_capacity,
+            },
+            Attempt::QueueFull(_, cluster) => FleetSendError::Kafka {
+                error: from_code(&cluster, RDKafkaErrorCode::QueueFull, "enqueue"),
+                cluster,
+            },
+        };
+        Err((err, record))
+    }
+
+    /// Waits until the hold buffer is empty and every record handed to Kafka
+    /// is delivered or failed, at most `timeout`.
+    pub async fn flush<T: Into<Timeout>>(&self, timeout: T) -> Result<(), FleetSendError> {
+        let started = Instant::now();
+        let deadline = match timeout.into() {
+            Timeout::After(d) => Some(started + d),
+            Timeout::Never => None,
+        };
+        while self.held_records() > 0 {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(FleetSendError::Timeout {
+                    waited: started.elapsed(),
+                    reason: WaitReason::Held,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let producers = self.inner.core.ready_producers();
+        let remaining = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let r = tokio::task::spawn_blocking(move || {
+            for p in &producers {
+                let t = remaining.map_or(Timeout::Never, Timeout::After);
+                p.flush(t)?;
+            }
+            Ok::<(), RdKafkaError>(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(FleetSendError::Timeout {
+                waited: started.elapsed(),
+                reason: WaitReason::QueueFull,
+            }),
+        }
+    }
+
+    /// Flushes (at most `timeout`), stops the background tasks and revokes the
+    /// lease (the client record disappears from the registry at once). Other
+    /// clones of this handle fail their sends with [`FleetSendError::Closed`].
+    pub async fn close(&self, timeout: Duration) -> Result<(), FleetSendError> {
+        let r = self.flush(timeout).await;
+        self.inner.core.shut.store(true, Ordering::Relaxed);
+        for t in &self.inner.tasks {
+            t.abort();
+        }
+        if let Some(l) = self.inner.lease.lock().await.take() {
+            let _ = l.revoke().await;
+        }
+        r
+    }
+}
+
+async fn await_delivery(rx: Rx, rec: RecordRef<'_>) -> FleetDeliveryResult {
+    flatten(rx.await, rec)
+}
+
+fn flatten(
+    r: Result<FleetDeliveryResult, oneshot::error::RecvError>,
+    rec: RecordRef<'_>,
+) -> FleetDeliveryResult {
+    match r {
+        Ok(r) => r,
+        Err(_) => Err((FleetSendError::Closed, rec.to_owned_record().into_message())),
+    }
+}
+
+/// The delivery of a record handed over with [`FleetProducer::send_result`].
+#[derive(Debug)]
+pub struct DeliveryFuture {
+    rx: Rx,
+    topic: String,
+}
+
+impl std::future::Future for DeliveryFuture {
+    type Output = FleetDeliveryResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(r)) => Poll::Ready(r),
+            Poll::Ready(Err(_)) => Poll::Ready(Err((
+                FleetSendError::Closed,
+                OwnedMessage::new(
+                    None,
+                    None,
+                    self.topic.clone(),
+                    rdkafka::Timestamp::NotAvailable,
+                    -1,
+                    -1,
+                    None,
+                ),
+            ))),
+        }
+    }
+}
