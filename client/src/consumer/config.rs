@@ -1,0 +1,298 @@
+//! [`FleetConsumerConfig`]: what a [`FleetConsumer`](super::FleetConsumer) is built from.
+//!
+//! It reads like rdkafka's `ClientConfig` — `set("group.id", "billing")` and
+//! any other consumer property — plus the fleet registry and the local
+//! security profiles. Every rdkafka property is applied to each per-cluster
+//! consumer, except the few the fleet consumer owns (see
+//! [`FleetConsumerConfig::set`]).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+
+use crate::kafka::{KafkaProperties, SecurityProfiles};
+use crate::registry::{ClusterId, Registry, WatcherOptions};
+
+/// Properties the per-cluster admin clients must not get (consumer-only).
+pub(crate) const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.commit.interval.ms",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "partition.assignment.strategy",
+    "group.protocol",
+    "group.remote.assignor",
+    "enable.partition.eof",
+    "isolation.level",
+    "fetch.wait.max.ms",
+    "fetch.min.bytes",
+    "fetch.max.bytes",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "check.crcs",
+    "statistics.interval.ms",
+];
+
+/// Which side of a rebalance a [`RebalanceEvent`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebalancePhase {
+    /// Before the assignment changes (rdkafka's `pre_rebalance`).
+    Before,
+    /// After the assignment changed (rdkafka's `post_rebalance`).
+    After,
+}
+
+/// What a rebalance of one per-cluster consumer does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceKind {
+    /// These `(topic, partition)`s are assigned to this member.
+    Assign(Vec<(String, i32)>),
+    /// These `(topic, partition)`s are taken away from this member.
+    Revoke(Vec<(String, i32)>),
+    /// The rebalance failed (rdkafka's `Rebalance::Error`).
+    Error(String),
+}
+
+/// A rebalance of the consumer group on one cluster, forwarded to the
+/// [`FleetConsumerConfig::on_rebalance`] callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebalanceEvent {
+    /// The registry id of the cluster whose group membership changed.
+    pub cluster: ClusterId,
+    /// Before or after the change.
+    pub phase: RebalancePhase,
+    /// What changed.
+    pub kind: RebalanceKind,
+}
+
+/// A user rebalance callback. Runs on the thread that polls the consumer
+/// (inside [`FleetConsumer::recv`](super::FleetConsumer::recv)); keep it short.
+pub type RebalanceCallback = Arc<dyn Fn(&RebalanceEvent) + Send + Sync>;
+
+/// Settings of a [`FleetConsumer`](super::FleetConsumer).
+///
+/// ```no_run
+/// # use flotilla_client::consumer::FleetConsumerConfig;
+/// # fn f(registry: flotilla_client::registry::Registry) {
+/// let config = FleetConsumerConfig::new(registry)
+///     .set("group.id", "billing")
+///     .set("session.timeout.ms", "10000");
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct FleetConsumerConfig {
+    pub(crate) properties: KafkaProperties,
+    pub(crate) registry: Registry,
+    pub(crate) profiles: SecurityProfiles,
+    pub(crate) watcher: WatcherOptions,
+    pub(crate) client_id: Option<String>,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) poll_interval: Duration,
+    pub(crate) on_rebalance: Option<RebalanceCallback>,
+}
+
+impl fmt::Debug for FleetConsumerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FleetConsumerConfig")
+            .field("properties", &self.properties)
+            .field("registry", &self.registry)
+            .field("profiles", &self.profiles)
+            .field("client_id", &self.client_id)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("poll_interval", &self.poll_interval)
+            .field("on_rebalance", &self.on_rebalance.is_some())
+            .finish()
+    }
+}
+
+impl FleetConsumerConfig {
+    /// A configuration reading the fleet in `registry`, with no rdkafka
+    /// properties yet (`group.id` must still be set), no security profiles,
+    /// a 5 s client lease, 10 s connect timeout and a 250 ms gate poll.
+    pub fn new(registry: Registry) -> Self {
+        FleetConsumerConfig {
+            properties: KafkaProperties::new(),
+            registry,
+            profiles: SecurityProfiles::empty(),
+            watcher: WatcherOptions::default(),
+            client_id: None,
+            lease_ttl: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(10),
+            poll_interval: Duration::from_millis(250),
+            on_rebalance: None,
+        }
+    }
+
+    /// Sets an rdkafka consumer property, applied to every per-cluster consumer.
+    ///
+    /// Owned by the fleet consumer and overridden: `bootstrap.servers` (from
+    /// the registry), `auto.offset.reset` (always `earliest`: a cluster that
+    /// enters the read set is read from its beginning), and
+    /// `enable.auto.offset.store` (offsets are stored when a record is
+    /// *delivered*, not when rdkafka hands it to the gate; `false` here
+    /// means "only [`store_offset`](super::FleetConsumer::store_offset)
+    /// stores"). `enable.auto.commit` defaults to `false`.
+    pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.properties.set(key, value);
+        self
+    }
+
+    /// Takes every property of an rdkafka [`ClientConfig`] (as [`FleetConsumerConfig::set`]).
+    pub fn with_client_config(mut self, config: &ClientConfig) -> Self {
+        for (k, v) in config.config_map() {
+            self.properties.set(k, v);
+        }
+        self
+    }
+
+    /// Takes every property of `props` (as [`FleetConsumerConfig::set`]).
+    pub fn with_properties(mut self, props: &KafkaProperties) -> Self {
+        self.properties.merge(props);
+        self
+    }
+
+    /// The value of an rdkafka property, if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.properties.get(key)
+    }
+
+    /// The rdkafka properties as set.
+    pub fn properties(&self) -> &KafkaProperties {
+        &self.properties
+    }
+
+    /// The consumer group (`group.id`), if set.
+    pub fn group_id(&self) -> Option<&str> {
+        self.properties.get("group.id")
+    }
+
+    /// Local security profiles that the clusters' specs name.
+    pub fn security_profiles(mut self, profiles: SecurityProfiles) -> Self {
+        self.profiles = profiles;
+        self
+    }
+
+    /// Settings of the registry watcher the consumer starts.
+    pub fn watcher_options(mut self, opts: WatcherOptions) -> Self {
+        self.watcher = opts;
+        self
+    }
+
+    /// The id this consumer registers under (`clients/consumer/<id>`);
+    /// default `<group>-<pid>-<unique suffix>`.
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// TTL of the registry lease the consumer's client record lives under.
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl;
+        self
+    }
+
+    /// How long connecting to a cluster (and each offset query) may take.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How often the group's committed offsets on sealed clusters are polled
+    /// (fences other members pass) and the read set is reconciled.
+    pub fn poll_interval(mut self, every: Duration) -> Self {
+        self.poll_interval = every;
+        self
+    }
+
+    /// A callback that sees every rebalance of every per-cluster consumer.
+    pub fn on_rebalance(mut self, f: impl Fn(&RebalanceEvent) + Send + Sync + 'static) -> Self {
+        self.on_rebalance = Some(Arc::new(f));
+        self
+    }
+
+    /// Whether delivered records store their offset (the user's
+    /// `enable.auto.offset.store`, default true).
+    pub(crate) fn auto_store(&self) -> bool {
+        self.properties
+            .get("enable.auto.offset.store")
+            .is_none_or(|v| v.eq_ignore_ascii_case("true"))
+    }
+
+    /// The base properties of each per-cluster consumer.
+    pub(crate) fn consumer_base(&self) -> KafkaProperties {
+        let mut p = self.properties.clone();
+        p.remove("bootstrap.servers");
+        p.remove("metadata.broker.list");
+        p.set("auto.offset.reset", "earliest");
+        p.set("enable.auto.offset.store", "false");
+        if p.get("enable.auto.commit").is_none() {
+            p.set("enable.auto.commit", "false");
+        }
+        if p.get("statistics.interval.ms").is_none() {
+            // Lag per partition comes from librdkafka's statistics.
+            p.set("statistics.interval.ms", "5000");
+        }
+        p
+    }
+
+    /// The base properties of each per-cluster admin client.
+    pub(crate) fn admin_base(&self) -> KafkaProperties {
+        let mut p = self.properties.clone();
+        p.remove("bootstrap.servers");
+        p.remove("metadata.broker.list");
+        for k in CONSUMER_ONLY {
+            p.remove(k);
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::memory::MemoryKv;
+
+    fn reg() -> Registry {
+        Registry::new(
+            Arc::new(MemoryKv::with_clock(Arc::new(
+                crate::registry::memory::ManualClock::new(),
+            ))),
+            "f",
+        )
+    }
+
+    #[test]
+    fn owned_properties_are_overridden() {
+        let c = FleetConsumerConfig::new(reg())
+            .set("group.id", "g")
+            .set("auto.offset.reset", "latest")
+            .set("bootstrap.servers", "x:1")
+            .set("session.timeout.ms", "6000");
+        let b = c.consumer_base();
+        assert_eq!(b.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(b.get("enable.auto.commit"), Some("false"));
+        assert_eq!(b.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(b.get("bootstrap.servers"), None);
+        assert_eq!(b.get("session.timeout.ms"), Some("6000"));
+        assert!(c.auto_store());
+        let a = c.admin_base();
+        assert_eq!(a.get("group.id"), None);
+        assert_eq!(a.get("session.timeout.ms"), None);
+        let c = c
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true");
+        assert!(!c.auto_store());
+        assert_eq!(c.consumer_base().get("enable.auto.commit"), Some("true"));
+    }
+}

@@ -1,0 +1,135 @@
+//! [`FleetContext`]: the rdkafka `ConsumerContext` of every per-cluster consumer.
+//!
+//! It forwards rebalances to the user's callback (with the cluster they
+//! happened on), drops records parked for partitions this member loses,
+//! feeds the fence gate with the offsets this member commits (including
+//! asynchronous and automatic commits), and turns librdkafka's errors and
+//! statistics into logs and metrics.
+
+use std::sync::Weak;
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError as RdKafkaError, KafkaResult};
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::config::{RebalanceEvent, RebalanceKind, RebalancePhase};
+use super::fleet::Shared;
+use crate::registry::ClusterId;
+
+/// The context of one per-cluster consumer of a [`FleetConsumer`](super::FleetConsumer).
+pub struct FleetContext {
+    cluster: ClusterId,
+    shared: Weak<Shared>,
+}
+
+impl std::fmt::Debug for FleetContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetContext")
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+impl FleetContext {
+    pub(crate) fn new(cluster: ClusterId, shared: Weak<Shared>) -> Self {
+        FleetContext { cluster, shared }
+    }
+
+    /// The registry id of the cluster this consumer reads.
+    pub fn cluster(&self) -> &str {
+        &self.cluster
+    }
+
+    fn forward(&self, phase: RebalancePhase, rebalance: &Rebalance<'_>) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let kind = match rebalance {
+            Rebalance::Assign(tpl) => RebalanceKind::Assign(pairs(tpl)),
+            Rebalance::Revoke(tpl) => RebalanceKind::Revoke(pairs(tpl)),
+            Rebalance::Error(e) => RebalanceKind::Error(e.to_string()),
+        };
+        if phase == RebalancePhase::After {
+            match &kind {
+                RebalanceKind::Assign(ps) | RebalanceKind::Revoke(ps) => {
+                    shared.forget_partitions(&self.cluster, ps)
+                }
+                RebalanceKind::Error(e) => {
+                    tracing::warn!(cluster = %self.cluster, error = %e, "consumer group rebalance failed")
+                }
+            }
+        }
+        tracing::debug!(cluster = %self.cluster, ?phase, ?kind, "rebalance");
+        if let Some(cb) = shared.rebalance_callback() {
+            cb(&RebalanceEvent {
+                cluster: self.cluster.clone(),
+                phase,
+                kind,
+            });
+        }
+    }
+}
+
+fn pairs(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for FleetContext {
+    fn error(&self, error: RdKafkaError, reason: &str) {
+        tracing::warn!(cluster = %self.cluster, %error, reason, "kafka client error");
+        metrics::counter!("flotilla_consumer_errors_total", "cluster" => self.cluster.clone())
+            .increment(1);
+        if let Some(shared) = self.shared.upgrade() {
+            shared.cluster_error(&self.cluster, format!("{error}: {reason}"));
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (p, part) in &t.partitions {
+                if *p < 0 || part.consumer_lag < 0 {
+                    continue;
+                }
+                metrics::gauge!(
+                    "flotilla_consumer_lag",
+                    "cluster" => self.cluster.clone(),
+                    "topic" => topic.clone(),
+                    "partition" => p.to_string()
+                )
+                .set(part.consumer_lag as f64);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for FleetContext {
+    fn pre_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.forward(RebalancePhase::Before, rebalance);
+    }
+
+    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.forward(RebalancePhase::After, rebalance);
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        if let Err(e) = result {
+            tracing::debug!(cluster = %self.cluster, error = %e, "offset commit failed");
+            return;
+        }
+        for e in offsets.elements() {
+            if let (Offset::Offset(o), true) = (e.offset(), e.error().is_ok()) {
+                if let Ok(p) = u32::try_from(e.partition()) {
+                    shared.on_committed(&self.cluster, e.topic(), p, o);
+                }
+            }
+        }
+    }
+}

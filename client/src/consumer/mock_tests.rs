@@ -1,0 +1,278 @@
+//! Quick tests of the fleet consumer on librdkafka mock clusters and the
+//! in-memory registry.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::CommitMode;
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+use super::*;
+use crate::kafka::MockFleet;
+use crate::registry::memory::MemoryKv;
+use crate::registry::{
+    Epoch, EpochState, Expect, Registry, TopicRoute, WatcherOptions, WeightedCluster,
+    SCHEMA_VERSION,
+};
+
+const TOPIC: &str = "orders";
+
+fn epoch(n: u64, write: &[&str], state: EpochState, fence: &[(&str, Vec<i64>)]) -> Epoch {
+    Epoch {
+        n,
+        write: write
+            .iter()
+            .map(|c| WeightedCluster {
+                cluster: c.to_string(),
+                weight: 100,
+            })
+            .collect(),
+        state,
+        fence: fence
+            .iter()
+            .map(|(c, o)| (c.to_string(), o.clone()))
+            .collect(),
+        created_at: 0,
+        ack_deadline: None,
+    }
+}
+
+struct Env {
+    fleet: Option<MockFleet>,
+    registry: Registry,
+}
+
+impl Env {
+    async fn start(partitions: u32, epochs: Vec<Epoch>) -> Env {
+        let fleet = tokio::task::spawn_blocking(|| MockFleet::start(2))
+            .await
+            .unwrap()
+            .unwrap();
+        fleet.create_topic(TOPIC, partitions).unwrap();
+        let registry = Registry::new(Arc::new(MemoryKv::new()), "test");
+        for (i, id) in ["a", "b"].iter().enumerate() {
+            registry
+                .create_cluster(&fleet.cluster(i).cluster_spec(id))
+                .await
+                .unwrap();
+        }
+        let route = TopicRoute {
+            version: SCHEMA_VERSION,
+            topic: TOPIC.into(),
+            partitions,
+            epochs,
+        };
+        registry.put_route(&route, Expect::Absent).await.unwrap();
+        Env {
+            fleet: Some(fleet),
+            registry,
+        }
+    }
+
+    fn bootstrap(&self, i: usize) -> String {
+        self.fleet
+            .as_ref()
+            .unwrap()
+            .cluster(i)
+            .bootstrap()
+            .to_string()
+    }
+
+    /// Produces `n` records `<cluster>-<i>` with epoch header `epoch` to
+    /// partition `i % partitions`; returns the end offset per partition.
+    async fn produce(&self, i: usize, n: usize, partitions: u32, epoch: u64) -> Vec<i64> {
+        let p: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap(i))
+            .create()
+            .unwrap();
+        let mut ends = vec![0i64; partitions as usize];
+        for k in 0..n {
+            let part = (k % partitions as usize) as i32;
+            let payload = format!("{i}-{k}");
+            let e = epoch.to_string();
+            let d = p
+                .send(
+                    FutureRecord::to(TOPIC)
+                        .key(&payload)
+                        .payload(&payload)
+                        .partition(part)
+                        .headers(OwnedHeaders::new().insert(Header {
+                            key: EPOCH_HEADER,
+                            value: Some(e.as_str()),
+                        })),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+            ends[d.partition as usize] = ends[d.partition as usize].max(d.offset + 1);
+        }
+        ends
+    }
+
+    fn config(&self, group: &str) -> FleetConsumerConfig {
+        FleetConsumerConfig::new(self.registry.clone())
+            .set("group.id", group)
+            .set("session.timeout.ms", "6000")
+            .poll_interval(Duration::from_millis(100))
+            .watcher_options(WatcherOptions::default())
+    }
+
+    async fn shutdown(mut self) {
+        let f = self.fleet.take().unwrap();
+        tokio::task::spawn_blocking(move || drop(f)).await.unwrap();
+    }
+}
+
+async fn recv_for(c: &FleetConsumer, d: Duration) -> Option<FleetMessage> {
+    match tokio::time::timeout(d, c.recv()).await {
+        Ok(r) => Some(r.unwrap()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_both_clusters_of_an_open_epoch_with_cluster_tags() {
+    let env = Env::start(2, vec![epoch(1, &["a", "b"], EpochState::Open, &[])]).await;
+    env.produce(0, 10, 2, 1).await;
+    env.produce(1, 7, 2, 1).await;
+    let seen_rebalance = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = seen_rebalance.clone();
+    let c = FleetConsumer::new(env.config("g1").on_rebalance(move |e| {
+        if matches!(e.kind, RebalanceKind::Assign(_)) && e.phase == RebalancePhase::After {
+            s.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }))
+    .await
+    .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.values().map(BTreeSet::len).sum::<usize>() < 17 {
+        assert!(Instant::now() < deadline, "timed out; got {got:?}");
+        let Some(m) = recv_for(&c, Duration::from_secs(1)).await else {
+            continue;
+        };
+        let payload = String::from_utf8(m.payload().unwrap().to_vec()).unwrap();
+        let expect = if m.cluster() == "a" { "0-" } else { "1-" };
+        assert!(
+            payload.starts_with(expect),
+            "{payload} from {}",
+            m.cluster()
+        );
+        assert_eq!(m.epoch(), Some(1));
+        assert!(!m.is_straggler());
+        c.commit_message(&m, CommitMode::Sync).unwrap();
+        assert!(got
+            .entry(m.cluster().to_string())
+            .or_default()
+            .insert(payload));
+    }
+    assert_eq!(got["a"].len(), 10);
+    assert_eq!(got["b"].len(), 7);
+    assert_eq!(
+        c.read_set(TOPIC),
+        BTreeSet::from(["a".to_string(), "b".to_string()])
+    );
+    let assignment = c.assignment().unwrap();
+    assert_eq!(assignment.len(), 2);
+    assert!(seen_rebalance.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    // Registered as a lease-bound client, and the group with its topic.
+    let snap = env.registry.snapshot().await.unwrap();
+    assert!(snap.groups["g1"].topics.contains(&TOPIC.to_string()));
+    assert!(snap
+        .clients
+        .values()
+        .any(|r| r.group.as_deref() == Some("g1")));
+    c.close().await;
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_epoch_gates_the_next_cluster_until_committed_to_the_fence() {
+    // Epoch 1 on a (sealed, fence written by hand below), epoch 2 open on b.
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    let fence_a = env.produce(0, 8, parts, 1).await;
+    let fence_b = vec![0i64; parts as usize];
+    let route = TopicRoute {
+        version: SCHEMA_VERSION,
+        topic: TOPIC.into(),
+        partitions: parts,
+        epochs: vec![
+            epoch(
+                1,
+                &["a"],
+                EpochState::Sealed,
+                &[("a", fence_a.clone()), ("b", fence_b)],
+            ),
+            epoch(2, &["b"], EpochState::Open, &[]),
+        ],
+    };
+    let (_, rev) = env.registry.route(TOPIC).await.unwrap().unwrap();
+    env.registry
+        .put_route(&route, Expect::ModRevision(rev))
+        .await
+        .unwrap();
+    env.produce(1, 6, parts, 2).await;
+
+    let c = FleetConsumer::new(env.config("g2")).await.unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    // Consume without committing: only a's records may come, b's wait.
+    let mut held: Vec<FleetMessage> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while held.len() < 8 {
+        assert!(
+            Instant::now() < deadline,
+            "timed out with {} records",
+            held.len()
+        );
+        if let Some(m) = recv_for(&c, Duration::from_secs(1)).await {
+            assert_eq!(m.cluster(), "a", "b delivered before a reached its fence");
+            held.push(m);
+        }
+    }
+    // Nothing more while a is uncommitted (b is gated above its boundary 0).
+    let extra = recv_for(&c, Duration::from_secs(3)).await;
+    assert!(extra.is_none(), "b delivered early: {extra:?}");
+    assert!(c.held_back() > 0, "b's records should be parked");
+    assert_eq!(c.read_set(TOPIC).len(), 2);
+    // Commit a's partition 0 only: b/0 flows, b/1 still waits.
+    for m in held.iter().filter(|m| m.partition() == 0) {
+        c.commit_message(m, CommitMode::Sync).unwrap();
+    }
+    let mut from_b = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while from_b.len() < 3 {
+        assert!(Instant::now() < deadline, "b/0 not released: {from_b:?}");
+        if let Some(m) = recv_for(&c, Duration::from_secs(1)).await {
+            assert_eq!((m.cluster(), m.partition()), ("b", 0), "only b/0 may flow");
+            assert_eq!(m.epoch(), Some(2));
+            from_b.push(m);
+        }
+    }
+    assert!(recv_for(&c, Duration::from_secs(2)).await.is_none());
+    for m in held.iter().filter(|m| m.partition() == 1) {
+        c.commit_message(m, CommitMode::Sync).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while from_b.len() < 6 {
+        assert!(Instant::now() < deadline, "b/1 not released");
+        if let Some(m) = recv_for(&c, Duration::from_secs(1)).await {
+            assert_eq!((m.cluster(), m.partition()), ("b", 1));
+            from_b.push(m);
+        }
+    }
+    // a is consumed past its fence: it leaves the read set.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.read_set(TOPIC).len() != 1 {
+        assert!(Instant::now() < deadline, "a never left the read set");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.read_set(TOPIC), BTreeSet::from(["b".to_string()]));
+    c.close().await;
+    env.shutdown().await;
+}

@@ -1,0 +1,98 @@
+//! [`FleetConsumer`]: a drop-in for rdkafka's `StreamConsumer` that reads every
+//! cluster a topic lives on, and keeps per-key order across route switches.
+//!
+//! One rdkafka `StreamConsumer` per cluster of the **read set**, all in the
+//! same consumer group (`group.id`): Kafka's own group membership balances
+//! partitions among the members on each cluster, and offsets are committed to
+//! the cluster a record came from.
+//!
+//! - **Read set** (per topic, [`read_set`](crate::route::gate::read_set)):
+//!   every cluster of the open epoch, plus every cluster of a sealed epoch the
+//!   group has not yet committed past its fence. A cluster leaves (its
+//!   consumer is closed) only once the group committed past its fence; a
+//!   cluster that enters is read from its beginning (`auto.offset.reset` is
+//!   always `earliest`). Offsets live in Kafka, so a cluster removed and added
+//!   back resumes where the group left it.
+//! - **Fences** (DESIGN "Handoff protocol" step 5): every decision is the
+//!   sans-IO [`FenceGate`](crate::route::gate::FenceGate)'s. The consumer only
+//!   feeds it routes and the group's committed offsets (its own commits at
+//!   once, every member's by polling the sealed clusters with
+//!   [`ClusterAdmin::committed_offsets`](crate::kafka::ClusterAdmin::committed_offsets)),
+//!   parks a record the gate holds back, pauses its partition, and resumes it
+//!   when the gate says `Unblock`. A record of a sealed epoch found above a
+//!   fence (a zombie producer) is delivered, counted and logged, never dropped.
+//! - **Failures**: a read cluster down does not stop the others; a registry
+//!   outage keeps the last snapshot.
+//!
+//! Metrics: counter `flotilla_consumer_records_total{cluster}`, gauge
+//! `flotilla_consumer_lag{cluster,topic,partition}` (from librdkafka
+//! statistics), histogram `flotilla_consumer_fence_wait_seconds{cluster,topic}`,
+//! counter `flotilla_consumer_stragglers_total{cluster,topic}`, gauge
+//! `flotilla_consumer_read_set_size{topic}`, counter
+//! `flotilla_consumer_errors_total{cluster}`.
+//!
+//! See `docs/consumer.md` for porting from `StreamConsumer`.
+
+mod config;
+mod context;
+mod fleet;
+#[cfg(test)]
+mod mock_tests;
+
+use rdkafka::message::Headers;
+
+pub use config::{
+    FleetConsumerConfig, RebalanceCallback, RebalanceEvent, RebalanceKind, RebalancePhase,
+};
+pub use context::FleetContext;
+pub use fleet::{FleetConsumeError, FleetConsumer, FleetMessage};
+
+/// Name of the record header carrying the route epoch a producer routed the
+/// record with (written by `FleetProducer`; decimal ASCII, `7` → `b"7"`).
+pub const EPOCH_HEADER: &str = "flotilla-epoch";
+
+/// Parses an [`EPOCH_HEADER`] value (decimal ASCII). The one place the
+/// consumer decodes it.
+pub fn parse_epoch_header(value: &[u8]) -> Option<u64> {
+    std::str::from_utf8(value).ok()?.trim().parse().ok()
+}
+
+/// The epoch of a record from its headers: the last [`EPOCH_HEADER`] (the
+/// producer appends it after the user's own headers), if well formed.
+pub fn epoch_of<H: Headers>(headers: &H) -> Option<u64> {
+    headers
+        .iter()
+        .filter(|h| h.key == EPOCH_HEADER)
+        .last()
+        .and_then(|h| h.value)
+        .and_then(parse_epoch_header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders};
+
+    #[test]
+    fn epoch_header_is_decimal_ascii_and_last_wins() {
+        assert_eq!(parse_epoch_header(b"7"), Some(7));
+        assert_eq!(parse_epoch_header(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_epoch_header(b"x"), None);
+        assert_eq!(parse_epoch_header(b""), None);
+        let h = OwnedHeaders::new()
+            .insert(Header {
+                key: EPOCH_HEADER,
+                value: Some("3"),
+            })
+            .insert(Header {
+                key: "other",
+                value: Some("9"),
+            })
+            .insert(Header {
+                key: EPOCH_HEADER,
+                value: Some("4"),
+            });
+        assert_eq!(epoch_of(&h), Some(4));
+        assert_eq!(epoch_of(&OwnedHeaders::new()), None);
+    }
+}
