@@ -169,6 +169,7 @@ impl FleetWatcher {
             fleet: registry.fleet().to_string(),
             current: ArcSwap::new(first.clone()),
             tx,
+            // Stale until the watch is established (a few ms after start).
             connected: AtomicBool::new(false),
             down_since: Mutex::new(None),
             events: AtomicU64::new(0),
@@ -245,7 +246,8 @@ impl FleetWatcher {
             })
     }
 
-    /// Whether the watch is currently down, so the snapshot may be missing changes.
+    /// Whether the watch is currently down (or, just after start, not yet up),
+    /// so the snapshot may be missing changes.
     pub fn is_stale(&self) -> bool {
         !self.shared.connected.load(Ordering::SeqCst)
     }
