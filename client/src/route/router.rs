@@ -13,14 +13,22 @@
 //! # In-flight accounting (the router counts)
 //!
 //! Every `Send` decision counts one record in flight for `(topic, epoch)`.
-//! The adapter reports each record's outcome — delivered, failed, or never
-//! handed to Kafka at all — with exactly one [`Router::on_settled`], and/or
-//! reports "everything of this epoch is settled" with [`Router::on_flushed`]
-//! (which zeroes the count). Either is enough: with `on_settled` the router
-//! acknowledges as soon as the count reaches zero (and `Flush` is only a
-//! hint to hurry); with `on_flushed` alone it acknowledges once the adapter
-//! answers the `Flush` action. Counts saturate at zero, so a late
-//! `on_settled` after an `on_flushed` is harmless. Because the router knows
+//! How the adapter reports them settled is fixed when the router is built
+//! ([`Settlement`]):
+//!
+//! - [`Settlement::PerRecord`] ([`Router::new`]): exactly one
+//!   [`Router::on_settled`] per `Send` — delivered, failed, or never handed to
+//!   Kafka — typically from the delivery callback. The router acknowledges as
+//!   soon as the count reaches zero; `Flush` is a hint to hurry (e.g. poll or
+//!   flush the producer), and answering it with `on_flushed` is optional.
+//! - [`Settlement::PerFlush`]: no per-record reports; the adapter answers
+//!   every `Flush` with [`Router::on_flushed`] once everything that was in
+//!   flight *when the `Flush` was emitted* has settled. Records routed after
+//!   the `Flush` (possible when a switch is aborted meanwhile) stay counted
+//!   until a later flush.
+//!
+//! Mixing both for one router would count records twice, hence the fixed
+//! mode. Counts saturate at zero. Because the router knows
 //! what is in flight, a producer with nothing in flight for a topic — the
 //! common case for topics it does not write — acknowledges a pending epoch
 //! at once, without a flush round trip.
@@ -193,6 +201,9 @@ struct Active {
     clusters: Vec<ClusterId>,
     inflight: u64,
     flush_requested: bool,
+    /// Records sent since the outstanding `Flush` was emitted: its answer
+    /// does not cover them.
+    sent_since_flush: u64,
 }
 
 #[derive(Debug)]
@@ -200,6 +211,7 @@ struct Older {
     clusters: Vec<ClusterId>,
     inflight: u64,
     flush_requested: bool,
+    sent_since_flush: u64,
 }
 
 #[derive(Debug, Default)]
@@ -232,6 +244,7 @@ impl TopicState {
                             settled = false;
                             if !a.flush_requested {
                                 a.flush_requested = true;
+                                a.sent_since_flush = 0;
                                 out.push(Action::Flush {
                                     topic: topic.to_string(),
                                     epoch: a.n,
@@ -244,6 +257,7 @@ impl TopicState {
                             settled = false;
                             if !o.flush_requested {
                                 o.flush_requested = true;
+                                o.sent_since_flush = 0;
                                 out.push(Action::Flush {
                                     topic: topic.to_string(),
                                     epoch: n,
@@ -273,6 +287,7 @@ impl TopicState {
                             clusters: a.clusters,
                             inflight: a.inflight,
                             flush_requested: a.flush_requested,
+                            sent_since_flush: a.sent_since_flush,
                         },
                     );
                 }
@@ -288,7 +303,8 @@ impl TopicState {
                             table,
                             clusters: open.write.iter().map(|w| w.cluster.clone()).collect(),
                             inflight: prev.as_ref().map_or(0, |o| o.inflight),
-                            flush_requested: false,
+                            flush_requested: prev.as_ref().is_some_and(|o| o.flush_requested),
+                            sent_since_flush: prev.as_ref().map_or(0, |o| o.sent_since_flush),
                         });
                     }
                     Err(e) => {
@@ -309,6 +325,7 @@ impl TopicState {
             for (&n, o) in self.older.iter_mut() {
                 if o.inflight > 0 && !o.flush_requested {
                     o.flush_requested = true;
+                    o.sent_since_flush = 0;
                     out.push(Action::Flush {
                         topic: topic.to_string(),
                         epoch: n,
@@ -340,11 +357,22 @@ impl TopicState {
     }
 }
 
+/// How the adapter reports records settled (see the [module docs](self)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Settlement {
+    /// One [`Router::on_settled`] per `Send`; `Flush` is a hint.
+    #[default]
+    PerRecord,
+    /// Only [`Router::on_flushed`], in answer to every `Flush`.
+    PerFlush,
+}
+
 /// The producer's routing and handoff state machine. See the [module docs](self).
 #[derive(Debug, Default)]
 pub struct Router {
     topics: BTreeMap<String, TopicState>,
     open_clusters: BTreeSet<ClusterId>,
+    settlement: Settlement,
 }
 
 fn view_of(route: &TopicRoute, snapshot: &FleetSnapshot) -> View {
@@ -406,6 +434,19 @@ impl Router {
         Self::default()
     }
 
+    /// A router whose adapter reports settlement as `settlement` says.
+    pub fn with_settlement(settlement: Settlement) -> Self {
+        Router {
+            settlement,
+            ..Self::default()
+        }
+    }
+
+    /// How this router expects records to be reported settled.
+    pub fn settlement(&self) -> Settlement {
+        self.settlement
+    }
+
     /// Routes one record of `topic`. `key: None` is a keyless record: spread
     /// over the write set by weight and round-robin over partitions, using a
     /// per-topic counter. Counts a `Send` as in flight (see [`Router::on_settled`]).
@@ -451,6 +492,9 @@ impl Router {
         };
         let cluster = a.table.cluster(a.table.pick(hash)).clone();
         a.inflight += 1;
+        if a.flush_requested {
+            a.sent_since_flush += 1;
+        }
         Decision::Send {
             cluster,
             partition,
@@ -484,7 +528,11 @@ impl Router {
 
     /// One record sent with `epoch` has settled (delivered, failed, or never
     /// produced). Returns actions when that completes a flush.
+    /// Ignored under [`Settlement::PerFlush`].
     pub fn on_settled(&mut self, topic: &str, epoch: u64) -> Vec<Action> {
+        if self.settlement == Settlement::PerFlush {
+            return Vec::new();
+        }
         let Some(t) = self.topics.get_mut(topic) else {
             return Vec::new();
         };
@@ -493,6 +541,10 @@ impl Router {
             Some(a) if a.n == epoch => {
                 a.inflight = a.inflight.saturating_sub(1);
                 drained = a.inflight == 0 && (t.held || a.flush_requested);
+                if a.inflight == 0 {
+                    // Exact counts: an outstanding flush has nothing left to cover.
+                    a.flush_requested = false;
+                }
             }
             _ => {
                 if let Some(o) = t.older.get_mut(&epoch) {
@@ -507,22 +559,33 @@ impl Router {
         self.settle_topic(topic)
     }
 
-    /// Everything sent for `topic` with `epoch` has settled (the answer to
-    /// [`Action::Flush`]).
+    /// The answer to [`Action::Flush`] for `(topic, epoch)`: every record of
+    /// that epoch routed *before the `Flush` was emitted* has settled.
+    ///
+    /// Under [`Settlement::PerFlush`] the records routed since the `Flush`
+    /// stay counted; under [`Settlement::PerRecord`] the counts come from
+    /// [`Router::on_settled`] alone and this only marks the hint answered.
+    /// Without an outstanding `Flush` for that epoch it does nothing.
     pub fn on_flushed(&mut self, topic: &str, epoch: u64) -> Vec<Action> {
+        let per_flush = self.settlement == Settlement::PerFlush;
         let Some(t) = self.topics.get_mut(topic) else {
             return Vec::new();
         };
-        match t.active.as_mut() {
+        let (inflight, requested, since) = match t.active.as_mut() {
             Some(a) if a.n == epoch => {
-                a.inflight = 0;
-                a.flush_requested = false;
+                (&mut a.inflight, &mut a.flush_requested, a.sent_since_flush)
             }
-            _ => {
-                if let Some(o) = t.older.get_mut(&epoch) {
-                    o.inflight = 0;
-                }
-            }
+            _ => match t.older.get_mut(&epoch) {
+                Some(o) => (&mut o.inflight, &mut o.flush_requested, o.sent_since_flush),
+                None => return Vec::new(),
+            },
+        };
+        if !*requested {
+            return Vec::new();
+        }
+        *requested = false;
+        if per_flush {
+            *inflight = (*inflight).min(since);
         }
         self.settle_topic(topic)
     }
@@ -530,11 +593,6 @@ impl Router {
     fn settle_topic(&mut self, topic: &str) -> Vec<Action> {
         let mut out = Vec::new();
         if let Some(t) = self.topics.get_mut(topic) {
-            if let Some(a) = t.active.as_mut() {
-                if a.inflight == 0 {
-                    a.flush_requested = false;
-                }
-            }
             t.reconcile(topic, &mut out);
             if !t.view.exists
                 && !t.held
@@ -620,7 +678,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{EpochState, FleetSnapshot};
+    use crate::registry::{Epoch, EpochState, FleetSnapshot};
     use crate::route::murmur2::partition_for_key;
     use crate::route::testutil::*;
     use proptest::prelude::*;
@@ -765,7 +823,7 @@ mod tests {
 
     #[test]
     fn full_switch_hold_flush_ack_release() {
-        let mut r = Router::new();
+        let mut r = Router::with_settlement(Settlement::PerFlush);
         let e1 = epoch(1, &["a"], Open);
         r.on_snapshot(&snapshot(
             &["a", "b"],
@@ -831,6 +889,41 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_answer_covers_only_records_sent_before_the_flush() {
+        let mut r = Router::with_settlement(Settlement::PerFlush);
+        let open = |extra: Option<Epoch>| {
+            let mut es = vec![epoch(1, &["a"], Open)];
+            es.extend(extra);
+            snapshot(&["a", "b"], vec![route("t", 1, es)])
+        };
+        r.on_snapshot(&open(None));
+        r.route("t", None);
+        r.route("t", None);
+        let acts = r.on_snapshot(&open(Some(epoch(2, &["b"], Pending))));
+        assert!(acts.contains(&flush("t", 1)));
+        // Aborted while the adapter is still flushing: released, one more record sent.
+        let acts = r.on_snapshot(&open(Some(epoch(2, &["b"], Aborted))));
+        assert!(acts.contains(&release("t", 1)));
+        assert_eq!(send_epoch(&r.route("t", None)), Some(1));
+        // A new switch: the old flush is still outstanding, so no second one yet.
+        let mut es = vec![
+            epoch(1, &["a"], Open),
+            epoch(2, &["b"], Aborted),
+            epoch(3, &["b"], Pending),
+        ];
+        let acts = r.on_snapshot(&snapshot(&["a", "b"], vec![route("t", 1, es.clone())]));
+        assert_eq!(acts, vec![Action::Open("b".into())]);
+        // The old answer does not cover the record sent after it was asked for.
+        assert_eq!(r.on_flushed("t", 1), vec![flush("t", 1)]);
+        assert_eq!(r.in_flight("t", 1), 1);
+        assert_eq!(r.on_flushed("t", 1), vec![ack("t", 3)]);
+        // An unsolicited answer changes nothing.
+        es[2].state = Open;
+        es[0].state = Sealed;
+        assert!(r.on_flushed("t", 1).is_empty());
+    }
+
+    #[test]
     fn starting_while_pending_holds_and_acks_at_once() {
         let mut r = Router::new();
         let acts = r.on_snapshot(&snapshot(
@@ -847,7 +940,7 @@ mod tests {
 
     #[test]
     fn abort_releases_on_the_old_epoch() {
-        let mut r = Router::new();
+        let mut r = Router::with_settlement(Settlement::PerFlush);
         r.on_snapshot(&snapshot(
             &["a", "b"],
             vec![route("t", 1, vec![epoch(1, &["a"], Open)])],
@@ -965,22 +1058,27 @@ mod tests {
         router: Router,
         registry: BTreeMap<String, TopicRoute>,
         delivered: FleetSnapshot,
-        /// (topic, epoch, cluster) of every Send not yet settled.
-        inflight: Vec<(String, u64, String)>,
+        /// (topic, epoch, cluster, id) of every Send not yet settled.
+        inflight: Vec<(String, u64, String, usize)>,
         open: BTreeSet<String>,
         acked: BTreeMap<String, u64>,
-        flush_requests: Vec<(String, u64)>,
+        /// Outstanding flushes with the ids of the records they cover.
+        flush_requests: Vec<(String, u64, Vec<usize>)>,
         sends: usize,
     }
 
     impl Harness {
         fn new() -> Self {
+            Self::with(Settlement::PerRecord)
+        }
+
+        fn with(settlement: Settlement) -> Self {
             let registry = TOPICS
                 .iter()
                 .map(|t| (t.to_string(), route(t, 3, vec![epoch(1, &["a"], Open)])))
                 .collect();
             let mut h = Harness {
-                router: Router::new(),
+                router: Router::with_settlement(settlement),
                 registry,
                 delivered: FleetSnapshot::default(),
                 inflight: Vec::new(),
@@ -1011,11 +1109,19 @@ mod tests {
                     Action::Close(c) => {
                         assert!(self.open.remove(&c), "Close({c}) of a cluster not open");
                         assert!(
-                            !self.inflight.iter().any(|(_, _, ic)| *ic == c),
+                            !self.inflight.iter().any(|(_, _, ic, _)| *ic == c),
                             "Close({c}) with records in flight to it"
                         );
                     }
-                    Action::Flush { topic, epoch } => self.flush_requests.push((topic, epoch)),
+                    Action::Flush { topic, epoch } => {
+                        let covered = self
+                            .inflight
+                            .iter()
+                            .filter(|(t, e, _, _)| *t == topic && *e == epoch)
+                            .map(|r| r.3)
+                            .collect();
+                        self.flush_requests.push((topic, epoch, covered));
+                    }
                     Action::Ack { topic, epoch } => {
                         let v = self.view(&topic);
                         assert_eq!(
@@ -1027,7 +1133,7 @@ mod tests {
                             !self
                                 .inflight
                                 .iter()
-                                .any(|(t, e, _)| *t == topic && *e < epoch),
+                                .any(|(t, e, _, _)| *t == topic && *e < epoch),
                             "Ack {topic}/{epoch} while older records are in flight"
                         );
                         assert!(
@@ -1084,8 +1190,12 @@ mod tests {
                         "send to {cluster} that is not open"
                     );
                     assert!(*partition < v.partitions);
-                    self.inflight
-                        .push((topic.to_string(), *epoch, cluster.to_string()));
+                    self.inflight.push((
+                        topic.to_string(),
+                        *epoch,
+                        cluster.to_string(),
+                        self.sends,
+                    ));
                     self.sends += 1;
                 }
                 Decision::Hold => {
@@ -1099,15 +1209,32 @@ mod tests {
             d
         }
 
+        /// A record settles; only a per-record adapter tells the router.
         fn settle_one(&mut self, i: usize) {
-            let (t, e, _) = self.inflight.remove(i);
-            let acts = self.router.on_settled(&t, e);
+            let (t, e, _, _) = self.inflight.remove(i);
+            if self.router.settlement() == Settlement::PerRecord {
+                let acts = self.router.on_settled(&t, e);
+                self.apply(acts);
+            }
+        }
+
+        /// The adapter answers the `i`-th outstanding flush.
+        fn answer_flush(&mut self, i: usize) {
+            let (t, e, covered) = self.flush_requests.remove(i);
+            // The flush settles what was in flight when it was asked for.
+            while let Some(j) = self.inflight.iter().position(|r| covered.contains(&r.3)) {
+                self.settle_one(j);
+            }
+            let acts = self.router.on_flushed(&t, e);
             self.apply(acts);
         }
 
         fn settle_all(&mut self) {
             while !self.inflight.is_empty() {
                 self.settle_one(0);
+            }
+            while !self.flush_requests.is_empty() {
+                self.answer_flush(0);
             }
         }
 
@@ -1156,12 +1283,7 @@ mod tests {
                 }
                 Op::FlushAnswer { pick } => {
                     if !self.flush_requests.is_empty() {
-                        let (t, e) = self
-                            .flush_requests
-                            .remove(pick.index(self.flush_requests.len()));
-                        self.inflight.retain(|(it, ie, _)| !(*it == t && *ie == e));
-                        let acts = self.router.on_flushed(&t, e);
-                        self.apply(acts);
+                        self.answer_flush(pick.index(self.flush_requests.len()));
                     }
                 }
             }
@@ -1172,8 +1294,12 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(512))]
 
         #[test]
-        fn handoff_invariants_hold_for_any_event_order(ops in proptest::collection::vec(op(), 1..80), seal in any::<bool>()) {
-            let mut h = Harness::new();
+        fn handoff_invariants_hold_for_any_event_order(
+            ops in proptest::collection::vec(op(), 1..80),
+            seal in any::<bool>(),
+            per_flush in any::<bool>(),
+        ) {
+            let mut h = Harness::with(if per_flush { Settlement::PerFlush } else { Settlement::PerRecord });
             for op in ops {
                 h.step(op);
             }
@@ -1196,7 +1322,9 @@ mod tests {
                 let open = h.registry[t].open_epoch().unwrap().n;
                 let d = h.route(t, Some(7));
                 prop_assert_eq!(send_epoch(&d), Some(open));
-                prop_assert_eq!(h.router.in_flight(t, open), 1);
+                if !per_flush {
+                    prop_assert_eq!(h.router.in_flight(t, open), 1);
+                }
             }
             // Open clusters are exactly what the routes need.
             h.settle_all();
