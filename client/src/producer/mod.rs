@@ -13,6 +13,8 @@
 mod config;
 mod fleet;
 mod service;
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::sync::Arc;

@@ -1,0 +1,419 @@
+//! Quick tests on librdkafka mock clusters and the in-memory registry.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use super::*;
+use crate::kafka::{ClusterAdmin, KafkaProperties, MockFleet, SecurityProfiles};
+use crate::registry::memory::MemoryKv;
+use crate::registry::{
+    ClientKind, Epoch, EpochState, Expect, Registry, TopicRoute, WeightedCluster, SCHEMA_VERSION,
+};
+
+const PARTITIONS: u32 = 3;
+
+fn epoch(n: u64, write: &[&str], state: EpochState) -> Epoch {
+    Epoch {
+        n,
+        write: write
+            .iter()
+            .map(|c| WeightedCluster {
+                cluster: c.to_string(),
+                weight: 100,
+            })
+            .collect(),
+        state,
+        fence: BTreeMap::new(),
+        created_at: 0,
+        ack_deadline: None,
+    }
+}
+
+struct Setup {
+    mocks: MockFleet,
+    registry: Registry,
+}
+
+async fn setup(topic: &str) -> Setup {
+    let mocks = tokio::task::spawn_blocking(|| {
+        let m = MockFleet::start(2).expect("mock fleet");
+        m
+    })
+    .await
+    .unwrap();
+    mocks.create_topic(topic, PARTITIONS).unwrap();
+    let registry = Registry::new(Arc::new(MemoryKv::new()), "test");
+    for spec in mocks.cluster_specs() {
+        registry.create_cluster(&spec).await.unwrap();
+    }
+    let route = TopicRoute {
+        version: SCHEMA_VERSION,
+        topic: topic.into(),
+        partitions: PARTITIONS,
+        epochs: vec![epoch(1, &["mock-0"], EpochState::Open)],
+    };
+    registry.put_route(&route, Expect::Absent).await.unwrap();
+    Setup { mocks, registry }
+}
+
+fn config(registry: &Registry) -> FleetProducerConfig {
+    let mut c = FleetProducerConfig::new();
+    c.registry(registry.clone())
+        .set("linger.ms", "1")
+        .set("message.timeout.ms", "5000")
+        .lease_ttl(Duration::from_secs(2));
+    c
+}
+
+/// Reads the message at `offset` of `partition` from a mock cluster.
+fn read_one(
+    bootstrap: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> rdkafka::message::OwnedMessage {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(offset))
+        .unwrap();
+    c.assign(&tpl).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Some(m) = c.poll(Duration::from_millis(200)) {
+            return m.unwrap().detach();
+        }
+    }
+    panic!("nothing read from {topic}/{partition}@{offset}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_lands_on_the_routed_cluster_with_the_epoch_header() {
+    let s = setup("orders").await;
+    let p = FleetProducer::new(config(&s.registry)).await.unwrap();
+    let headers = OwnedHeaders::new().insert(Header {
+        key: "mine",
+        value: Some("x"),
+    });
+    let d = p
+        .send(
+            FutureRecord::to("orders")
+                .key("k1")
+                .payload("v1")
+                .headers(headers),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!(&*d.cluster, "mock-0");
+    assert_eq!(d.epoch, 1);
+    assert_eq!(
+        d.partition as u32,
+        crate::route::partition_for_key(b"k1", PARTITIONS)
+    );
+    let bootstrap = s.mocks.cluster(0).bootstrap().to_string();
+    let m =
+        tokio::task::spawn_blocking(move || read_one(&bootstrap, "orders", d.partition, d.offset))
+            .await
+            .unwrap();
+    assert_eq!(m.payload(), Some(&b"v1"[..]));
+    let h = m.headers().expect("headers");
+    assert_eq!(h.get(0).key, "mine");
+    assert_eq!(epoch_of(h), Some(1));
+    assert_eq!(h.get(1).value, Some(&b"1"[..]));
+
+    // The client record is registered under a lease.
+    let rec = s
+        .registry
+        .client(ClientKind::Producer, p.client_id())
+        .await
+        .unwrap();
+    assert!(rec.is_some());
+    p.close(Duration::from_secs(5)).await.unwrap();
+    let rec = s
+        .registry
+        .client(ClientKind::Producer, p.client_id())
+        .await
+        .unwrap();
+    assert!(rec.is_none(), "close revokes the lease");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_topic_is_a_clear_no_route_error() {
+    let s = setup("known").await;
+    let p = FleetProducer::new(config(&s.registry)).await.unwrap();
+    let (e, msg) = p
+        .send(
+            FutureRecord::to("nope").key("k").payload("v"),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FleetSendError::NoRoute(_)), "{e}");
+    assert!(e.to_string().contains("nope"), "{e}");
+    assert!(!e.is_retriable());
+    assert_eq!(msg.topic(), "nope");
+    assert_eq!(msg.payload(), Some(&b"v"[..]));
+    match p.send_result(FutureRecord::to("nope").key("k").payload("v")) {
+        Err((FleetSendError::NoRoute(_), r)) => assert_eq!(r.topic, "nope"),
+        Err((e, _)) => panic!("{e}"),
+        Ok(_) => panic!("routed an unknown topic"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_down_at_start_is_a_clear_error() {
+    let kv = Arc::new(MemoryKv::new());
+    kv.set_unavailable(true);
+    let registry = Registry::new(kv, "test");
+    let mut c = config(&registry);
+    c.watcher.start_timeout = Duration::from_millis(300);
+    let e = FleetProducer::new(c).await.unwrap_err();
+    assert!(matches!(e, FleetProducerError::Registry(_)), "{e}");
+    assert!(e.to_string().contains("registry"), "{e}");
+    let e = FleetProducer::new(FleetProducerConfig::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FleetProducerError::Config(_)), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_id_mismatch_refuses_the_cluster() {
+    let s = setup("t").await;
+    // Register a third cluster whose recorded id is wrong, and route to it.
+    let mut bad = s.mocks.cluster(1).cluster_spec("liar");
+    bad.kafka_cluster_id = "someone-else".into();
+    s.registry.create_cluster(&bad).await.unwrap();
+    s.registry
+        .update_route("t", |r| {
+            let mut r = r.unwrap().clone();
+            r.epochs = vec![epoch(1, &["liar"], EpochState::Open)];
+            Ok(Some(r))
+        })
+        .await
+        .unwrap();
+    let p = FleetProducer::new(config(&s.registry)).await.unwrap();
+    let (e, _) = p
+        .send(
+            FutureRecord::to("t").key("k").payload("v"),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+    match &e {
+        FleetSendError::ClusterUnavailable { cluster, error } => {
+            assert_eq!(&**cluster, "liar");
+            assert!(
+                matches!(error, KafkaError::ClusterIdMismatch { .. }),
+                "{error}"
+            );
+        }
+        e => panic!("{e}"),
+    }
+    assert!(!e.is_retriable());
+    assert!(e.to_string().contains("MISMATCH"), "{e}");
+}
+
+async fn wait_acked(registry: &Registry, id: &str, topic: &str, epoch: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rec = registry.client(ClientKind::Producer, id).await.unwrap();
+        if rec.as_ref().and_then(|(r, _)| r.acked.get(topic)) == Some(&epoch) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "producer {id} never acked {topic}/{epoch}: {rec:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_by_hand_moves_sends_to_the_new_epoch() {
+    let s = setup("sw").await;
+    let p = FleetProducer::new(config(&s.registry)).await.unwrap();
+    for i in 0..20 {
+        let d = p
+            .send(
+                FutureRecord::to("sw")
+                    .key(&format!("k{i}"))
+                    .payload("before"),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!((&*d.cluster, d.epoch), ("mock-0", 1));
+    }
+    // 1. Pending epoch 2 writes to mock-1.
+    let snap = p.snapshot();
+    s.registry
+        .update_route("sw", |r| {
+            let r = r.unwrap();
+            let next = crate::route::propose(
+                Some(r),
+                "sw",
+                PARTITIONS,
+                vec![WeightedCluster {
+                    cluster: "mock-1".into(),
+                    weight: 100,
+                }],
+                &snap.clusters,
+                0,
+                60_000,
+            )?;
+            Ok(Some(next))
+        })
+        .await
+        .unwrap();
+    // 2. The producer holds and acknowledges it.
+    wait_acked(&s.registry, p.client_id(), "sw", 2).await;
+    assert_eq!(p.acked().get("sw"), Some(&2));
+    // A send now is held; with a short timeout it gives the record back.
+    let (e, m) = p
+        .send(
+            FutureRecord::to("sw").key("held").payload("x"),
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            FleetSendError::Timeout {
+                reason: WaitReason::Held,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(m.payload(), Some(&b"x"[..]));
+    assert_eq!(p.held_records(), 0);
+    // These wait for the switch, in order.
+    let waiting: Vec<_> = (0..10)
+        .map(|i| {
+            p.send_result(
+                FutureRecord::to("sw")
+                    .key(&format!("k{i}"))
+                    .payload("during"),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap()
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(p.held_records(), 10);
+    // 3. Read the boundary and seal.
+    let mut boundary = BTreeMap::new();
+    for (i, id) in ["mock-0", "mock-1"].iter().enumerate() {
+        let admin = ClusterAdmin::connect(
+            &s.mocks.cluster(i).cluster_spec(id),
+            &KafkaProperties::new(),
+            &SecurityProfiles::empty(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        boundary.insert(
+            id.to_string(),
+            admin.end_offsets("sw", PARTITIONS).await.unwrap(),
+        );
+    }
+    assert_eq!(boundary["mock-0"].iter().sum::<i64>(), 20);
+    s.registry
+        .update_route("sw", |r| {
+            Ok(Some(crate::route::seal(r.unwrap(), 2, boundary.clone())?))
+        })
+        .await
+        .unwrap();
+    // 4. Held records go out with epoch 2, then new ones too.
+    let mut last_offset = BTreeMap::new();
+    for f in waiting {
+        let d = f.await.map_err(|(e, _)| e).unwrap();
+        assert_eq!((&*d.cluster, d.epoch), ("mock-1", 2));
+        // In order per partition.
+        let prev = last_offset.insert(d.partition, d.offset);
+        assert!(prev.is_none_or(|p| p < d.offset));
+    }
+    let d = p
+        .send(
+            FutureRecord::to("sw").key("after").payload("after"),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!((&*d.cluster, d.epoch), ("mock-1", 2));
+    assert_eq!(p.routing_epoch("sw"), Some(2));
+    p.flush(Duration::from_secs(5)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hold_buffer_is_bounded() {
+    let s = setup("hb").await;
+    let mut c = config(&s.registry);
+    c.hold_capacity(2);
+    let p = FleetProducer::new(c).await.unwrap();
+    let snap = p.snapshot();
+    s.registry
+        .update_route("hb", |r| {
+            Ok(Some(crate::route::propose(
+                r,
+                "hb",
+                PARTITIONS,
+                vec![WeightedCluster {
+                    cluster: "mock-1".into(),
+                    weight: 1,
+                }],
+                &snap.clusters,
+                0,
+                60_000,
+            )?))
+        })
+        .await
+        .unwrap();
+    wait_acked(&s.registry, p.client_id(), "hb", 2).await;
+    let _a = p
+        .send_result(FutureRecord::<str, str>::to("hb").payload("1"))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let _b = p
+        .send_result(FutureRecord::<str, str>::to("hb").payload("2"))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    match p.send_result(FutureRecord::<str, str>::to("hb").payload("3")) {
+        Err((FleetSendError::HoldBufferFull { capacity: 2 }, _)) => {}
+        Err((e, _)) => panic!("{e}"),
+        Ok(_) => panic!("hold buffer overflowed"),
+    }
+    let (e, _) = p
+        .send(
+            FutureRecord::<str, str>::to("hb").payload("4"),
+            Timeout::After(Duration::from_millis(100)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            FleetSendError::Timeout {
+                reason: WaitReason::HoldBufferFull,
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
