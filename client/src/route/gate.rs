@@ -91,7 +91,8 @@ struct GateRoute {
 #[derive(Debug, Clone, Default)]
 pub struct FenceGate {
     route: Option<GateRoute>,
-    committed: BTreeMap<(ClusterId, u32), i64>,
+    /// cluster → partition → committed offset.
+    committed: BTreeMap<ClusterId, BTreeMap<u32, i64>>,
     stragglers: u64,
 }
 
@@ -150,12 +151,14 @@ impl FenceGate {
     /// delivered stays delivered). Returns `Unblock` for every cluster whose
     /// limit on `partition` went up.
     pub fn on_committed(&mut self, cluster: &str, partition: u32, offset: i64) -> Vec<GateAction> {
-        let key = (cluster.to_string(), partition);
-        if self.committed.get(&key).is_some_and(|&c| c >= offset) {
+        if self
+            .committed(cluster, partition)
+            .is_some_and(|c| c >= offset)
+        {
             return Vec::new();
         }
         let Some(route) = &self.route else {
-            self.committed.insert(key, offset);
+            self.set_committed(cluster, partition, offset);
             return Vec::new();
         };
         let keys: BTreeSet<(ClusterId, u32)> = route
@@ -164,16 +167,26 @@ impl FenceGate {
             .map(|x| (x.clone(), partition))
             .collect();
         let before = self.limits(&keys);
-        self.committed.insert(key, offset);
+        self.set_committed(cluster, partition, offset);
         let after = self.limits(&keys);
         unblocked(&before, &after)
     }
 
     /// The group's committed offset of `cluster/partition` as the gate knows it.
     pub fn committed(&self, cluster: &str, partition: u32) -> Option<i64> {
-        self.committed
-            .get(&(cluster.to_string(), partition))
-            .copied()
+        self.committed.get(cluster)?.get(&partition).copied()
+    }
+
+    fn set_committed(&mut self, cluster: &str, partition: u32, offset: i64) {
+        match self.committed.get_mut(cluster) {
+            Some(m) => {
+                m.insert(partition, offset);
+            }
+            None => {
+                self.committed
+                    .insert(cluster.to_string(), BTreeMap::from([(partition, offset)]));
+            }
+        }
     }
 
     /// Up to which offset records of `cluster/partition` may be delivered now:

@@ -111,6 +111,14 @@ pub enum NoRoute {
         /// Its status.
         status: ClusterStatus,
     },
+    /// The route breaks the schema's rules (e.g. two open epochs).
+    #[error("topic {topic}: the registry route is invalid: {reason}")]
+    InvalidRoute {
+        /// The topic.
+        topic: String,
+        /// What [`TopicRoute::validate`] said.
+        reason: String,
+    },
     /// The open epoch's write set is malformed (empty, weight 0, duplicate).
     #[error("topic {topic}: open epoch {epoch} has an invalid write set: {reason}")]
     InvalidWriteSet {
@@ -398,6 +406,13 @@ fn view_of(route: &TopicRoute, snapshot: &FleetSnapshot) -> View {
                 status,
             })
         }),
+    };
+    let problem = match route.validate() {
+        Err(e) => Some(NoRoute::InvalidRoute {
+            topic: route.topic.clone(),
+            reason: e.to_string(),
+        }),
+        Ok(()) => problem,
     };
     let problem = problem.or_else(|| {
         (route.partitions == 0).then(|| NoRoute::InvalidWriteSet {
@@ -1008,6 +1023,25 @@ mod tests {
             vec![release("t", 2), Action::Close("a".into())]
         );
         assert_eq!(send_epoch(&r.route("t", None)), Some(2));
+    }
+
+    #[test]
+    fn invalid_route_is_no_route_with_the_reason() {
+        let mut r = Router::new();
+        r.on_snapshot(&snapshot(
+            &["a", "b"],
+            vec![route(
+                "t",
+                1,
+                vec![epoch(1, &["a"], Open), epoch(2, &["b"], Open)],
+            )],
+        ));
+        match r.route("t", None) {
+            Decision::NoRoute(e @ NoRoute::InvalidRoute { .. }) => {
+                assert!(e.to_string().contains("2 epochs are open"), "{e}")
+            }
+            d => panic!("{d:?}"),
+        }
     }
 
     #[test]
