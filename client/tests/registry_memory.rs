@@ -225,3 +225,15 @@ async fn a_lease_drops_all_its_keys_in_one_revision_like_etcd() {
     assert_eq!(batch.events.len(), 2);
     assert_eq!(batch.revision, r + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watcher_misses_and_replays_nothing_across_dropped_watches() {
+    for seed in 0..5 {
+        let (mem, kv) = kv();
+        let cut = mem.clone();
+        conformance::case_watcher_random_ops(kv, "rnd", seed, 300, move || {
+            cut.disconnect_watchers()
+        })
+        .await;
+    }
+}
