@@ -25,6 +25,9 @@
 //! - A lease task renews the client record's lease (and registers again
 //!   with the acknowledged epochs when it lapsed).
 
+// The error halves carry the record back, like rdkafka's own API.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -42,12 +42,9 @@ struct Setup {
 }
 
 async fn setup(topic: &str) -> Setup {
-    let mocks = tokio::task::spawn_blocking(|| {
-        let m = MockFleet::start(2).expect("mock fleet");
-        m
-    })
-    .await
-    .unwrap();
+    let mocks = tokio::task::spawn_blocking(|| MockFleet::start(2).expect("mock fleet"))
+        .await
+        .unwrap();
     mocks.create_topic(topic, PARTITIONS).unwrap();
     let registry = Registry::new(Arc::new(MemoryKv::new()), "test");
     for spec in mocks.cluster_specs() {
