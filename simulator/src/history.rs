@@ -83,6 +83,8 @@ pub struct RecInfo {
     pub session: u32,
     /// Epoch it was routed with (0 before routing).
     pub epoch: u64,
+    /// When it was handed to a cluster connection (virtual ms).
+    pub sent_at: u64,
     /// Cluster index it was sent to.
     pub cluster: u16,
     /// Partition.
