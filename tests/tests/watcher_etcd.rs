@@ -91,3 +91,32 @@ async fn watcher_reloads_when_history_was_compacted_during_an_outage() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watcher_loses_no_event_across_random_etcd_restarts() {
+    let mut etcd = EtcdServer::start().expect("start etcd");
+    let kv: Arc<dyn KvStore> = Arc::new(
+        EtcdKv::connect(&[etcd.endpoint()], opts())
+            .await
+            .expect("connect"),
+    );
+    let probe = kv.clone();
+    let restarts = Arc::new(Mutex::new(0));
+    let count = restarts.clone();
+    conformance::case_watcher_random_ops(kv, "rnd", 11, 60, move || {
+        tokio::task::block_in_place(|| {
+            etcd.restart().expect("restart etcd");
+            // Wait until the store answers again before the next operation.
+            tokio::runtime::Handle::current().block_on(eventually("etcd to answer", || {
+                let kv = probe.clone();
+                async move { kv.current_revision().await.ok() }
+            }));
+        });
+        *count.lock().unwrap() += 1;
+    })
+    .await;
+    assert!(
+        *restarts.lock().unwrap() > 0,
+        "the seed restarts etcd at least once"
+    );
+}
