@@ -356,7 +356,7 @@ impl Registry {
         mut f: F,
     ) -> Result<Option<(TopicRoute, Revision)>, RegistryError>
     where
-        F: FnMut(Option<&TopicRoute>) -> Result<Option<TopicRoute>, RegistryError> + Send,
+        F: FnMut(Option<&TopicRoute>) -> Result<Option<TopicRoute>, RegistryError>,
     {
         let mut last = None;
         for _ in 0..=UPDATE_RETRIES {
