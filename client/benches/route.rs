@@ -41,9 +41,11 @@ fn snapshot(clusters: usize, weighted: bool) -> FleetSnapshot {
             n: 1,
             write: ids
                 .iter()
-                .map(|c| WeightedCluster {
+                .enumerate()
+                .map(|(i, c)| WeightedCluster {
                     cluster: c.clone(),
-                    weight: 100,
+                    // Unequal weights take the logarithm path.
+                    weight: if weighted { 100 + 50 * i as u32 } else { 100 },
                 })
                 .collect(),
             state: EpochState::Open,
