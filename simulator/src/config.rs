@@ -223,6 +223,22 @@ impl Default for Config {
 }
 
 impl Config {
+    /// A tiny schedule for the debug-build test suite: 12 virtual seconds.
+    pub fn tiny() -> Self {
+        Config {
+            partitions: 4,
+            producers: 3,
+            consumers: 2,
+            keys_per_producer: 6,
+            active_ms: 12_000,
+            drain_ms: 15_000,
+            produce_gap_ms: 40,
+            switch_gap_ms: (500, 1_500),
+            fault_gap_ms: 800,
+            ..Config::default()
+        }
+    }
+
     /// A short schedule for the test suite: 20 virtual seconds, fewer clients.
     pub fn short() -> Self {
         Config {

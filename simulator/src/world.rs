@@ -152,6 +152,8 @@ struct Link {
     rev: i64,
     write_pending: bool,
     write_retry: bool,
+    /// Reconnected to the registry; no fresh snapshot yet.
+    resync: bool,
     lease_ok_at: u64,
     started_at: u64,
 }
@@ -289,6 +291,7 @@ impl World {
                 rev: 0,
                 write_pending: false,
                 write_retry: false,
+                resync: false,
                 lease_ok_at: 0,
                 started_at: 0,
             });
@@ -317,6 +320,7 @@ impl World {
                 rev: 0,
                 write_pending: false,
                 write_retry: false,
+                resync: false,
                 lease_ok_at: 0,
                 started_at: 0,
             });
@@ -675,19 +679,29 @@ impl World {
         }
         tr!(self, "{} reconnects to the registry", self.links[l].id());
         self.links[l].write_pending = true;
+        self.links[l].resync = true;
         self.send_snapshot(l);
         self.reg_write(l);
     }
 
     fn on_deliver(&mut self, l: usize, sess: u32, snap: Arc<FleetSnapshot>) {
         let k = &self.links[l];
-        if !k.alive || k.session != sess || snap.revision <= k.rev {
+        if !k.alive || k.session != sess || !self.link_ok(l) {
             return;
         }
-        if !self.link_ok(l) {
+        if snap.revision <= k.rev {
+            // Nothing new, but the view is confirmed fresh.
+            let (resync, kind, idx) = (k.resync, k.kind, k.idx);
+            if resync {
+                self.links[l].resync = false;
+                if kind == ClientKind::Producer {
+                    self.drain_held(idx);
+                }
+            }
             return;
         }
         self.links[l].rev = snap.revision;
+        self.links[l].resync = false;
         let idx = self.links[l].idx;
         match self.links[l].kind {
             ClientKind::Producer => {
@@ -745,8 +759,10 @@ impl World {
         self.after(gap, Ev::Produce { p, sess });
     }
 
+    /// Whether the client may still count on its lease: with a safety margin
+    /// of a third of the TTL, so records in flight land before it can expire.
     fn lease_valid(&self, l: usize) -> bool {
-        self.now.saturating_sub(self.links[l].lease_ok_at) <= self.cfg.lease_ttl_ms
+        self.now.saturating_sub(self.links[l].lease_ok_at) <= self.cfg.lease_ttl_ms * 2 / 3
     }
 
     /// Routes the buffered records of producer `p`, oldest first, until one is held.
@@ -754,7 +770,9 @@ impl World {
         if !self.links[p].alive || self.links[p].rev == 0 {
             return;
         }
-        if self.cfg.lease_policy == LeasePolicy::Hold && !self.lease_valid(p) {
+        if self.cfg.lease_policy == LeasePolicy::Hold
+            && (!self.lease_valid(p) || self.links[p].resync)
+        {
             return;
         }
         while let Some(&rid) = self.producers[p].held.front() {
