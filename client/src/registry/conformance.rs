@@ -548,6 +548,32 @@ pub async fn case_registry_clusters(kv: Arc<dyn KvStore>, ns: &str) {
         matches!(err, RegistryError::Conflict { .. }),
         "stale update: {err:?}"
     );
+    // Two operators race from the same read: one drains, one retires. One wins.
+    let (cur, rev) = reg.cluster("a").await.unwrap().unwrap();
+    let (x, y) = (reg.clone(), reg.clone());
+    let (drain, retire) = (
+        ClusterSpec {
+            state: ClusterState::Draining,
+            ..cur.clone()
+        },
+        ClusterSpec {
+            state: ClusterState::Retired,
+            ..cur.clone()
+        },
+    );
+    let (rx, ry) = tokio::join!(
+        tokio::spawn(async move { x.update_cluster(&drain, rev).await }),
+        tokio::spawn(async move { y.update_cluster(&retire, rev).await }),
+    );
+    let (rx, ry) = (rx.unwrap(), ry.unwrap());
+    assert!(
+        rx.is_ok() != ry.is_ok(),
+        "exactly one racing operator wins: {rx:?} / {ry:?}"
+    );
+    assert!(matches!(
+        if rx.is_ok() { &ry } else { &rx },
+        Err(RegistryError::Conflict { .. })
+    ));
     reg.set_cluster_state("a", ClusterState::Retired)
         .await
         .unwrap();

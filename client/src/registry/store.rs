@@ -311,7 +311,7 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound {
                 what: format!("cluster {}", next.id),
             })?;
-        cur.check_update(next)?;
+        // A stale writer hears "conflict" (re-read) before any verdict on its change.
         if rev != expect_revision {
             return Err(RegistryError::Conflict {
                 key: self.key(&FleetKey::Cluster(next.id.clone())),
@@ -319,6 +319,7 @@ impl Registry {
                 actual: Some(rev),
             });
         }
+        cur.check_update(next)?;
         let key = self.key(&FleetKey::Cluster(next.id.clone()));
         self.kv
             .put_if(&key, encode(next), Expect::ModRevision(rev), None)
