@@ -12,7 +12,7 @@
 //!
 //! | module | used by | what |
 //! | --- | --- | --- |
-//! | [`murmur2`] | producer | Kafka's key → partition (`Utils.murmur2`, bit-exact) |
+//! | [`murmur2`](mod@murmur2) | producer | Kafka's key → partition (`Utils.murmur2`, bit-exact) |
 //! | [`rendezvous`] | producer | weighted rendezvous hashing: key → cluster within an epoch |
 //! | [`router`] | producer adapter | [`Router`]: routes records, drives hold → flush → ack → release |
 //! | [`gate`] | consumer adapter | [`FenceGate`]: how far each (cluster, partition) may be delivered |
@@ -46,9 +46,10 @@
 //!
 //! - The producer adapter owns the Kafka producers (one per cluster, created
 //!   on [`Action::Open`], dropped on [`Action::Close`]), the held-record
-//!   buffer and its backpressure, the registry write of acks, and reports
-//!   every `Send`'s outcome once ([`Router::on_settled`]) or whole epochs
-//!   ([`Router::on_flushed`]).
+//!   buffer and its backpressure (re-routing held records in order on
+//!   `Release`), the registry write of acks, and reports every `Send`'s
+//!   outcome once ([`Router::on_settled`]) or answers every `Flush`
+//!   ([`Router::on_flushed`]), as chosen by [`Settlement`].
 //! - The consumer adapter feeds the route and the group's committed offsets
 //!   into the gate, pauses/resumes partitions on its answers, and keeps the
 //!   straggler counter in metrics.
