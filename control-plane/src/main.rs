@@ -19,11 +19,17 @@ use tokio::sync::watch;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The demo prints its own story; the daemons and commands log progress.
+    let default_filter = match cli.command {
+        // librdkafka reports every closed connection at error level; the demo shuts its
+        // embedded clusters down on purpose at the end.
+        Command::Demo(_) => "error,librdkafka=off,rdkafka::client=off",
+        _ => "warn,flotilla=info,flotilla_control=info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,flotilla=info,flotilla_control=info")
-            }),
+            tracing_subscriber::EnvFilter::try_from_env("FLOTILLA_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
