@@ -648,6 +648,12 @@ impl Core {
     async fn apply_snapshot(&self, snap: &FleetSnapshot) {
         self.open_clusters(snap).await;
         let mut st = self.lock();
+        // Remember the epoch each topic routes with, to count switches on Release.
+        for t in snap.routes.keys() {
+            if let Some(e) = st.router.routing_epoch(t) {
+                st.released.entry(t.clone()).or_insert(e);
+            }
+        }
         let acts = st.router.on_snapshot(snap);
         let held: Vec<String> = st.router.held_topics().map(str::to_string).collect();
         for t in held {

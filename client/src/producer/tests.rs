@@ -414,3 +414,132 @@ async fn hold_buffer_is_bounded() {
         "{e}"
     );
 }
+
+async fn outage_setup(mode: OutageMode) -> (Setup, Arc<MemoryKv>, FleetProducer) {
+    let mocks = tokio::task::spawn_blocking(|| MockFleet::start(1).expect("mock fleet"))
+        .await
+        .unwrap();
+    mocks.create_topic("o", PARTITIONS).unwrap();
+    let kv = Arc::new(MemoryKv::new());
+    let registry = Registry::new(kv.clone(), "test");
+    for spec in mocks.cluster_specs() {
+        registry.create_cluster(&spec).await.unwrap();
+    }
+    let route = TopicRoute {
+        version: SCHEMA_VERSION,
+        topic: "o".into(),
+        partitions: PARTITIONS,
+        epochs: vec![epoch(1, &["mock-0"], EpochState::Open)],
+    };
+    registry.put_route(&route, Expect::Absent).await.unwrap();
+    let mut c = config(&registry);
+    c.registry_outage(mode);
+    let p = FleetProducer::new(c).await.unwrap();
+    (Setup { mocks, registry }, kv, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_outage_keep_producing_sends_on_the_last_snapshot() {
+    let (_s, kv, p) = outage_setup(OutageMode::KeepProducing).await;
+    kv.set_unavailable(true);
+    kv.disconnect_watchers();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d = p
+        .send(
+            FutureRecord::to("o").key("k").payload("v"),
+            Duration::from_secs(1),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!((&*d.cluster, d.epoch), ("mock-0", 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_outage_hold_mode_holds_until_the_registry_is_back() {
+    let (_s, kv, p) = outage_setup(OutageMode::Hold).await;
+    kv.set_unavailable(true);
+    kv.disconnect_watchers();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (e, _) = p
+        .send(
+            FutureRecord::to("o").key("k").payload("v"),
+            Duration::from_millis(200),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            FleetSendError::Timeout {
+                reason: WaitReason::Held,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let waiting = p
+        .send_result(FutureRecord::to("o").key("k").payload("later"))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(p.held_records(), 1);
+    kv.set_unavailable(false);
+    let d = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("held record released once the registry is back")
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!(&*d.cluster, "mock-0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lapsed_lease_registers_again_with_the_acked_epochs() {
+    let s = setup("l").await;
+    let p = FleetProducer::new(config(&s.registry)).await.unwrap();
+    let snap = p.snapshot();
+    s.registry
+        .update_route("l", |r| {
+            Ok(Some(crate::route::propose(
+                r,
+                "l",
+                PARTITIONS,
+                vec![WeightedCluster {
+                    cluster: "mock-1".into(),
+                    weight: 1,
+                }],
+                &snap.clusters,
+                0,
+                60_000,
+            )?))
+        })
+        .await
+        .unwrap();
+    wait_acked(&s.registry, p.client_id(), "l", 2).await;
+    // The lease lapses (as if the producer stalled past its TTL).
+    s.registry
+        .kv()
+        .revoke(
+            s.registry
+                .kv()
+                .get(&format!(
+                    "/flotilla/test/clients/producer/{}",
+                    p.client_id()
+                ))
+                .await
+                .unwrap()
+                .unwrap()
+                .lease
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(s
+        .registry
+        .client(ClientKind::Producer, p.client_id())
+        .await
+        .unwrap()
+        .is_none());
+    // The lease keeper registers again, with acked = {l: 2}.
+    wait_acked(&s.registry, p.client_id(), "l", 2).await;
+}
