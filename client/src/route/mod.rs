@@ -63,6 +63,8 @@ pub mod router;
 pub mod switch;
 
 #[cfg(test)]
+mod e2e_tests;
+#[cfg(test)]
 mod testutil;
 
 pub use gate::{read_set, FenceGate, GateAction, RecordClass};
