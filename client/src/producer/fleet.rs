@@ -582,7 +582,9 @@ impl Core {
 
     /// Opens every active cluster the snapshot's open and pending epochs
     /// write to that has no producer yet (or could not be verified before).
-    async fn open_clusters(&self, snap: &FleetSnapshot) {
+    /// `retry`: also check clusters again that could not be verified before
+    /// (the driver's periodic retry; a snapshot alone does not wait again).
+    async fn open_clusters(&self, snap: &FleetSnapshot, retry: bool) {
         let wanted: Vec<ClusterSpec> = {
             let st = self.lock();
             let mut ids: Vec<&String> = snap
@@ -594,7 +596,11 @@ impl Core {
             ids.sort();
             ids.dedup();
             ids.into_iter()
-                .filter(|c| matches!(st.clusters.get(*c), None | Some(Conn::Unverified(_))))
+                .filter(|c| match st.clusters.get(*c) {
+                    None => true,
+                    Some(Conn::Unverified(_)) => retry,
+                    Some(_) => false,
+                })
                 .filter_map(|c| snap.cluster(c))
                 .filter(|s| s.state == ClusterState::Active)
                 .cloned()
@@ -645,8 +651,8 @@ impl Core {
     }
 
     /// Opens what the snapshot needs, then hands it to the router.
-    async fn apply_snapshot(&self, snap: &FleetSnapshot) {
-        self.open_clusters(snap).await;
+    async fn apply_snapshot(&self, snap: &FleetSnapshot, retry: bool) {
+        self.open_clusters(snap, retry).await;
         let mut st = self.lock();
         // Remember the epoch each topic routes with, to count switches on Release.
         for t in snap.routes.keys() {
@@ -715,7 +721,7 @@ async fn driver(
             biased;
             cmd = cmds.recv() => match cmd {
                 Some(Cmd::SyncAcks) => sync_acks(&core, &lease).await,
-                Some(Cmd::Verify) => core.apply_snapshot(&watcher.snapshot()).await,
+                Some(Cmd::Verify) => core.apply_snapshot(&watcher.snapshot(), true).await,
                 None => return,
             },
             r = snaps.changed() => {
@@ -723,7 +729,7 @@ async fn driver(
                     return;
                 }
                 let snap = snaps.borrow_and_update().clone();
-                core.apply_snapshot(&snap).await;
+                core.apply_snapshot(&snap, false).await;
             }
             _ = tick.tick() => {
                 let down = watcher.is_stale() || !health.lease_ok.load(Ordering::Relaxed);
@@ -739,7 +745,7 @@ async fn driver(
                     last_verify = Instant::now();
                     let retry = core.lock().clusters.values().any(|c| matches!(c, Conn::Unverified(_)));
                     if retry {
-                        core.apply_snapshot(&watcher.snapshot()).await;
+                        core.apply_snapshot(&watcher.snapshot(), true).await;
                     }
                 }
                 core.drain_all();
@@ -906,7 +912,7 @@ impl FleetProducer {
         });
         // Subscribe first so no snapshot published after this one is missed.
         let snaps = watcher.subscribe();
-        core.apply_snapshot(&watcher.snapshot()).await;
+        core.apply_snapshot(&watcher.snapshot(), false).await;
         sync_acks(&core, &lease).await;
         let tasks = vec![
             tokio::spawn(driver(
