@@ -4,11 +4,13 @@
 //! - [`controller`]: the level-triggered reconcile loop (switches, retirement,
 //!   expiry) under leader election.
 //! - [`kafka`]: the few Kafka operations the control plane needs, behind a trait.
+//! - [`backfill`]: `flotilla backfill` — temporary clusters, replay, wait, tear-down.
 //! - [`cli`]: the `flotilla` binary's arguments and output.
 //! - [`demo`]: the zero-setup demo on embedded mock clusters.
 
 #![warn(missing_docs)]
 
+pub mod backfill;
 pub mod cli;
 pub mod controller;
 pub mod demo;

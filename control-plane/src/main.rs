@@ -77,6 +77,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let cp = connect(&cli).await?;
             run_controller(cp, args).await
         }
+        Command::Backfill(cmd) => {
+            let cp = connect(&cli).await?;
+            let profiles = SecurityProfiles::from_env().context("loading security profiles")?;
+            flotilla_control::backfill::command::run(cp, cmd, fmt, cli.timeout, profiles).await?;
+            Ok(())
+        }
     }
 }
 

@@ -61,6 +61,9 @@ pub enum Command {
     Status,
     /// Run the long-lived reconcile loop (leader-elected through the registry).
     Controller(ControllerArgs),
+    /// Replay history through temporary clusters, then drain and retire them.
+    #[command(subcommand)]
+    Backfill(BackfillCommand),
 }
 
 /// Arguments of `flotilla demo`.
@@ -181,6 +184,118 @@ pub struct ControllerArgs {
     /// Write a file here once this instance leads (used by tests and scripts).
     #[arg(long)]
     pub leader_file: Option<PathBuf>,
+}
+
+/// `flotilla backfill ...`
+#[derive(Debug, Subcommand)]
+pub enum BackfillCommand {
+    /// Register a backfill and run it: provision, route, replay, wait, tear down.
+    Start(BackfillStartArgs),
+    /// Show one backfill (or all of them).
+    Status {
+        /// Backfill name (all backfills when omitted).
+        name: Option<String>,
+    },
+    /// Continue a backfill from its current phase (after a crash, a timeout, a cluster outage).
+    Resume(BackfillNameArgs),
+    /// Undo a backfill: switch the target topic back, drain, retire and deprovision its clusters.
+    Abort(BackfillNameArgs),
+}
+
+/// Arguments of `flotilla backfill start`.
+#[derive(Debug, Args)]
+pub struct BackfillStartArgs {
+    /// Backfill name (unique in the fleet; the purpose of its temporary clusters).
+    #[arg(long)]
+    pub name: String,
+    /// Source: `<cluster id or bootstrap host:port>:<topic>`.
+    #[arg(long)]
+    pub source: String,
+    /// Start of the range: an offset, `time:<unix ms>`, an RFC 3339 time, or `earliest`.
+    #[arg(long, default_value = "earliest")]
+    pub from: String,
+    /// End of the range (exclusive): an offset, `time:<unix ms>`, an RFC 3339 time, or `latest`.
+    #[arg(long, default_value = "latest")]
+    pub to: String,
+    /// Topic the records are copied into (read by the consumer groups).
+    #[arg(long)]
+    pub target_topic: String,
+    /// Temporary clusters, `id=bootstrap`, comma separated or repeated.
+    #[arg(long, value_delimiter = ',', value_parser = parse_key_value)]
+    pub clusters: Vec<(String, String)>,
+    /// Command that brings up one cluster and prints its bootstrap address (e.g. `scripts/provision-kafka`).
+    #[arg(long)]
+    pub provision_cmd: Option<String>,
+    /// How many clusters `--provision-cmd` brings up.
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Command run with a cluster's bootstrap address as last argument to take it down.
+    #[arg(long)]
+    pub deprovision_cmd: Option<String>,
+    /// Consumer group that must read everything before tear-down; repeatable.
+    #[arg(long = "group", value_delimiter = ',')]
+    pub groups: Vec<String>,
+    /// Expiry of the temporary clusters, from now.
+    #[arg(long, value_parser = parse_duration, default_value = "24h")]
+    pub expires_in: Duration,
+    /// How the backfill runs.
+    #[command(flatten)]
+    pub run: BackfillRunArgs,
+}
+
+/// Arguments of `flotilla backfill resume|abort`.
+#[derive(Debug, Args)]
+pub struct BackfillNameArgs {
+    /// Backfill name.
+    pub name: String,
+    /// How the backfill runs.
+    #[command(flatten)]
+    pub run: BackfillRunArgs,
+}
+
+/// Progress display of `flotilla backfill`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProgressArg {
+    /// Bars on a terminal, log lines otherwise.
+    Auto,
+    /// Progress bars.
+    Bars,
+    /// Log lines.
+    Lines,
+    /// Nothing.
+    Quiet,
+}
+
+/// How a backfill runs (not stored in the registry).
+#[derive(Debug, Args)]
+pub struct BackfillRunArgs {
+    /// How often replay positions are checkpointed to the registry.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub checkpoint_every: Duration,
+    /// Records a copy worker sends before waiting for their acknowledgements.
+    #[arg(long, default_value_t = 5_000)]
+    pub batch: usize,
+    /// Give up waiting for the consumer groups after this long (resume continues).
+    #[arg(long, value_parser = parse_duration)]
+    pub wait_timeout: Option<Duration>,
+    /// How long tear-down waits for the switch back and for retirement.
+    #[arg(long, value_parser = parse_duration, default_value = "120s")]
+    pub teardown_timeout: Duration,
+    /// How long producers get to acknowledge a route switch.
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub ack_timeout: Duration,
+    /// A temporary cluster unreachable for this long fails the replay (resume continues).
+    #[arg(long, value_parser = parse_duration, default_value = "30s")]
+    pub delivery_timeout: Duration,
+    /// Progress display.
+    #[arg(long, value_enum, default_value_t = ProgressArg::Auto)]
+    pub progress: ProgressArg,
+    /// Testing: exit abruptly once this many records were handed to the producer.
+    #[arg(long, hide = true)]
+    pub crash_after_records: Option<u64>,
+    /// Testing: exit abruptly on entering this phase.
+    #[arg(long, hide = true)]
+    pub crash_at_phase: Option<String>,
 }
 
 /// Parses `500ms`, `10s`, `5m`, `6h`, `2d` or a bare number of seconds.
