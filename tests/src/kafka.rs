@@ -466,6 +466,8 @@ impl KafkaCluster {
              share.coordinator.state.topic.min.isr=1\n\
              share.coordinator.state.topic.num.partitions=1\n\
              group.initial.rebalance.delay.ms=0\n\
+             broker.heartbeat.interval.ms=500\n\
+             broker.session.timeout.ms=2000\n\
              num.network.threads=2\n\
              num.io.threads=2\n\
              background.threads=2\n\

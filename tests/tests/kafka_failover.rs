@@ -72,10 +72,14 @@ async fn killed_cluster_fails_deliveries_in_time_and_serves_again_after_restart(
     eprintln!("delivery errors after {waited:?}: {}", errors[0]);
 
     // Same cluster back: same address, same id, old data; the same producer works again.
+    let restarting = Instant::now();
     fleet.cluster_mut(0).restart().expect("restart Kafka");
+    eprintln!("restart after SIGKILL took {:?}", restarting.elapsed());
     assert_eq!(fleet.cluster(0).bootstrap(), bootstrap);
     assert_eq!(fleet.cluster(0).kafka_cluster_id(), id);
+    let producing = Instant::now();
     produce_ok(&p, TOPIC, "after", 20).await;
+    eprintln!("first produce after restart took {:?}", producing.elapsed());
 
     let read: BTreeSet<String> = read_all(&bootstrap, TOPIC, PARTITIONS, Duration::from_secs(30))
         .await
