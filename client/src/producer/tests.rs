@@ -543,3 +543,195 @@ async fn lapsed_lease_registers_again_with_the_acked_epochs() {
     // The lease keeper registers again, with acked = {l: 2}.
     wait_acked(&s.registry, p.client_id(), "l", 2).await;
 }
+
+/// Proposes `write` for `topic`, waits for every live producer's ack, reads
+/// the boundary and seals: the controller's steps, by hand.
+async fn switch_to(s: &Setup, topic: &str, write: &[&str]) {
+    let snap = s.registry.snapshot().await.unwrap();
+    let (route, _) = s
+        .registry
+        .update_route(topic, |r| {
+            Ok(Some(crate::route::propose(
+                r,
+                topic,
+                PARTITIONS,
+                write
+                    .iter()
+                    .map(|c| WeightedCluster {
+                        cluster: c.to_string(),
+                        weight: 100,
+                    })
+                    .collect(),
+                &snap.clusters,
+                0,
+                60_000,
+            )?))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let pending = route.pending_epoch().unwrap().n;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let snap = s.registry.snapshot().await.unwrap();
+        if snap
+            .producers()
+            .all(|p| p.acked.get(topic) == Some(&pending))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ack of {pending}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut boundary = BTreeMap::new();
+    let open = route.open_epoch().unwrap();
+    for c in open
+        .clusters()
+        .chain(route.pending_epoch().unwrap().clusters())
+    {
+        let i: usize = c.trim_start_matches("mock-").parse().unwrap();
+        let admin = ClusterAdmin::connect(
+            &s.mocks.cluster(i).cluster_spec(c),
+            &KafkaProperties::new(),
+            &SecurityProfiles::empty(),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        boundary.insert(
+            c.clone(),
+            admin.end_offsets(topic, PARTITIONS).await.unwrap(),
+        );
+    }
+    s.registry
+        .update_route(topic, |r| {
+            Ok(Some(crate::route::seal(
+                r.unwrap(),
+                pending,
+                boundary.clone(),
+            )?))
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_switches_under_load_keep_per_key_order_and_fences() {
+    let s = setup("load").await;
+    let producers = [
+        FleetProducer::new(config(&s.registry)).await.unwrap(),
+        FleetProducer::new(config(&s.registry)).await.unwrap(),
+    ];
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut loads = Vec::new();
+    for (pi, p) in producers.iter().enumerate() {
+        let (p, stop) = (p.clone(), stop.clone());
+        loads.push(tokio::spawn(async move {
+            let mut out: Vec<(String, u64, Delivery)> = Vec::new();
+            let mut seq = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let futs: Vec<_> = (0..200)
+                    .map(|k| {
+                        let key = format!("p{pi}-{k}");
+                        let f = p
+                            .send_result(FutureRecord::to("load").key(&key).payload("v"))
+                            .map_err(|(e, _)| e)
+                            .unwrap();
+                        (key, f)
+                    })
+                    .collect();
+                for (key, f) in futs {
+                    out.push((key, seq, f.await.map_err(|(e, _)| e).unwrap()));
+                }
+                seq += 1;
+            }
+            out
+        }));
+    }
+    for write in [
+        &["mock-0", "mock-1"][..],
+        &["mock-1"],
+        &["mock-0"],
+        &["mock-1", "mock-0"],
+    ] {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        switch_to(&s, "load", write).await;
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = Vec::new();
+    for l in loads {
+        all.extend(l.await.unwrap());
+    }
+    let route = s.registry.route("load").await.unwrap().unwrap().0;
+    assert_eq!(route.last_epoch_n(), 5);
+    let mut by_key: BTreeMap<&str, Vec<(u64, &Delivery)>> = BTreeMap::new();
+    let mut epochs = std::collections::BTreeSet::new();
+    for (k, seq, d) in &all {
+        by_key.entry(k).or_default().push((*seq, d));
+        epochs.insert(d.epoch);
+        let e = route.epoch(d.epoch).unwrap();
+        assert!(e.writes_to(&d.cluster), "{d:?}");
+        if let Some(f) = e.fence.get(&*d.cluster) {
+            assert!(
+                d.offset < f[d.partition as usize],
+                "{d:?} above fence {f:?}"
+            );
+        }
+        if let Some(prev) = route.epoch(d.epoch - 1) {
+            if let Some(f) = prev.fence.get(&*d.cluster) {
+                assert!(
+                    d.offset >= f[d.partition as usize],
+                    "{d:?} below fence {f:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(epochs.len(), 5, "every epoch was written: {epochs:?}");
+    for (k, mut ds) in by_key {
+        ds.sort_by_key(|(seq, _)| *seq);
+        for w in ds.windows(2) {
+            let ((_, a), (_, b)) = (w[0], w[1]);
+            assert!(
+                a.epoch < b.epoch
+                    || (a.epoch == b.epoch && a.cluster == b.cluster && a.offset < b.offset),
+                "key {k}: {a:?} then {b:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn permanent_errors_are_not_retriable() {
+    let auth = FleetSendError::Kafka {
+        cluster: "a".into(),
+        error: KafkaError::Authorization {
+            cluster: "a".into(),
+            detail: "TopicAuthorizationFailed".into(),
+        },
+    };
+    assert!(auth.is_authorization());
+    assert!(!auth.is_retriable());
+    let down = FleetSendError::Kafka {
+        cluster: "a".into(),
+        error: KafkaError::Transient {
+            cluster: "a".into(),
+            detail: "MessageTimedOut".into(),
+        },
+    };
+    assert!(down.is_retriable());
+    assert!(!down.is_authorization());
+    assert_eq!(parse_epoch_header(b"42"), Some(42));
+    assert_eq!(parse_epoch_header(b"x"), None);
+}
+
+#[test]
+fn fleet_producer_is_send_sync_clone() {
+    fn check<T: Send + Sync + Clone + 'static>() {}
+    check::<FleetProducer>();
+    fn service<S: tower::Service<OwnedRecord, Response = Delivery, Error = FleetSendError>>() {}
+    service::<FleetProducer>();
+}
