@@ -335,8 +335,14 @@ impl Sim {
                 self.delivered,
                 self.total(),
                 self.route.clone(),
-                self.producers.iter().map(|p| p.held.len() + p.inflight.len() + p.flushes.len()).sum::<usize>(),
-                self.producers.iter().map(|p| p.record.acked.clone()).collect::<Vec<_>>(),
+                self.producers
+                    .iter()
+                    .map(|p| p.held.len() + p.inflight.len() + p.flushes.len())
+                    .sum::<usize>(),
+                self.producers
+                    .iter()
+                    .map(|p| p.record.acked.clone())
+                    .collect::<Vec<_>>(),
             );
             if last.as_ref() == Some(&state) {
                 break;

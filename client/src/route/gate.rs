@@ -93,6 +93,9 @@ pub struct FenceGate {
     route: Option<GateRoute>,
     /// cluster → partition → committed offset.
     committed: BTreeMap<ClusterId, BTreeMap<u32, i64>>,
+    /// cluster → per-partition limit, recomputed on every route or commit,
+    /// so [`FenceGate::allowed_until`] is a lookup.
+    limits: BTreeMap<ClusterId, Vec<Option<i64>>>,
     stragglers: u64,
 }
 
@@ -142,6 +145,15 @@ impl FenceGate {
         }
         let before = self.limits(&keys);
         self.route = Some(g);
+        self.limits.clear();
+        if let Some(g) = &self.route {
+            for x in &g.clusters {
+                let v = (0..g.partitions)
+                    .map(|p| self.compute_limit(x, p))
+                    .collect();
+                self.limits.insert(x.clone(), v);
+            }
+        }
         let after = self.limits(&keys);
         unblocked(&before, &after)
     }
@@ -168,6 +180,12 @@ impl FenceGate {
             .collect();
         let before = self.limits(&keys);
         self.set_committed(cluster, partition, offset);
+        for (x, p) in &keys {
+            let l = self.compute_limit(x, *p);
+            if let Some(slot) = self.limits.get_mut(x).and_then(|v| v.get_mut(*p as usize)) {
+                *slot = l;
+            }
+        }
         let after = self.limits(&keys);
         unblocked(&before, &after)
     }
@@ -193,6 +211,20 @@ impl FenceGate {
     /// `None` = no limit, `Some(o)` = only offsets `< o`. `Some(0)` until the
     /// gate has seen the route.
     pub fn allowed_until(&self, cluster: &str, partition: u32) -> Option<i64> {
+        if self.route.is_none() {
+            return Some(0);
+        }
+        match self.limits.get(cluster) {
+            Some(v) => v
+                .get(partition as usize)
+                .copied()
+                .unwrap_or_else(|| self.compute_limit(cluster, partition)),
+            // In no epoch of the route: nothing of it is fenced.
+            None => None,
+        }
+    }
+
+    fn compute_limit(&self, cluster: &str, partition: u32) -> Option<i64> {
         let Some(route) = self.route.as_ref() else {
             return Some(0);
         };
@@ -669,6 +701,13 @@ mod tests {
 
         /// Tries to deliver the next record of `slot`; returns whether it did.
         fn consume(&mut self, slot: &(String, u32)) -> bool {
+            for (c, p) in self.slots() {
+                assert_eq!(
+                    self.gate.allowed_until(&c, p),
+                    self.gate.compute_limit(&c, p),
+                    "stale cached limit for {c}/{p}"
+                );
+            }
             let at = self.pos[slot];
             let Some(rec) = self.logs[slot].get(at as usize).copied() else {
                 return false;
