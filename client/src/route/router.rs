@@ -202,7 +202,7 @@ struct View {
     problem: Option<NoRoute>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Active {
     n: u64,
     table: RendezvousTable,
@@ -214,7 +214,7 @@ struct Active {
     sent_since_flush: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Older {
     clusters: Vec<ClusterId>,
     inflight: u64,
@@ -222,7 +222,7 @@ struct Older {
     sent_since_flush: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct TopicState {
     view: View,
     active: Option<Active>,
@@ -376,7 +376,7 @@ pub enum Settlement {
 }
 
 /// The producer's routing and handoff state machine. See the [module docs](self).
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Router {
     topics: BTreeMap<String, TopicState>,
     open_clusters: BTreeSet<ClusterId>,
