@@ -297,6 +297,9 @@ impl Drop for Core {
         // Dropping a ThreadedProducer joins its polling thread (which may be
         // the thread dropping us): do it on a thread of its own.
         let st = std::mem::take(self.state.get_mut().unwrap_or_else(|p| p.into_inner()));
+        if st.held_total > 0 {
+            metrics::gauge!("flotilla_producer_held_records").decrement(st.held_total as f64);
+        }
         if !st.clusters.is_empty() {
             let _ = std::thread::Builder::new()
                 .name("flotilla-producer-drop".into())
@@ -434,7 +437,7 @@ impl Core {
                     if !st.held_since.contains_key(rec.topic) {
                         st.held_since.insert(rec.topic.to_string(), Instant::now());
                     }
-                    metrics::gauge!("flotilla_producer_held_records").set(st.held_total as f64);
+                    metrics::gauge!("flotilla_producer_held_records").increment(1.0);
                     Attempt::Held(id)
                 } else {
                     Attempt::Full(tx)
@@ -459,7 +462,7 @@ impl Core {
             st.held.remove(topic);
         }
         st.held_total -= 1;
-        metrics::gauge!("flotilla_producer_held_records").set(st.held_total as f64);
+        metrics::gauge!("flotilla_producer_held_records").decrement(1.0);
         drop(st);
         self.space.notify_waiters();
         Some(h.rec)
@@ -526,13 +529,13 @@ impl Core {
         if self.outage_hold() {
             return;
         }
-        let mut freed = false;
+        let mut freed = 0usize;
         while let Some(h) = st.held.get_mut(topic).and_then(VecDeque::pop_front) {
             let rec = RecordRef::of_owned(&h.rec);
             match self.try_send(st, &rec, h.tx, acts) {
                 Ok(()) => {
                     st.held_total -= 1;
-                    freed = true;
+                    freed += 1;
                 }
                 Err((tx, Why::Hold | Why::QueueFull(_))) => {
                     // Still held (a newer switch), or librdkafka's queue is
@@ -550,7 +553,7 @@ impl Core {
                 }
                 Err((tx, Why::Failed(e))) => {
                     st.held_total -= 1;
-                    freed = true;
+                    freed += 1;
                     let _ = tx.send(Err((e, h.rec.into_message())));
                 }
             }
@@ -558,8 +561,8 @@ impl Core {
         if st.held.get(topic).is_some_and(VecDeque::is_empty) {
             st.held.remove(topic);
         }
-        if freed {
-            metrics::gauge!("flotilla_producer_held_records").set(st.held_total as f64);
+        if freed > 0 {
+            metrics::gauge!("flotilla_producer_held_records").decrement(freed as f64);
             self.space.notify_waiters();
         }
     }

@@ -547,6 +547,12 @@ async fn lapsed_lease_registers_again_with_the_acked_epochs() {
 /// Proposes `write` for `topic`, waits for every live producer's ack, reads
 /// the boundary and seals: the controller's steps, by hand.
 async fn switch_to(s: &Setup, topic: &str, write: &[&str]) {
+    let route = propose_and_wait(s, topic, write).await;
+    seal_now(s, topic, &route).await;
+}
+
+/// Proposes `write` as the pending epoch and waits for every live producer's ack.
+async fn propose_and_wait(s: &Setup, topic: &str, write: &[&str]) -> TopicRoute {
     let snap = s.registry.snapshot().await.unwrap();
     let (route, _) = s
         .registry
@@ -586,6 +592,12 @@ async fn switch_to(s: &Setup, topic: &str, write: &[&str]) {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    route
+}
+
+/// Reads the boundary and seals the pending epoch of `route`.
+async fn seal_now(s: &Setup, topic: &str, route: &TopicRoute) {
+    let pending = route.pending_epoch().unwrap().n;
     let mut boundary = BTreeMap::new();
     let open = route.open_epoch().unwrap();
     for c in open
@@ -734,4 +746,126 @@ fn fleet_producer_is_send_sync_clone() {
     check::<FleetProducer>();
     fn service<S: tower::Service<OwnedRecord, Response = Delivery, Error = FleetSendError>>() {}
     service::<FleetProducer>();
+}
+
+/// A global `metrics` recorder that sums every counter and histogram sample
+/// by `name{labels}` (tests run in parallel: compare with `>=`).
+mod recorder {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use metrics::{
+        Counter, CounterFn, Gauge, GaugeFn, Histogram, HistogramFn, Key, KeyName, Metadata,
+        Recorder, SharedString, Unit,
+    };
+
+    type Sums = Arc<Mutex<HashMap<String, f64>>>;
+
+    struct Cell(Sums, String);
+
+    impl CounterFn for Cell {
+        fn increment(&self, v: u64) {
+            *self.0.lock().unwrap().entry(self.1.clone()).or_default() += v as f64;
+        }
+        fn absolute(&self, v: u64) {
+            self.0.lock().unwrap().insert(self.1.clone(), v as f64);
+        }
+    }
+    impl GaugeFn for Cell {
+        fn increment(&self, v: f64) {
+            *self.0.lock().unwrap().entry(self.1.clone()).or_default() += v;
+        }
+        fn decrement(&self, v: f64) {
+            *self.0.lock().unwrap().entry(self.1.clone()).or_default() -= v;
+        }
+        fn set(&self, v: f64) {
+            self.0.lock().unwrap().insert(self.1.clone(), v);
+        }
+    }
+    impl HistogramFn for Cell {
+        fn record(&self, _v: f64) {
+            // Count samples.
+            *self.0.lock().unwrap().entry(self.1.clone()).or_default() += 1.0;
+        }
+    }
+
+    struct Rec(Sums);
+
+    fn name(key: &Key) -> String {
+        let mut labels: Vec<String> = key
+            .labels()
+            .map(|l| format!("{}={}", l.key(), l.value()))
+            .collect();
+        labels.sort();
+        format!("{}{{{}}}", key.name(), labels.join(","))
+    }
+
+    impl Recorder for Rec {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(Arc::new(Cell(self.0.clone(), name(key))))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(Arc::new(Cell(self.0.clone(), name(key))))
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(Arc::new(Cell(self.0.clone(), name(key))))
+        }
+    }
+
+    /// The sums, once this recorder is the global one (None if another is).
+    pub fn sums() -> Option<Sums> {
+        static SUMS: OnceLock<Option<Sums>> = OnceLock::new();
+        SUMS.get_or_init(|| {
+            let sums: Sums = Default::default();
+            metrics::set_global_recorder(Rec(sums.clone()))
+                .ok()
+                .map(|_| sums)
+        })
+        .clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_records_bytes_errors_and_switches() {
+    let Some(sums) = recorder::sums() else {
+        eprintln!("another global metrics recorder is installed; skipping");
+        return;
+    };
+    let get = |k: &str| sums.lock().unwrap().get(k).copied().unwrap_or(0.0);
+    let s = setup("m").await;
+    let p = FleetProducer::new(config(&s.registry)).await.unwrap();
+    for _ in 0..5 {
+        p.send(
+            FutureRecord::to("m").key("key").payload("12345"),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    assert!(get("flotilla_producer_records_total{cluster=mock-0}") >= 5.0);
+    assert!(get("flotilla_producer_bytes_total{cluster=mock-0}") >= 40.0);
+    let switches = get("flotilla_producer_epoch_switches_total{}");
+    let holds = get("flotilla_producer_hold_seconds{}");
+    let route = propose_and_wait(&s, "m", &["mock-1"]).await;
+    let held = p
+        .send_result(FutureRecord::to("m").key("key").payload("held"))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert!(get("flotilla_producer_held_records{}") >= 1.0);
+    seal_now(&s, "m", &route).await;
+    held.await.map_err(|(e, _)| e).unwrap();
+    p.send(
+        FutureRecord::to("m").key("key").payload("after"),
+        Duration::from_secs(5),
+    )
+    .await
+    .map_err(|(e, _)| e)
+    .unwrap();
+    assert!(get("flotilla_producer_epoch_switches_total{}") >= switches + 1.0);
+    assert!(get("flotilla_producer_hold_seconds{}") >= holds + 1.0);
+    assert!(get("flotilla_producer_records_total{cluster=mock-1}") >= 1.0);
 }
