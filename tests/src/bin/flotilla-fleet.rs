@@ -122,29 +122,39 @@ fn up(base: &Path, state_path: &Path, n: usize, with_etcd: bool) -> Result<()> {
 }
 
 fn print_state(state: &State, state_path: &Path) {
-    println!(
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "fleet up in {:.1} s (state: {})",
         state.startup_secs,
         state_path.display()
     );
     if let Some(etcd) = &state.etcd {
-        println!("registry  {}  (etcd pid {})", etcd.endpoint, etcd.pid);
+        let _ = writeln!(out, "registry  {}  (etcd pid {})", etcd.endpoint, etcd.pid);
     }
     for c in &state.clusters {
-        println!(
+        let _ = writeln!(
+            out,
             "cluster {}  {}  (kafka cluster id {}, pid {})",
             c.index, c.bootstrap, c.kafka_cluster_id, c.pid
         );
     }
     if let Some(etcd) = &state.etcd {
-        println!("export FLOTILLA_ETCD_ENDPOINTS={}", etcd.endpoint);
+        let _ = writeln!(out, "export FLOTILLA_ETCD_ENDPOINTS={}", etcd.endpoint);
     }
     let bootstraps: Vec<&str> = state
         .clusters
         .iter()
         .map(|c| c.bootstrap.as_str())
         .collect();
-    println!("export FLOTILLA_KAFKA_BOOTSTRAPS={}", bootstraps.join(","));
+    let _ = writeln!(
+        out,
+        "export FLOTILLA_KAFKA_BOOTSTRAPS={}",
+        bootstraps.join(",")
+    );
+    // The fleet is up and state.json written: a closed stdout (`| head`) is no error.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), out.as_bytes());
 }
 
 fn down(base: &Path, state_path: &Path) -> Result<()> {
