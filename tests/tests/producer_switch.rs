@@ -199,7 +199,7 @@ fn read_cluster(cluster: &str, bootstrap: &str, topic: &str) -> Vec<Read> {
             offset: m.offset(),
             key,
             seq: seq.parse().unwrap(),
-            epoch: m.headers().and_then(|h| epoch_of(h)),
+            epoch: m.headers().and_then(epoch_of),
         });
         if m.offset() + 1 >= ends[&m.partition()] {
             done.insert(m.partition());

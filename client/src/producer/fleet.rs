@@ -561,6 +561,10 @@ impl Core {
         if st.held.get(topic).is_some_and(VecDeque::is_empty) {
             st.held.remove(topic);
         }
+        if !st.held.contains_key(topic) && !st.router.held_topics().any(|t| t == topic) {
+            // Held by an outage or a full queue, not by a switch: not a switch pause.
+            st.held_since.remove(topic);
+        }
         if freed > 0 {
             metrics::gauge!("flotilla_producer_held_records").decrement(freed as f64);
             self.space.notify_waiters();
