@@ -128,7 +128,8 @@ impl EtcdServer {
     }
 
     /// Leaks the server on purpose: the process keeps running and the folder
-    /// stays after this handle is gone (and after this program exits).
+    /// stays after this handle is gone. It also outlives this program only if
+    /// it was started after [`crate::process::set_outlive_process`]`(true)`.
     pub fn into_detached(mut self) -> DetachedEtcd {
         self.detached = true;
         process::disown_dir(&self.dir);
@@ -169,7 +170,7 @@ impl EtcdServer {
             .arg("--log-outputs")
             .arg("stderr")
             .current_dir(&self.dir);
-        let p = ManagedProcess::spawn(&mut cmd, &self.log_path())?;
+        let p = ManagedProcess::spawn(cmd, &self.log_path())?;
         process::write_pgid(&self.dir, p.pid());
         self.process = Some(p);
         Ok(())

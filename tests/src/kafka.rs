@@ -372,7 +372,8 @@ impl KafkaFleet {
     }
 
     /// Leaks every cluster on purpose: the JVMs keep running and the folders
-    /// stay after this handle (and this program) is gone.
+    /// stay after this handle is gone. They also outlive this program only if
+    /// they were started after [`crate::process::set_outlive_process`]`(true)`.
     pub fn into_detached(self) -> Vec<DetachedKafkaCluster> {
         self.clusters
             .into_iter()
@@ -521,7 +522,7 @@ impl KafkaCluster {
             self.runtime
                 .command(&self.dir, &heap, &self.runtime.broker_opts, "kafka.Kafka");
         cmd.arg(self.properties_path());
-        let p = ManagedProcess::spawn(&mut cmd, &self.stdout_path())?;
+        let p = ManagedProcess::spawn(cmd, &self.stdout_path())?;
         process::write_pgid(&self.dir, p.pid());
         self.process = Some(p);
         Ok(())
@@ -675,7 +676,8 @@ impl KafkaCluster {
         self.wait_ready()
     }
 
-    /// Leaks the cluster on purpose: the JVM keeps running and the folder stays.
+    /// Leaks the cluster on purpose: the JVM keeps running and the folder stays
+    /// (past this program's exit only with [`crate::process::set_outlive_process`]`(true)`).
     pub fn into_detached(mut self) -> DetachedKafkaCluster {
         self.detached = true;
         process::disown_dir(&self.dir);

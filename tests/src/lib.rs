@@ -9,7 +9,9 @@
 //!
 //! Every server runs in its own process group and its own folder; dropping the
 //! handle (also while a test panics) kills the processes and removes the
-//! folders. `into_detached()` leaks them on purpose (used by `flotilla-fleet up`).
+//! folders. Servers also get a parent-death signal, so they die with the test
+//! process even when no `Drop` runs. `into_detached()` (after
+//! [`process::set_outlive_process`]) leaks them on purpose, as `flotilla-fleet up` does.
 //! See `docs/harness.md` for ports, files and environment variables.
 
 #![warn(missing_docs)]

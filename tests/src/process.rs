@@ -8,7 +8,8 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// Loopback ports handed out by this process (never handed out twice).
@@ -118,6 +119,51 @@ pub fn group_alive(pgid: i32) -> bool {
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
+/// Whether servers started from now on may outlive this process.
+static OUTLIVE: AtomicBool = AtomicBool::new(false);
+
+/// `true`: servers started from now on survive the exit of this process (no
+/// parent-death signal); needed before [`crate::EtcdServer::into_detached`] /
+/// [`crate::KafkaFleet::into_detached`] can leave them running, as
+/// `flotilla-fleet up` does. `false` (the default): they are SIGKILLed by the
+/// kernel when this process dies, whatever the reason.
+pub fn set_outlive_process(outlive: bool) {
+    OUTLIVE.store(outlive, Ordering::SeqCst);
+}
+
+type SpawnJob = Box<dyn FnOnce() + Send>;
+
+/// Runs `f` on the harness's spawner thread, which lives as long as the
+/// process. `PR_SET_PDEATHSIG` fires when the *thread* that forked a child
+/// exits, so children must not be forked from short-lived (test) threads.
+fn on_spawner_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    static SPAWNER: OnceLock<Mutex<mpsc::Sender<SpawnJob>>> = OnceLock::new();
+    let sender = SPAWNER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnJob>();
+        std::thread::Builder::new()
+            .name("flotilla-testkit-spawner".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .expect("start the harness spawner thread");
+        Mutex::new(tx)
+    });
+    let (result_tx, result_rx) = mpsc::sync_channel(1);
+    let job: SpawnJob = Box::new(move || {
+        let _ = result_tx.send(f());
+    });
+    sender
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(job)
+        .expect("harness spawner thread is gone");
+    result_rx
+        .recv()
+        .expect("harness spawner thread dropped a job")
+}
+
 /// A child process that leads its own process group, with stdout and stderr
 /// appended to a log file. Signals go to the whole group.
 #[derive(Debug)]
@@ -129,7 +175,12 @@ pub struct ManagedProcess {
 impl ManagedProcess {
     /// Spawns `cmd` as leader of a new process group, stdin from /dev/null,
     /// stdout and stderr appended to `log`.
-    pub fn spawn(cmd: &mut Command, log: &Path) -> Result<Self, HarnessError> {
+    ///
+    /// Unless [`set_outlive_process`]`(true)` was called, the child also gets
+    /// `PR_SET_PDEATHSIG = SIGKILL` and is forked from one long-lived harness
+    /// thread, so it dies with this process even when no `Drop` runs (test
+    /// binary SIGKILLed, Ctrl-C, `cargo test` timeout).
+    pub fn spawn(mut cmd: Command, log: &Path) -> Result<Self, HarnessError> {
         let out = OpenOptions::new()
             .create(true)
             .append(true)
@@ -138,13 +189,33 @@ impl ManagedProcess {
         let err = out
             .try_clone()
             .map_err(|e| HarnessError::io("dup log file", e))?;
-        let child = cmd
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| HarnessError::io(format!("spawn {:?}", cmd.get_program()), e))?;
+            .process_group(0);
+        let program = format!("{:?}", cmd.get_program());
+        let child = if OUTLIVE.load(Ordering::SeqCst) {
+            cmd.spawn()
+        } else {
+            // SAFETY: getpid is async-signal-safe; it runs before the fork.
+            let parent = unsafe { libc::getpid() };
+            // SAFETY: the closure only calls async-signal-safe functions
+            // (prctl, getppid) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent died before prctl took effect: do not run orphaned.
+                    if libc::getppid() != parent {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                    Ok(())
+                });
+            }
+            on_spawner_thread(move || cmd.spawn())
+        }
+        .map_err(|e| HarnessError::io(format!("spawn {program}"), e))?;
         Ok(ManagedProcess {
             child,
             exited: None,

@@ -105,3 +105,66 @@ fn fleet_binary_detaches_and_tears_down() {
     let left: Vec<_> = std::fs::read_dir(base.path()).unwrap().flatten().collect();
     assert!(left.is_empty(), "left behind by `down`: {left:?}");
 }
+
+/// Child half of `servers_die_with_a_sigkilled_test_process`: only active when
+/// that test re-runs this binary with `FLOTILLA_HOLD_ETCD` set.
+#[test]
+fn hold_etcd_for_parent_test() {
+    let Ok(pid_file) = std::env::var("FLOTILLA_HOLD_ETCD") else {
+        return;
+    };
+    // Started from this short-lived test thread on purpose: the harness must
+    // still tie the server's life to the process, not to this thread.
+    let etcd = EtcdServer::start().expect("start etcd");
+    let info = format!("{} {}", etcd.pid().unwrap(), etcd.dir().display());
+    std::fs::write(format!("{pid_file}.tmp"), info).unwrap();
+    std::fs::rename(format!("{pid_file}.tmp"), &pid_file).unwrap();
+    std::mem::forget(etcd);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn servers_die_with_a_sigkilled_test_process() {
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let pid_file = scratch.path().join("etcd.pid");
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "hold_etcd_for_parent_test", "--nocapture"])
+        .env("FLOTILLA_HOLD_ETCD", &pid_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("re-run this test binary");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pid_file.exists() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("child test exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "child never started etcd");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let info = std::fs::read_to_string(&pid_file).unwrap();
+    let (pid, dir) = info.split_once(' ').unwrap();
+    let pid: i32 = pid.parse().unwrap();
+    assert!(group_alive(pid));
+
+    // No Drop runs in the child: only the kernel's parent-death signal can stop etcd.
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while group_alive(pid) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !group_alive(pid),
+        "etcd (pgid {pid}) outlived its SIGKILLed test process"
+    );
+    // Its folder is reaped by the next harness start in the same base folder.
+    let again = EtcdServer::start().expect("start etcd");
+    assert!(
+        !std::path::Path::new(dir).exists(),
+        "stale {dir} not reaped"
+    );
+    drop(again);
+}

@@ -101,6 +101,8 @@ fn up(base: &Path, state_path: &Path, n: usize, with_etcd: bool) -> Result<()> {
         down(base, state_path)?;
     }
     std::fs::create_dir_all(base).with_context(|| format!("create {}", base.display()))?;
+    // The servers must survive this command's exit.
+    flotilla_testkit::process::set_outlive_process(true);
     let started = Instant::now();
     let (etcd, kafka) = std::thread::scope(|s| {
         let etcd = s.spawn(|| with_etcd.then(|| EtcdServer::start_in(base)));
