@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
-use flotilla_client::producer::{epoch_of, FleetProducerError};
+use flotilla_client::producer::{epoch_of, FleetProducerError, OutageMode};
 use flotilla_client::registry::etcd::EtcdKv;
 use flotilla_client::registry::{
     ClusterRole, ClusterSpec, ClusterState, EpochState, Expect, Registry, TopicRoute,
@@ -561,4 +561,123 @@ async fn etcd_down_at_start_is_a_clear_error() {
     assert!(msg.contains(&endpoint), "{msg}");
     assert!(started.elapsed() < Duration::from_secs(30));
     eprintln!("etcd down: {msg}");
+}
+
+/// etcd killed mid-run: a `KeepProducing` producer keeps writing on its last
+/// snapshot, a `Hold` producer holds (its sends time out with the record
+/// given back) and resumes once etcd is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_outage_keep_producing_vs_hold() {
+    const TOPIC: &str = "outage";
+    let mut etcd = EtcdServer::start().expect("start etcd");
+    let kafka = tokio::task::spawn_blocking(|| KafkaFleet::start(1).expect("start Kafka"))
+        .await
+        .unwrap();
+    let reg = registry(&etcd.endpoint()).await;
+    let c = kafka.cluster(0);
+    create_topic(&c.bootstrap(), TOPIC, 2).await.unwrap();
+    reg.create_cluster(&spec("A", &c.bootstrap(), c.kafka_cluster_id()))
+        .await
+        .unwrap();
+    reg.put_route(
+        &TopicRoute {
+            version: SCHEMA_VERSION,
+            topic: TOPIC.into(),
+            partitions: 2,
+            epochs: vec![flotilla_client::registry::Epoch {
+                n: 1,
+                write: vec![wc("A")],
+                state: EpochState::Open,
+                fence: BTreeMap::new(),
+                created_at: 0,
+                ack_deadline: None,
+            }],
+        },
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    let endpoint = etcd.endpoint();
+    let keep = FleetProducer::connect(&[endpoint.as_str()], FLEET, producer_config("keep", 10_000))
+        .await
+        .unwrap();
+    let mut cfg = producer_config("hold", 10_000);
+    cfg.registry_outage(OutageMode::Hold);
+    let hold = FleetProducer::connect(&[endpoint.as_str()], FLEET, cfg)
+        .await
+        .unwrap();
+    for p in [&keep, &hold] {
+        p.send(
+            FutureRecord::to(TOPIC).key("k").payload("before"),
+            Duration::from_secs(5),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+
+    etcd.kill();
+    // Wait until the hold-mode producer notices (watch broken).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = hold
+            .send(
+                FutureRecord::to(TOPIC).key("k").payload("during"),
+                Duration::from_millis(300),
+            )
+            .await;
+        match r {
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "hold mode never held");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err((FleetSendError::Timeout { .. }, msg)) => {
+                assert_eq!(msg.payload(), Some(&b"during"[..]));
+                break;
+            }
+            Err((e, _)) => panic!("unexpected: {e}"),
+        }
+    }
+    // Keep-producing still writes on its last snapshot.
+    let d = keep
+        .send(
+            FutureRecord::to(TOPIC).key("k").payload("during"),
+            Duration::from_secs(1),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .expect("KeepProducing writes during the outage");
+    assert_eq!((&*d.cluster, d.epoch), ("A", 1));
+    // A held record goes out once etcd is back.
+    let waiting = hold
+        .send_result(FutureRecord::to(TOPIC).key("k").payload("after"))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let mut etcd = tokio::task::spawn_blocking(move || {
+        etcd.restart().expect("restart etcd");
+        etcd
+    })
+    .await
+    .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("held record released after etcd came back")
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!(&*d.cluster, "A");
+    // Both are registered again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = reg
+            .snapshot()
+            .await
+            .map(|s| s.producers().count())
+            .unwrap_or(0);
+        if n == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{n} producers registered");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    etcd.kill();
 }
