@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+pub use flotilla_client::route::switch::OnAckDeadline;
+
 /// One kind of fault the simulator can inject. Each is toggled independently.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Fault {
@@ -140,7 +142,9 @@ impl fmt::Display for Faults {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct Bugs {
     /// The producer adapter answers `Flush` at once, without waiting for its
-    /// records in flight: the router acknowledges too early.
+    /// records in flight: the router acknowledges too early. (Every producer
+    /// then uses [`Settlement::PerFlush`](flotilla_client::route::router::Settlement),
+    /// the mode where `on_flushed` is what releases the ack.)
     pub skip_flush_before_ack: bool,
     /// A consumer that starts reading a cluster it never committed on starts at
     /// the high watermark (`auto.offset.reset=latest`) instead of the beginning.
@@ -161,7 +165,7 @@ pub enum LeasePolicy {
 }
 
 /// Shape and timing of one simulated run. All times are virtual milliseconds.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     /// Partitions of the simulated topic (the same on every cluster).
     pub partitions: u32,
@@ -193,6 +197,8 @@ pub struct Config {
     pub bugs: Bugs,
     /// Producer behaviour without a lease.
     pub lease_policy: LeasePolicy,
+    /// What the controller does when the ack deadline passes with acks missing.
+    pub on_ack_deadline: OnAckDeadline,
     /// Keep the readable trace lines (the hash of the trace is always computed).
     pub keep_trace: bool,
 }
@@ -217,6 +223,7 @@ impl Default for Config {
             faults: Faults::none(),
             bugs: Bugs::default(),
             lease_policy: LeasePolicy::KeepWriting,
+            on_ack_deadline: OnAckDeadline::Proceed,
             keep_trace: false,
         }
     }

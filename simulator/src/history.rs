@@ -83,6 +83,8 @@ pub struct RecInfo {
     pub session: u32,
     /// Epoch it was routed with (0 before routing).
     pub epoch: u64,
+    /// Its number among its producer's sends of its epoch (for flush marks).
+    pub send_no: u64,
     /// When it was handed to a cluster connection (virtual ms).
     pub sent_at: u64,
     /// Cluster index it was sent to.

@@ -10,14 +10,12 @@
 //!
 //! - [`config`]: run shape, faults, broken variants.
 //! - [`world`]: the simulated world and its actors.
-//! - [`control`]: the controller's pure decisions.
 //! - [`history`]: records and anomalies.
 //! - [`report`]: summaries over many seeds.
 
 #![warn(missing_docs)]
 
 pub mod config;
-pub mod control;
 pub mod history;
 pub mod report;
 pub mod world;

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
+use flotilla_sim::config::OnAckDeadline;
 use flotilla_sim::report::Summary;
 use flotilla_sim::{run_seed, Bugs, Config, Faults, LeasePolicy, RunResult};
 
@@ -63,6 +64,10 @@ struct Shape {
     /// Producers hold (instead of writing on) while their lease is lost.
     #[arg(long)]
     hold_without_lease: bool,
+    /// The controller aborts (instead of sealing anyway) when the ack deadline
+    /// passes with acknowledgements missing.
+    #[arg(long)]
+    abort_on_deadline: bool,
     /// Broken variant: answer Flush without waiting (ack too early).
     #[arg(long)]
     bug_skip_flush: bool,
@@ -90,6 +95,9 @@ impl Shape {
         }
         if self.hold_without_lease {
             cfg.lease_policy = LeasePolicy::Hold;
+        }
+        if self.abort_on_deadline {
+            cfg.on_ack_deadline = OnAckDeadline::Abort;
         }
         cfg.bugs = Bugs {
             skip_flush_before_ack: self.bug_skip_flush,
@@ -141,9 +149,7 @@ fn minimal_trace(r: &RunResult, tail: usize) -> Vec<String> {
     r.trace
         .iter()
         .enumerate()
-        .filter(|(i, l)| {
-            (*i >= start && *i <= first_bad) || l.contains(" # ") || l.contains(" ! ")
-        })
+        .filter(|(i, l)| (*i >= start && *i <= first_bad) || l.contains(" # ") || l.contains(" ! "))
         .map(|(_, l)| l.clone())
         .collect()
 }
@@ -187,7 +193,10 @@ fn main() -> anyhow::Result<()> {
                 for a in r.anomalies.list.iter().take(20) {
                     println!("ANOMALY {} at {} ms: {}", a.kind, a.at, a.detail);
                 }
-                println!("\nreplay: flotilla-sim replay --seed {seed} --faults {}", cfg.faults);
+                println!(
+                    "\nreplay: flotilla-sim replay --seed {seed} with the same flags ({})",
+                    std::env::args().skip(2).collect::<Vec<_>>().join(" ")
+                );
                 std::process::exit(1);
             }
         }
@@ -204,7 +213,11 @@ fn main() -> anyhow::Result<()> {
             for l in &lines {
                 writeln!(out, "{l}")?;
             }
-            writeln!(out, "trace hash {:016x}, {} events", r.trace_hash, r.stats.events)?;
+            writeln!(
+                out,
+                "trace hash {:016x}, {} events",
+                r.trace_hash, r.stats.events
+            )?;
             if r.anomalies.is_empty() {
                 writeln!(out, "no anomaly")?;
             } else {

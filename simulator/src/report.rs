@@ -70,7 +70,11 @@ impl Summary {
     pub fn text(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "seeds run:        {}", self.seeds);
-        let _ = writeln!(s, "simulated hours:  {:.2}", self.sim_ms as f64 / 3_600_000.0);
+        let _ = writeln!(
+            s,
+            "simulated hours:  {:.2}",
+            self.sim_ms as f64 / 3_600_000.0
+        );
         let _ = writeln!(s, "events:           {}", self.events);
         let _ = writeln!(
             s,
@@ -89,7 +93,11 @@ impl Summary {
             let _ = writeln!(s, "slowest switch:   {p} ms (seed {seed}, epoch {e})");
         }
         if !self.faults.is_empty() {
-            let f: Vec<String> = self.faults.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let f: Vec<String> = self
+                .faults
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             let _ = writeln!(s, "faults injected:  {}", f.join(" "));
         }
         if self.anomalies.is_empty() {
@@ -99,8 +107,18 @@ impl Summary {
             for (k, n) in &self.anomalies {
                 let _ = writeln!(s, "  {k:<26} {n}");
             }
-            let seeds: Vec<String> = self.failing.iter().take(20).map(|(s, _)| s.to_string()).collect();
-            let _ = writeln!(s, "failing seeds ({}): {}", self.failing.len(), seeds.join(" "));
+            let seeds: Vec<String> = self
+                .failing
+                .iter()
+                .take(20)
+                .map(|(s, _)| s.to_string())
+                .collect();
+            let _ = writeln!(
+                s,
+                "failing seeds ({}): {}",
+                self.failing.len(),
+                seeds.join(" ")
+            );
         }
         s
     }
@@ -170,7 +188,10 @@ impl Summary {
                 let k: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
                 let _ = writeln!(s, "| {seed} | {} |", k.join(", "));
             }
-            let _ = writeln!(s, "\nReplay one with `flotilla-sim replay --seed <seed>` and the same flags.");
+            let _ = writeln!(
+                s,
+                "\nReplay one with `flotilla-sim replay --seed <seed>` and the same flags."
+            );
         }
         s
     }

@@ -14,12 +14,12 @@ use flotilla_client::registry::{
     FleetSnapshot, GroupRecord, TopicRoute, WeightedCluster, SCHEMA_VERSION,
 };
 use flotilla_client::route::gate::{read_set, FenceGate, RecordClass};
-use flotilla_client::route::router::{Action, Decision, Router};
+use flotilla_client::route::router::{Action, Decision, Router, Settlement};
+use flotilla_client::route::switch::{self, SwitchStep};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::config::{Config, Fault, LeasePolicy};
-use crate::control::{self, SwitchStep};
 use crate::history::{Anomalies, AnomalyKind, RecInfo};
 
 /// The one simulated topic.
@@ -79,22 +79,62 @@ pub struct RunResult {
 
 #[derive(Debug)]
 enum Ev {
-    Produce { p: usize, sess: u32 },
-    Arrive { p: usize, sess: u32, c: u16, bid: u64, rids: Arc<[u64]> },
-    Reply { p: usize, sess: u32, c: u16, bid: u64, ok: bool },
-    Deliver { l: usize, sess: u32, snap: Arc<FleetSnapshot> },
-    Keepalive { l: usize, sess: u32 },
-    LeaseCheck { id: String },
-    RegWrite { l: usize, sess: u32 },
-    LinkHeal { l: usize },
-    Poll { ci: usize, sess: u32 },
+    Produce {
+        p: usize,
+        sess: u32,
+    },
+    Arrive {
+        p: usize,
+        sess: u32,
+        c: u16,
+        bid: u64,
+        rids: Arc<[u64]>,
+    },
+    Reply {
+        p: usize,
+        sess: u32,
+        c: u16,
+        bid: u64,
+        ok: bool,
+    },
+    Deliver {
+        l: usize,
+        sess: u32,
+        snap: Arc<FleetSnapshot>,
+    },
+    Keepalive {
+        l: usize,
+        sess: u32,
+    },
+    LeaseCheck {
+        id: String,
+    },
+    RegWrite {
+        l: usize,
+        sess: u32,
+    },
+    LinkHeal {
+        l: usize,
+    },
+    Poll {
+        ci: usize,
+        sess: u32,
+    },
     ControllerTick,
     OperatorTick,
-    OperatorAbort { n: u64 },
-    Teardown { c: u16 },
+    OperatorAbort {
+        n: u64,
+    },
+    Teardown {
+        c: u16,
+    },
     FaultStart,
-    FaultEnd { what: FaultEnd },
-    Restart { l: usize },
+    FaultEnd {
+        what: FaultEnd,
+    },
+    Restart {
+        l: usize,
+    },
     Heal,
     StopProducing,
     End,
@@ -183,8 +223,13 @@ struct Producer {
     router: Router,
     conns: BTreeMap<u16, Conn>,
     held: VecDeque<u64>,
-    unsettled: BTreeMap<u64, u64>,
-    flush_waiters: BTreeSet<u64>,
+    settlement: Settlement,
+    /// Per epoch: sends so far.
+    sends: BTreeMap<u64, u64>,
+    /// Per epoch: send numbers not settled yet.
+    unsettled: BTreeMap<u64, BTreeSet<u64>>,
+    /// Outstanding `Flush` answers (per-flush mode): (epoch, sends at the `Flush`).
+    flush_waiters: Vec<(u64, u64)>,
     keys: Vec<u32>,
 }
 
@@ -299,8 +344,14 @@ impl World {
                 router: Router::new(),
                 conns: BTreeMap::new(),
                 held: VecDeque::new(),
+                settlement: if cfg.bugs.skip_flush_before_ack || rng.random_bool(0.5) {
+                    Settlement::PerFlush
+                } else {
+                    Settlement::PerRecord
+                },
+                sends: BTreeMap::new(),
                 unsettled: BTreeMap::new(),
-                flush_waiters: BTreeSet::new(),
+                flush_waiters: Vec::new(),
                 keys: (0..cfg.keys_per_producer)
                     .map(|k| i as u32 * cfg.keys_per_producer + k)
                     .collect(),
@@ -399,7 +450,9 @@ impl World {
             let at = w.rng.random_range(0..200);
             w.at(at, Ev::Restart { l });
         }
-        let first = w.rng.random_range(w.cfg.switch_gap_ms.0..w.cfg.switch_gap_ms.1);
+        let first = w
+            .rng
+            .random_range(w.cfg.switch_gap_ms.0..w.cfg.switch_gap_ms.1);
         w.at(first, Ev::OperatorTick);
         w.at(100, Ev::ControllerTick);
         if w.cfg.faults.iter().any(|f| f != Fault::Ambiguous) {
@@ -706,7 +759,12 @@ impl World {
         match self.links[l].kind {
             ClientKind::Producer => {
                 let acts = self.producers[idx].router.on_snapshot(&snap);
-                tr!(self, "prod{idx} snapshot rev {} -> {:?}", snap.revision, acts);
+                tr!(
+                    self,
+                    "prod{idx} snapshot rev {} -> {:?}",
+                    snap.revision,
+                    acts
+                );
                 self.apply_actions(idx, acts);
                 self.drain_held(idx);
             }
@@ -794,11 +852,18 @@ impl World {
                     r.cluster = c;
                     r.partition = partition;
                     let pr = &mut self.producers[p];
-                    *pr.unsettled.entry(epoch).or_insert(0) += 1;
+                    let no = pr.sends.entry(epoch).or_insert(0);
+                    let send_no = *no;
+                    *no += 1;
+                    pr.unsettled.entry(epoch).or_default().insert(send_no);
+                    self.recs[rid as usize].send_no = send_no;
                     let conn = pr.conns.entry(c).or_default();
                     conn.queue.push_back(rid);
                     let idle = conn.inflight.is_none();
-                    tr!(self, "prod{p} send r{rid} key{key} -> {cluster}/{partition} e{epoch}");
+                    tr!(
+                        self,
+                        "prod{p} send r{rid} key{key} -> {cluster}/{partition} e{epoch}"
+                    );
                     if idle {
                         let sess = self.links[p].session;
                         self.pump(p, sess, c);
@@ -866,7 +931,8 @@ impl World {
         for &rid in rids.iter() {
             self.append(c, rid);
         }
-        let lost = self.cfg.faults.has(Fault::Ambiguous) && !self.healed && self.rng.random_bool(0.03);
+        let lost =
+            self.cfg.faults.has(Fault::Ambiguous) && !self.healed && self.rng.random_bool(0.03);
         if lost {
             tr!(self, "batch b{bid} of prod{p} applied on c{c}, reply lost");
             let d = self.rng.random_range(100..300);
@@ -929,7 +995,11 @@ impl World {
                 failed.push(rid);
                 conn.queue.pop_front();
             }
-            tr!(self, "prod{p} b{bid} failed after the delivery timeout ({} records)", failed.len());
+            tr!(
+                self,
+                "prod{p} b{bid} failed after the delivery timeout ({} records)",
+                failed.len()
+            );
             for rid in failed {
                 self.recs[rid as usize].failed = true;
                 self.stats.failed += 1;
@@ -954,29 +1024,44 @@ impl World {
     }
 
     fn settle(&mut self, p: usize, rid: u64) {
-        let epoch = self.recs[rid as usize].epoch;
+        let (epoch, no) = {
+            let r = &self.recs[rid as usize];
+            (r.epoch, r.send_no)
+        };
         let pr = &mut self.producers[p];
-        let left = pr.unsettled.get_mut(&epoch).map(|n| {
-            *n = n.saturating_sub(1);
-            *n
+        let low = pr.unsettled.get_mut(&epoch).and_then(|set| {
+            set.remove(&no);
+            set.first().copied()
         });
-        let acts = pr.router.on_settled(TOPIC, epoch);
-        self.apply_actions(p, acts);
-        if left == Some(0) {
-            let pr = &mut self.producers[p];
-            pr.unsettled.remove(&epoch);
-            if pr.flush_waiters.remove(&epoch) {
-                let acts = pr.router.on_flushed(TOPIC, epoch);
-                tr!(self, "prod{p} flushed e{epoch} -> {acts:?}");
-                self.apply_actions(p, acts);
-            }
+        if pr.settlement == Settlement::PerRecord {
+            let acts = pr.router.on_settled(TOPIC, epoch);
+            self.apply_actions(p, acts);
+            return;
         }
+        // Per-flush mode: answer each Flush once everything routed before it settled.
+        let done: Vec<(u64, u64)> = pr
+            .flush_waiters
+            .iter()
+            .copied()
+            .filter(|&(e, mark)| e == epoch && low.is_none_or(|l| l >= mark))
+            .collect();
+        if done.is_empty() {
+            return;
+        }
+        pr.flush_waiters
+            .retain(|&(e, mark)| !(e == epoch && low.is_none_or(|l| l >= mark)));
+        let acts = pr.router.on_flushed(TOPIC, epoch);
+        tr!(self, "prod{p} flushed e{epoch} -> {acts:?}");
+        self.apply_actions(p, acts);
     }
 
     fn apply_actions(&mut self, p: usize, acts: Vec<Action>) {
         let mut work: VecDeque<Action> = acts.into();
         let mut release = false;
+        let mut steps = 0u32;
         while let Some(a) = work.pop_front() {
+            steps += 1;
+            assert!(steps < 10_000, "prod{p}: router action loop at {a:?}");
             match a {
                 Action::Open(c) => {
                     self.producers[p]
@@ -997,12 +1082,17 @@ impl World {
                 }
                 Action::Flush { topic, epoch } => {
                     let pr = &mut self.producers[p];
-                    let pending = pr.unsettled.get(&epoch).copied().unwrap_or(0);
-                    if pending == 0 || self.cfg.bugs.skip_flush_before_ack {
+                    if pr.settlement == Settlement::PerRecord {
+                        // A hint only: the per-record reports release the ack.
+                        continue;
+                    }
+                    let mark = pr.sends.get(&epoch).copied().unwrap_or(0);
+                    let low = pr.unsettled.get(&epoch).and_then(|s| s.first().copied());
+                    if self.cfg.bugs.skip_flush_before_ack || low.is_none_or(|l| l >= mark) {
                         let more = pr.router.on_flushed(&topic, epoch);
                         work.extend(more);
                     } else {
-                        pr.flush_waiters.insert(epoch);
+                        pr.flush_waiters.push((epoch, mark));
                     }
                 }
                 Action::Ack { epoch, .. } => {
@@ -1067,7 +1157,10 @@ impl World {
                 if straggler {
                     self.recs[rid as usize].straggler = true;
                     self.stats.stragglers += 1;
-                    tr!(self, "straggler r{rid} of {writer} on {cname}/{part}@{off} e{epoch}");
+                    tr!(
+                        self,
+                        "straggler r{rid} of {writer} on {cname}/{part}@{off} e{epoch}"
+                    );
                 }
             }
             Err(why) => self.anomaly(
@@ -1123,7 +1216,10 @@ impl World {
                 let cl = &self.clusters[cx as usize];
                 let mut pos = cl.committed[p as usize];
                 let hw = cl.logs[p as usize].len() as i64;
-                let limit = self.consumers[ci].gate.allowed_until(c, p).unwrap_or(i64::MAX);
+                let limit = self.consumers[ci]
+                    .gate
+                    .allowed_until(c, p)
+                    .unwrap_or(i64::MAX);
                 let end = hw.min(limit).min(pos + 64);
                 while pos < end {
                     let rid = self.clusters[cx as usize].logs[p as usize][pos as usize];
@@ -1150,7 +1246,10 @@ impl World {
         r.consumed += 1;
         let (key, seq, consumed, straggler) = (r.key, r.seq, r.consumed, r.straggler);
         let at = (r.cluster, r.partition, r.offset);
-        tr!(self, "cons{ci} got r{rid} key{key}#{seq} from c{c}/{p}@{off} {class:?}");
+        tr!(
+            self,
+            "cons{ci} got r{rid} key{key}#{seq} from c{c}/{p}@{off} {class:?}"
+        );
         if at != (c, p, Some(off as u64)) {
             self.anomaly(
                 AnomalyKind::OffsetMismatch,
@@ -1160,7 +1259,9 @@ impl World {
         if consumed > 1 {
             self.anomaly(
                 AnomalyKind::DuplicateDelivery,
-                format!("r{rid} (key{key}#{seq}) delivered {consumed} times, last from c{c}/{p}@{off}"),
+                format!(
+                    "r{rid} (key{key}#{seq}) delivered {consumed} times, last from c{c}/{p}@{off}"
+                ),
             );
             return;
         }
@@ -1204,7 +1305,8 @@ impl World {
         match kind {
             ClientKind::Producer => {
                 let pr = &mut self.producers[idx];
-                pr.router = Router::new();
+                pr.router = Router::with_settlement(pr.settlement);
+                pr.sends.clear();
                 pr.conns.clear();
                 pr.held.clear();
                 pr.unsettled.clear();
@@ -1257,24 +1359,30 @@ impl World {
             return;
         }
         let now_c = (self.now as i64 + self.skew).max(0) as u64;
-        match control::plan_switch(&self.truth, TOPIC, now_c) {
-            SwitchStep::Wait => {}
-            SwitchStep::Seal { clusters } => {
+        let route = &self.truth.routes[TOPIC];
+        let step = switch::plan(
+            route,
+            self.truth.producers(),
+            now_c,
+            self.cfg.on_ack_deadline,
+        );
+        match step {
+            SwitchStep::Idle | SwitchStep::WaitForAcks { .. } => {}
+            SwitchStep::ReadBoundary {
+                epoch: pn,
+                clusters,
+                late,
+            } => {
                 let readable = clusters.iter().all(|c| {
                     let cl = &self.clusters[cluster_index(c) as usize];
                     cl.up && !cl.torn_down
                 });
-                let route = &self.truth.routes[TOPIC];
-                let pending = route.pending_epoch().expect("planned a seal");
-                let pn = pending.n;
                 if !readable {
-                    // An unreadable cluster cannot be fenced: wait, abort after
-                    // twice the deadline.
-                    let late = pending
-                        .ack_deadline
-                        .is_some_and(|d| now_c >= d + self.cfg.ack_deadline_ms);
-                    if late {
-                        self.abort_pending("a cluster of the boundary is unreachable");
+                    // An unreadable cluster cannot be fenced: wait, and abort
+                    // once twice the ack timeout has passed.
+                    let deadline = route.epoch(pn).and_then(|e| e.ack_deadline);
+                    if deadline.is_some_and(|d| now_c >= d + self.cfg.ack_deadline_ms) {
+                        self.abort_pending(pn, "a cluster of the boundary is unreachable");
                     }
                 } else {
                     let fence: BTreeMap<String, Vec<i64>> = clusters
@@ -1290,17 +1398,27 @@ impl World {
                         .filter(|r| r.acked.get(TOPIC).is_some_and(|&a| a >= pn))
                         .map(|r| r.id.clone())
                         .collect();
-                    let route = self.truth.routes.get_mut(TOPIC).expect("route");
-                    if let Some((sealed, opened)) = control::seal(route, fence.clone()) {
-                        self.seals.insert(sealed, SealInfo { acked_ids });
-                        let pause = self.now - self.proposed_at.get(&opened).copied().unwrap_or(0);
-                        self.stats.switches.push((opened, pause));
-                        tr!(self, "# SEAL e{sealed} fence {fence:?}; e{opened} open after {pause} ms");
-                        self.commit();
+                    let sealed = route.open_epoch().map_or(0, |e| e.n);
+                    match switch::seal(route, pn, fence.clone()) {
+                        Ok(next) => {
+                            self.truth.routes.insert(TOPIC.to_string(), next);
+                            self.seals.insert(sealed, SealInfo { acked_ids });
+                            let pause = self.now - self.proposed_at.get(&pn).copied().unwrap_or(0);
+                            self.stats.switches.push((pn, pause));
+                            tr!(
+                                self,
+                                "# SEAL e{sealed} fence {fence:?}; e{pn} open after {pause} ms (late: {late:?})"
+                            );
+                            self.commit();
+                        }
+                        Err(e) => self.anomaly(
+                            AnomalyKind::SwitchStuck,
+                            format!("seal of e{pn} refused: {e}"),
+                        ),
                     }
                 }
             }
-            SwitchStep::Abort => self.abort_pending("ack deadline passed"),
+            SwitchStep::Abort { epoch, reason } => self.abort_pending(epoch, &reason),
         }
         // Retire drained clusters the group no longer needs.
         let draining: Vec<String> = self
@@ -1319,8 +1437,15 @@ impl World {
                     matches!(e.state, EpochState::Open | EpochState::Pending) && e.writes_to(&name)
                 })
             } else {
-                let cl = &self.clusters[cx];
-                control::may_retire(route, &name, |p| cl.committed[p as usize])
+                let clusters = &self.clusters;
+                let consumed = |_topic: &str, epoch: u64, cluster: &str| {
+                    let cl = &clusters[cluster_index(cluster) as usize];
+                    route
+                        .epoch(epoch)
+                        .and_then(|e| e.fence.get(cluster))
+                        .is_none_or(|f| f.iter().enumerate().all(|(p, &o)| cl.committed[p] >= o))
+                };
+                switch::may_retire(&name, self.truth.routes.values(), consumed).is_ok()
             };
             if ok {
                 self.retire(cx);
@@ -1333,9 +1458,10 @@ impl World {
         self.after(200, Ev::ControllerTick);
     }
 
-    fn abort_pending(&mut self, why: &str) {
-        let route = self.truth.routes.get_mut(TOPIC).expect("route");
-        if let Some(n) = control::abort(route) {
+    fn abort_pending(&mut self, n: u64, why: &str) {
+        let route = &self.truth.routes[TOPIC];
+        if let Ok(next) = switch::abort(route, n) {
+            self.truth.routes.insert(TOPIC.to_string(), next);
             self.stats.aborted += 1;
             tr!(self, "# ABORT e{n}: {why}");
             self.commit();
@@ -1393,11 +1519,17 @@ impl World {
             .unwrap_or_default();
         let flap = self.cfg.faults.has(Fault::Flap);
         let active = |w: &World, set: &[String]| {
-            set.iter()
-                .all(|c| w.truth.clusters.get(c).is_some_and(|s| s.state == ClusterState::Active))
+            set.iter().all(|c| {
+                w.truth
+                    .clusters
+                    .get(c)
+                    .is_some_and(|s| s.state == ClusterState::Active)
+            })
         };
         let next: Vec<String> = match self.prev_write.clone() {
-            Some(prev) if flap && prev != open && active(self, &prev) && self.rng.random_bool(0.3) => {
+            Some(prev)
+                if flap && prev != open && active(self, &prev) && self.rng.random_bool(0.3) =>
+            {
                 prev
             }
             _ if open.len() >= 2 => vec![open.last().expect("non-empty").clone()],
@@ -1413,7 +1545,9 @@ impl World {
             .truth
             .clusters
             .values()
-            .filter(|s| s.state == ClusterState::Active && !open.contains(&s.id) && !next.contains(&s.id))
+            .filter(|s| {
+                s.state == ClusterState::Active && !open.contains(&s.id) && !next.contains(&s.id)
+            })
             .map(|s| s.id.clone())
             .collect();
         for c in &drain {
@@ -1422,22 +1556,33 @@ impl World {
             }
             tr!(self, "# DRAIN {c}");
         }
-        let route = self.truth.routes.get_mut(TOPIC).expect("route");
-        let n = route.last_epoch_n() + 1;
-        route.epochs.push(Epoch {
-            n,
-            write: next
-                .iter()
-                .map(|c| WeightedCluster {
-                    cluster: c.clone(),
-                    weight: 100,
-                })
-                .collect(),
-            state: EpochState::Pending,
-            fence: BTreeMap::new(),
-            created_at: self.now,
-            ack_deadline: Some(self.now + self.cfg.ack_deadline_ms),
-        });
+        let write: Vec<WeightedCluster> = next
+            .iter()
+            .map(|c| WeightedCluster {
+                cluster: c.clone(),
+                weight: 100,
+            })
+            .collect();
+        let proposed = switch::propose(
+            self.truth.routes.get(TOPIC),
+            TOPIC,
+            self.cfg.partitions,
+            write,
+            &self.truth.clusters,
+            self.now,
+            self.cfg.ack_deadline_ms,
+        );
+        let route = match proposed {
+            Ok(r) => r,
+            Err(e) => {
+                tr!(self, "# operator's proposal refused: {e}");
+                let gap = self.rng.random_range(lo..hi);
+                self.after(gap, Ev::OperatorTick);
+                return;
+            }
+        };
+        let n = route.last_epoch_n();
+        self.truth.routes.insert(TOPIC.to_string(), route);
         self.proposed_at.insert(n, self.now);
         self.prev_write = Some(open);
         tr!(self, "# PROPOSE e{n} -> {next:?}");
@@ -1454,8 +1599,11 @@ impl World {
         if !self.reg_up {
             return;
         }
-        if self.truth.routes[TOPIC].pending_epoch().is_some_and(|e| e.n == n) {
-            self.abort_pending("operator cancelled the switch");
+        if self.truth.routes[TOPIC]
+            .pending_epoch()
+            .is_some_and(|e| e.n == n)
+        {
+            self.abort_pending(n, "operator cancelled the switch");
         }
     }
 
@@ -1507,7 +1655,11 @@ impl World {
                 let k = &mut self.links[l];
                 k.cut_until = k.cut_until.max(self.now + d);
                 let until = k.cut_until;
-                tr!(self, "# FAULT {} cut from the registry for {d} ms", self.links[l].id());
+                tr!(
+                    self,
+                    "# FAULT {} cut from the registry for {d} ms",
+                    self.links[l].id()
+                );
                 self.at(until, Ev::LinkHeal { l });
             }
             Fault::RegistryOutage => {
@@ -1535,7 +1687,10 @@ impl World {
                 let d = self.rng.random_range(500..5_000);
                 self.links[p].zombie_until = self.now + d;
                 let id = self.links[p].id();
-                tr!(self, "# FAULT {id} loses its lease without noticing for {d} ms");
+                tr!(
+                    self,
+                    "# FAULT {id} loses its lease without noticing for {d} ms"
+                );
                 self.leases.remove(&id);
                 self.expire_client(&id);
                 self.after(d, Ev::LinkHeal { l: p });
@@ -1549,7 +1704,11 @@ impl World {
             Fault::ClockJump => {
                 let j = self.rng.random_range(-4_000i64..4_000);
                 self.skew = (self.skew + j).clamp(-5_000, 5_000);
-                tr!(self, "# FAULT controller clock jumps {j} ms (skew {})", self.skew);
+                tr!(
+                    self,
+                    "# FAULT controller clock jumps {j} ms (skew {})",
+                    self.skew
+                );
             }
             Fault::Ambiguous | Fault::Flap => {}
         }
@@ -1626,7 +1785,10 @@ impl World {
         }
         if let Some(p) = self.truth.routes[TOPIC].pending_epoch() {
             let n = p.n;
-            self.anomaly(AnomalyKind::SwitchStuck, format!("epoch {n} still pending at the end"));
+            self.anomaly(
+                AnomalyKind::SwitchStuck,
+                format!("epoch {n} still pending at the end"),
+            );
         }
         for p in 0..self.producers.len() {
             if !self.links[p].alive {
