@@ -81,21 +81,22 @@ pub fn neg_ln(u: f64) -> f64 {
     let mut e = ((bits >> 52) & 0x7ff) as i64 - 1023;
     // Mantissa in [1, 2), then folded into (√2/2, √2] so the series converges fast.
     let mut m = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000);
-    if m > SQRT2 {
-        m *= 0.5;
-        e += 1;
-    }
+    // Branch-free (the fold is a coin flip per cluster, so a branch mispredicts).
+    let fold = m > SQRT2;
+    m *= if fold { 0.5 } else { 1.0 };
+    e += i64::from(fold);
     // ln m = 2 atanh(s) = 2 (s + s³/3 + s⁵/5 + …), s = (m - 1) / (m + 1), |s| < 0.172.
     let s = (m - 1.0) / (m + 1.0);
     let z = s * s;
-    let p = z
-        * (1.0 / 3.0
-            + z * (1.0 / 5.0
-                + z * (1.0 / 7.0
-                    + z * (1.0 / 9.0
-                        + z * (1.0 / 11.0
-                            + z * (1.0 / 13.0
-                                + z * (1.0 / 15.0 + z * (1.0 / 17.0 + z / 19.0))))))));
+    // 1/3 + z/5 + z²/7 + … + z⁸/19 by Estrin's scheme: short dependency
+    // chains, same operations in the same order on every platform.
+    let (z2, z4) = (z * z, z * z * (z * z));
+    let a0 = 1.0 / 3.0 + z * (1.0 / 5.0);
+    let a1 = 1.0 / 7.0 + z * (1.0 / 9.0);
+    let a2 = 1.0 / 11.0 + z * (1.0 / 13.0);
+    let a3 = 1.0 / 15.0 + z * (1.0 / 17.0);
+    let q = (a0 + z2 * a1) + z4 * ((a2 + z2 * a3) + z4 * (1.0 / 19.0));
+    let p = z * q;
     let ln_m = 2.0 * (s + s * p);
     -((e as f64) * LN2 + ln_m)
 }
@@ -180,6 +181,17 @@ impl RendezvousTable {
         if self.uniform {
             // Equal weights: -w/ln(u) is increasing in u, and u in the 53 bits
             // `unit` keeps, so compare those directly (same winner, same ties).
+            if self.slots.len() <= 256 {
+                // Branch-free: the 53-bit uniform above a byte that prefers the
+                // lower index on a tie, maxed (winners are unpredictable, so
+                // branches would mispredict).
+                let mut best = 0u64;
+                for (i, s) in self.slots.iter().enumerate() {
+                    let u = mix64(key_hash ^ s.seed) >> 11;
+                    best = best.max((u << 8) | (255 - i as u64));
+                }
+                return 255 - (best & 0xff) as usize;
+            }
             let mut best = 0;
             let mut best_u = 0;
             for (i, s) in self.slots.iter().enumerate() {
@@ -197,10 +209,9 @@ impl RendezvousTable {
         let mut best_t = f64::INFINITY;
         for (i, s) in self.slots.iter().enumerate() {
             let t = exp1(key_hash, s.seed) * s.inv_weight;
-            if t < best_t {
-                best_t = t;
-                best = i;
-            }
+            let better = t < best_t;
+            best = if better { i } else { best };
+            best_t = if better { t } else { best_t };
         }
         best
     }
