@@ -182,6 +182,10 @@ struct Opaque {
 struct Ctx {
     core: Weak<Core>,
     cluster: Arc<str>,
+    /// Per-cluster metric handles, resolved once (not per record).
+    records: metrics::Counter,
+    bytes: metrics::Counter,
+    errors: metrics::Counter,
 }
 
 impl ClientContext for Ctx {
@@ -197,10 +201,8 @@ impl ProducerContext for Ctx {
         let cluster = op.cluster.clone();
         let out = match result {
             Ok(m) => {
-                metrics::counter!("flotilla_producer_records_total", "cluster" => cluster.clone())
-                    .increment(1);
-                metrics::counter!("flotilla_producer_bytes_total", "cluster" => cluster.clone())
-                    .increment(op.bytes as u64);
+                self.records.increment(1);
+                self.bytes.increment(op.bytes as u64);
                 Ok(Delivery {
                     cluster,
                     partition: m.partition(),
@@ -209,8 +211,7 @@ impl ProducerContext for Ctx {
                 })
             }
             Err((e, m)) => {
-                metrics::counter!("flotilla_producer_delivery_errors_total", "cluster" => cluster.clone())
-                    .increment(1);
+                self.errors.increment(1);
                 let error = from_rdkafka(&cluster, "delivery", e);
                 if error.is_authorization() {
                     tracing::error!(cluster = %cluster, %error, "authorization failure: record not delivered (never rerouted)");
@@ -650,6 +651,9 @@ impl Core {
         let cluster: Arc<str> = spec.id.as_str().into();
         let ctx = Ctx {
             core: self.me.clone(),
+            records: metrics::counter!("flotilla_producer_records_total", "cluster" => cluster.clone()),
+            bytes: metrics::counter!("flotilla_producer_bytes_total", "cluster" => cluster.clone()),
+            errors: metrics::counter!("flotilla_producer_delivery_errors_total", "cluster" => cluster.clone()),
             cluster,
         };
         cfg.create_with_context::<_, Kafka>(ctx)
