@@ -28,6 +28,12 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 const KEYS: u64 = 1_000;
 const PARTITIONS: i32 = 4;
 
+/// Timestamp of the first source record: an hour ago (history, but within
+/// the source topic's retention).
+fn base_ts() -> i64 {
+    now_millis() as i64 - 3_600_000
+}
+
 fn records() -> u64 {
     std::env::var("FLOTILLA_BACKFILL_RECORDS")
         .ok()
@@ -69,6 +75,7 @@ async fn fill_source(bootstrap: &str, topic: &str, n: u64) {
         .unwrap();
     let bootstrap = bootstrap.to_string();
     let topic = topic.to_string();
+    let base = base_ts();
     tokio::task::spawn_blocking(move || {
         let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
@@ -92,7 +99,7 @@ async fn fill_source(bootstrap: &str, topic: &str, n: u64) {
                 .key(&key)
                 .payload(&payload)
                 .headers(hdrs)
-                .timestamp(1_700_000_000_000 + i as i64);
+                .timestamp(base + i as i64);
             loop {
                 match p.send(rec) {
                     Ok(()) => break,
@@ -135,6 +142,7 @@ fn spawn_consumer(
         .poll_interval(Duration::from_millis(200))
         .connect_timeout(Duration::from_secs(5));
     let topic = topic.to_string();
+    let started_ts = base_ts() - 3_600_000;
     tokio::spawn(async move {
         let c = FleetConsumer::new(config).await.expect("start consumer");
         c.subscribe(&[&topic]).unwrap();
@@ -167,7 +175,7 @@ fn spawn_consumer(
             if msg
                 .timestamp()
                 .to_millis()
-                .is_some_and(|t| t >= 1_700_000_000_000)
+                .is_some_and(|t| t >= started_ts && t < started_ts + 7_200_000)
             {
                 g.timestamps_ok += 1;
             }
@@ -338,10 +346,14 @@ async fn backfill_through_two_temporary_clusters_then_crash_and_resume() {
     );
     let crash_at = n / 3;
     let hook: Hook =
-        Arc::new(move |p: &HookPoint| matches!(p, HookPoint::Copied(k) if *k >= crash_at));
+        Arc::new(move |p: &HookPoint| matches!(p, HookPoint::Acked(k) if *k >= crash_at));
     let source = format!("{}:history", kafka.cluster(0).bootstrap());
     let req = start_request("b2", &source, "reprocess-crash", &temp, "g-crash");
-    let e = Backfill::new(cp.clone(), options(Some(hook)))
+    // No checkpoint after the first one: everything acknowledged before the
+    // crash must be found by the dedupe scan.
+    let mut opts = options(Some(hook));
+    opts.checkpoint_every = Duration::from_secs(3600);
+    let e = Backfill::new(cp.clone(), opts)
         .start(&req)
         .await
         .unwrap_err();
@@ -359,6 +371,14 @@ async fn backfill_through_two_temporary_clusters_then_crash_and_resume() {
     assert_eq!(bf.status("b2").await.unwrap().phase, Phase::Waiting);
     let rec = bf.resume("b2").await.unwrap();
     assert_eq!(rec.phase, Phase::Done);
+    eprintln!(
+        "b2: {} duplicates skipped on resume",
+        rec.skipped_duplicates
+    );
+    assert!(
+        rec.skipped_duplicates >= crash_at,
+        "acknowledged but not checkpointed records are found by the dedupe scan"
+    );
     wait_total(&got, n, Duration::from_secs(60)).await;
     check_exactly_once(&got.lock().unwrap(), n);
     check_clean(&cp, "b2", &["tmp1", "tmp2"]).await;
@@ -456,6 +476,10 @@ async fn backfill_through_two_temporary_clusters_then_crash_and_resume() {
     let out = env.run(&["--output", "json", "backfill", "status", "b3"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["phase"], "done");
+    eprintln!(
+        "b3: {} duplicates skipped on resume",
+        v["skipped_duplicates"]
+    );
     consumer.abort();
 }
 

@@ -34,7 +34,7 @@ fn options(
             let hit = match p {
                 HookPoint::Phase(ph) => crash_phase == Some(*ph),
                 HookPoint::Copied(n) => crash_records.is_some_and(|k| *n >= k),
-                HookPoint::Lag(_) => false,
+                HookPoint::Acked(_) | HookPoint::Lag(_) => false,
             };
             if hit {
                 eprintln!("backfill: simulated crash at {p:?}");
@@ -121,6 +121,13 @@ pub fn record_text(r: &BackfillRecord) -> String {
             copied as f64 * 100.0 / total as f64
         }
     );
+    if r.skipped_duplicates > 0 {
+        let _ = writeln!(
+            s,
+            "  dedupe   {} records found already copied on resume (not copied again)",
+            r.skipped_duplicates
+        );
+    }
     if let Some(e) = &r.last_error {
         let _ = writeln!(s, "  error    {e}");
     }

@@ -4,7 +4,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_client::kafka::{bootstrap_config, client_config, ClusterAdmin, KafkaError};
+use flotilla_client::kafka::{
+    bootstrap_config, client_config, ClusterAdmin, KafkaError, KafkaProperties,
+};
 use flotilla_client::producer::{default_client_id, FleetProducer, FleetProducerConfig};
 use flotilla_client::registry::{
     ClusterRole, ClusterSpec, ClusterState, Expect, LeaseId, RegistryError, WeightedCluster,
@@ -257,6 +259,7 @@ impl Backfill {
             phase: Phase::Provisioning,
             checkpoint: None,
             epoch: None,
+            skipped_duplicates: 0,
             last_error: None,
             notes: vec![],
             created_at: now,
@@ -557,9 +560,23 @@ impl Backfill {
                     .into())
                 }
             };
-            self.cp
-                .kafka()
-                .ensure_topic(&spec, &rec.target_topic, rec.target_partitions)
+            // Copied records keep their (old) timestamps: time-based retention
+            // would delete them before the consumers read them, so the target
+            // topic keeps everything on the temporary clusters.
+            let admin = ClusterAdmin::connect(
+                &spec,
+                &self.opts.kafka,
+                &self.opts.profiles,
+                self.opts.timeout,
+            )
+            .await?;
+            admin
+                .ensure_topic_with(
+                    &rec.target_topic,
+                    rec.target_partitions,
+                    None,
+                    &KafkaProperties::new().with("retention.ms", "-1"),
+                )
                 .await?;
         }
         rec.enter(Phase::Routing, now_millis());
@@ -691,6 +708,7 @@ impl Backfill {
                     &mut skip,
                 )
                 .await?;
+                rec.skipped_duplicates += found;
                 if found > 0 {
                     tracing::info!(backfill = %rec.name, cluster = %spec.id, records = found, "resume: records already copied after the last checkpoint are skipped");
                 }

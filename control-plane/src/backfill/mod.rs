@@ -131,6 +131,9 @@ pub enum HookPoint {
     /// This many records were handed to the producer in this run (some not
     /// acknowledged yet).
     Copied(u64),
+    /// This many records were acknowledged in this run (possibly not
+    /// checkpointed yet).
+    Acked(u64),
     /// One wait-phase poll found this total lag.
     Lag(u64),
 }

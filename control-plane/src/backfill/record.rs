@@ -286,6 +286,10 @@ pub struct BackfillRecord {
     /// The epoch of the target topic the backfill opened over the temporary clusters.
     #[serde(default)]
     pub epoch: Option<u64>,
+    /// Records a resumed replay found already copied after the last checkpoint
+    /// (by their source coordinates) and did not copy again, over all resumes.
+    #[serde(default)]
+    pub skipped_duplicates: u64,
     /// The last error that stopped the driver (cleared on success).
     #[serde(default)]
     pub last_error: Option<String>,

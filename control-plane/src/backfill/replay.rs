@@ -225,11 +225,16 @@ pub(crate) async fn run_worker(
         }
         pos = last;
         shared.positions[idx].store(pos, Ordering::SeqCst);
-        shared.acked.fetch_add(n, Ordering::Relaxed);
+        let acked = shared.acked.fetch_add(n, Ordering::SeqCst) + n;
         shared.acked_bytes.fetch_add(bytes, Ordering::Relaxed);
         counter.done.fetch_add(seen, Ordering::Relaxed);
         counter.bytes.fetch_add(bytes, Ordering::Relaxed);
         drop(guard);
+        if let Some(h) = &job.hook {
+            if h(&HookPoint::Acked(acked)) {
+                return Err(BackfillError::InjectedCrash(format!("Acked({acked})")));
+            }
+        }
     }
     Ok(())
 }
