@@ -44,13 +44,14 @@ pub struct DetachedEtcd {
 }
 
 impl EtcdServer {
-    /// Starts etcd in a new folder under [`crate::default_base_dir`] and waits
+    /// Starts etcd in a new folder under [`crate::default_etcd_base_dir`]
+    /// (tmpfs when available) and waits
     /// (up to ~20 s) until `/health` on its client port reports healthy.
     ///
     /// Fails with [`HarnessError::MissingProgram`] naming the fix
     /// (`apt-get install -y etcd-server`) when etcd is not installed.
     pub fn start() -> Result<EtcdServer, HarnessError> {
-        Self::start_in(&crate::default_base_dir())
+        Self::start_in(&crate::default_etcd_base_dir())
     }
 
     /// Like [`EtcdServer::start`], with the server folder created inside `base`.

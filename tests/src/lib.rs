@@ -129,3 +129,21 @@ pub fn default_base_dir() -> PathBuf {
         None => std::env::temp_dir().join("flotilla-harness"),
     }
 }
+
+/// The folder under which [`EtcdServer::start`] creates its server folders:
+/// `$FLOTILLA_HARNESS_DIR` when set, else `/dev/shm/flotilla-harness` when
+/// `/dev/shm` is a writable tmpfs (etcd fsyncs every write; on tmpfs that costs
+/// nothing, and the data still survives a SIGKILL + restart), else
+/// [`default_base_dir`].
+pub fn default_etcd_base_dir() -> PathBuf {
+    if std::env::var_os("FLOTILLA_HARNESS_DIR").is_some() {
+        return default_base_dir();
+    }
+    let shm = std::path::Path::new("/dev/shm");
+    let dir = shm.join("flotilla-harness");
+    if shm.is_dir() && std::fs::create_dir_all(&dir).is_ok() {
+        dir
+    } else {
+        default_base_dir()
+    }
+}
