@@ -82,9 +82,9 @@ pub fn neg_ln(u: f64) -> f64 {
     // Mantissa in [1, 2), then folded into (√2/2, √2] so the series converges fast.
     let mut m = f64::from_bits((bits & 0x000f_ffff_ffff_ffff) | 0x3ff0_0000_0000_0000);
     // Branch-free (the fold is a coin flip per cluster, so a branch mispredicts).
-    let fold = m > SQRT2;
-    m *= if fold { 0.5 } else { 1.0 };
-    e += i64::from(fold);
+    let fold = u64::from(m > SQRT2);
+    m *= f64::from_bits(0x3ff0_0000_0000_0000 - (fold << 52)); // × 1.0 or × 0.5
+    e += fold as i64;
     // ln m = 2 atanh(s) = 2 (s + s³/3 + s⁵/5 + …), s = (m - 1) / (m + 1), |s| < 0.172.
     let s = (m - 1.0) / (m + 1.0);
     let z = s * s;
@@ -203,17 +203,15 @@ impl RendezvousTable {
             }
             return best;
         }
-        // Highest -w/ln(u) == lowest (-ln u) / w; strict `<` keeps the first
-        // (lowest seed) on an exact tie.
-        let mut best = 0;
-        let mut best_t = f64::INFINITY;
+        // Highest -w/ln(u) == lowest t = (-ln u) / w, t > 0. Positive floats
+        // order like their bit patterns, so take the minimum of (bits, index)
+        // packed in a u128: branch-free, and the lower index wins an exact tie.
+        let mut best = u128::MAX;
         for (i, s) in self.slots.iter().enumerate() {
             let t = exp1(key_hash, s.seed) * s.inv_weight;
-            let better = t < best_t;
-            best = if better { i } else { best };
-            best_t = if better { t } else { best_t };
+            best = best.min((u128::from(t.to_bits()) << 64) | i as u128);
         }
-        best
+        best as u64 as usize
     }
 
     /// The id of the cluster at `index` (from [`RendezvousTable::pick`]), cheap to clone.
