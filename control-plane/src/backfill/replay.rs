@@ -296,6 +296,7 @@ async fn send(
 /// Reads `[from[q], to[q])` of every target partition on one temporary
 /// cluster and collects the source coordinates found in [`SRC_HEADER`]s at or
 /// above `positions` (what a crashed run copied after its last checkpoint).
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn dedupe_scan(
     cluster: &str,
     config: ClientConfig,

@@ -48,6 +48,7 @@ pub enum OutputFormat {
 
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 pub enum Command {
     /// Run the zero-setup demo: embedded mock Kafka clusters and an in-memory registry.
     Demo(DemoArgs),
@@ -188,6 +189,7 @@ pub struct ControllerArgs {
 
 /// `flotilla backfill ...`
 #[derive(Debug, Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per run
 pub enum BackfillCommand {
     /// Register a backfill and run it: provision, route, replay, wait, tear down.
     Start(BackfillStartArgs),
