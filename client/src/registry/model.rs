@@ -347,12 +347,18 @@ pub struct TopicRoute {
 impl TopicRoute {
     /// The epoch open for writes, if any.
     pub fn open_epoch(&self) -> Option<&Epoch> {
-        self.epochs.iter().rev().find(|e| e.state == EpochState::Open)
+        self.epochs
+            .iter()
+            .rev()
+            .find(|e| e.state == EpochState::Open)
     }
 
     /// The pending epoch, if a switch is under way.
     pub fn pending_epoch(&self) -> Option<&Epoch> {
-        self.epochs.iter().rev().find(|e| e.state == EpochState::Pending)
+        self.epochs
+            .iter()
+            .rev()
+            .find(|e| e.state == EpochState::Pending)
     }
 
     /// The epoch numbered `n`.
@@ -389,7 +395,10 @@ impl TopicRoute {
         let (mut open, mut pending) = (0, 0);
         for (i, e) in self.epochs.iter().enumerate() {
             if e.n <= last {
-                return bad(format!("epoch numbers must increase (found {} after {last})", e.n));
+                return bad(format!(
+                    "epoch numbers must increase (found {} after {last})",
+                    e.n
+                ));
             }
             last = e.n;
             match e.state {
@@ -516,7 +525,10 @@ mod tests {
         v["version"] = 9.into();
         let err = decode::<ClusterSpec>("/flotilla/f/clusters/a", &serde_json::to_vec(&v).unwrap())
             .unwrap_err();
-        assert!(matches!(err, ModelError::UnsupportedVersion { found: 9, .. }));
+        assert!(matches!(
+            err,
+            ModelError::UnsupportedVersion { found: 9, .. }
+        ));
         assert!(err.to_string().contains("/flotilla/f/clusters/a"));
     }
 
@@ -544,12 +556,18 @@ mod tests {
         a.check_update(&b).unwrap();
         let mut c = b.clone();
         c.state = ClusterState::Provisioning;
-        assert!(matches!(b.check_update(&c), Err(ModelError::BackwardState { .. })));
+        assert!(matches!(
+            b.check_update(&c),
+            Err(ModelError::BackwardState { .. })
+        ));
         let mut d = a.clone();
         d.bootstrap = "elsewhere:9092".into();
         assert_eq!(
             a.check_update(&d),
-            Err(ModelError::ImmutableField { cluster: "a".into(), field: "bootstrap" })
+            Err(ModelError::ImmutableField {
+                cluster: "a".into(),
+                field: "bootstrap"
+            })
         );
     }
 
@@ -557,7 +575,10 @@ mod tests {
     fn route_validation_rejects_two_open_epochs() {
         let e = |n, state| Epoch {
             n,
-            write: vec![WeightedCluster { cluster: "a".into(), weight: 1 }],
+            write: vec![WeightedCluster {
+                cluster: "a".into(),
+                weight: 1,
+            }],
             state,
             fence: BTreeMap::new(),
             created_at: 0,
