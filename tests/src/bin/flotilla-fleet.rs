@@ -39,6 +39,15 @@ enum Cmd {
     Down,
     /// Print the fleet described by state.json and whether its processes run.
     Status,
+    /// Start ONE more single-node Kafka cluster, detached, outside the fleet;
+    /// print its bootstrap address (alone, on stdout). Used by `scripts/provision-kafka`.
+    StartOne,
+    /// Kill the cluster `start-one` started at this bootstrap address and remove
+    /// its folder. Used by `scripts/deprovision-kafka`.
+    StopOne {
+        /// The bootstrap address `start-one` printed.
+        bootstrap: String,
+    },
 }
 
 /// `.cache/fleet/state.json`.
@@ -62,7 +71,67 @@ fn main() -> Result<()> {
         Cmd::Up { n, etcd } => up(&base, &state_path, n, etcd),
         Cmd::Down => down(&base, &state_path),
         Cmd::Status => status(&state_path),
+        Cmd::StartOne => start_one(&base.join("single")),
+        Cmd::StopOne { bootstrap } => stop_one(&base.join("single"), &bootstrap),
     }
+}
+
+/// `single/<port>.json` for the cluster `start-one` started at `bootstrap`.
+fn single_state(dir: &Path, bootstrap: &str) -> Result<PathBuf> {
+    let port = bootstrap
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .filter(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+        .with_context(|| format!("`{bootstrap}` is not host:port"))?;
+    Ok(dir.join(format!("{port}.json")))
+}
+
+fn start_one(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    flotilla_testkit::process::set_outlive_process(true);
+    let cluster = KafkaFleet::start_in(1, dir)
+        .context("start a Kafka cluster")?
+        .into_detached()
+        .remove(0);
+    let path = single_state(dir, &cluster.bootstrap)?;
+    std::fs::write(&path, serde_json::to_string_pretty(&cluster)?)
+        .with_context(|| format!("write {}", path.display()))?;
+    eprintln!(
+        "started Kafka cluster {} (kafka cluster id {}, pid {}, state {})",
+        cluster.bootstrap,
+        cluster.kafka_cluster_id,
+        cluster.pid,
+        path.display()
+    );
+    println!("{}", cluster.bootstrap);
+    Ok(())
+}
+
+fn stop_one(dir: &Path, bootstrap: &str) -> Result<()> {
+    let path = single_state(dir, bootstrap)?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("no cluster started by start-one at {bootstrap}; nothing to stop");
+            return Ok(());
+        }
+        Err(e) => return Err(e).with_context(|| format!("read {}", path.display())),
+    };
+    let c: DetachedKafkaCluster =
+        serde_json::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+    if runs_in(c.pid, &c.dir) {
+        signal_group(c.pid, libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while runs_in(c.pid, &c.dir) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    if c.dir.starts_with(dir) && c.dir.exists() {
+        std::fs::remove_dir_all(&c.dir).with_context(|| format!("remove {}", c.dir.display()))?;
+    }
+    std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    eprintln!("stopped Kafka cluster {bootstrap}");
+    Ok(())
 }
 
 fn read_state(path: &Path) -> Result<Option<State>> {
