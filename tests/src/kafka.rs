@@ -148,9 +148,24 @@ fn ensure_cds_archive(runtime: &Runtime) -> Option<PathBuf> {
     let mut training = runtime.clone();
     training.broker_opts = vec![format!("-XX:ArchiveClassesAtExit={}", tmp.display())];
     let base = crate::default_base_dir();
-    let created = KafkaCluster::launch(0, &base, Arc::new(training), &KafkaOptions::default())
-        .map(|mut cluster| cluster.stop());
-    let ok = created.is_ok() && fs::metadata(&tmp).map(|m| m.len() > 0).unwrap_or(false);
+    // Keep the archive only if a JVM can map it (`-Xshare:on` fails otherwise),
+    // e.g. not when the dump was cut short.
+    let usable = |workdir: &Path| {
+        let flags = [
+            format!("-XX:SharedArchiveFile={}", tmp.display()),
+            "-Xshare:on".into(),
+        ];
+        let mut check = runtime.command(workdir, "128m", &flags, "kafka.Kafka");
+        check.arg("--version");
+        check.output().map(|o| o.status.success()).unwrap_or(false)
+    };
+    let ok = match KafkaCluster::launch(0, &base, Arc::new(training), &KafkaOptions::default()) {
+        Ok(mut cluster) => {
+            cluster.stop();
+            tmp.is_file() && usable(cluster.dir())
+        }
+        Err(_) => false,
+    };
     if ok && fs::rename(&tmp, &archive).is_ok() {
         Some(archive)
     } else {
