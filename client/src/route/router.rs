@@ -49,9 +49,13 @@
 //!   `Send` for an epoch older than one this router has acknowledged, unless
 //!   that acknowledged epoch was aborted.
 //! - `Open(cluster)` before anything that sends to it (the pending epoch's
-//!   clusters are opened early, so the producer is warm when the switch
-//!   completes); `Close(cluster)` once no open or pending epoch of any topic
-//!   writes to it and nothing sent to it is in flight.
+//!   active clusters are opened early, so the producer is warm when the
+//!   switch completes); `Close(cluster)` once no writable open epoch and no
+//!   pending epoch of any topic in the snapshot writes to it and nothing sent
+//!   to it is in flight. Only active clusters are opened. The set covers
+//!   every topic of the snapshot (a fleet has few clusters); an adapter may
+//!   as well create producers lazily on the first `Send` and take `Open` as a
+//!   prewarm hint.
 //!
 //! Held records are the adapter's: on `Release` it routes them again, in the
 //! order they were held and before any new record of that topic, so per-key
@@ -353,11 +357,16 @@ impl TopicState {
     }
 
     fn clusters_needed<'a>(&'a self, into: &mut BTreeSet<&'a str>) {
-        if let Some(a) = &self.active {
-            if (self.view.exists && self.view.problem.is_none()) || a.inflight > 0 {
-                into.extend(a.clusters.iter().map(String::as_str));
-            }
+        // The open epoch's clusters, when it can be written: routed with now,
+        // or again after a hold ends.
+        if let (Some(open), None) = (&self.view.open, &self.view.problem) {
+            into.extend(open.write.iter().map(|w| w.cluster.as_str()));
         }
+        // Whatever still has records in flight.
+        if let Some(a) = self.active.as_ref().filter(|a| a.inflight > 0) {
+            into.extend(a.clusters.iter().map(String::as_str));
+        }
+        // The pending epoch's active clusters, warmed up before the switch.
         into.extend(self.view.pending_clusters.iter().map(String::as_str));
         for o in self.older.values().filter(|o| o.inflight > 0) {
             into.extend(o.clusters.iter().map(String::as_str));
@@ -693,7 +702,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{Epoch, EpochState, FleetSnapshot};
+    use crate::registry::{ClusterState, Epoch, EpochState, FleetSnapshot};
     use crate::route::murmur2::partition_for_key;
     use crate::route::testutil::*;
     use proptest::prelude::*;
@@ -949,7 +958,15 @@ mod tests {
                 vec![epoch(1, &["a"], Open), epoch(2, &["b"], Pending)],
             )],
         ));
-        assert_eq!(acts, vec![Action::Open("b".into()), ack("t", 2)]);
+        // Both the open epoch's cluster (used again on abort) and the pending one's.
+        assert_eq!(
+            acts,
+            vec![
+                Action::Open("a".into()),
+                Action::Open("b".into()),
+                ack("t", 2)
+            ]
+        );
         assert_eq!(r.route("t", None), Decision::Hold);
     }
 
@@ -1066,13 +1083,31 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Propose { topic: usize, mask: u8 },
-        Seal { topic: usize },
-        Abort { topic: usize },
+        Propose {
+            topic: usize,
+            mask: u8,
+        },
+        Seal {
+            topic: usize,
+        },
+        Abort {
+            topic: usize,
+        },
         Deliver,
-        Route { topic: usize, key: Option<u8> },
-        Settle { pick: prop::sample::Index },
-        FlushAnswer { pick: prop::sample::Index },
+        Route {
+            topic: usize,
+            key: Option<u8>,
+        },
+        Settle {
+            pick: prop::sample::Index,
+        },
+        FlushAnswer {
+            pick: prop::sample::Index,
+        },
+        /// Toggle a cluster between active and draining in the registry.
+        Toggle {
+            cluster: usize,
+        },
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1084,6 +1119,7 @@ mod tests {
             5 => (0..2usize, proptest::option::of(any::<u8>())).prop_map(|(topic, key)| Op::Route { topic, key }),
             2 => any::<prop::sample::Index>().prop_map(|pick| Op::Settle { pick }),
             1 => any::<prop::sample::Index>().prop_map(|pick| Op::FlushAnswer { pick }),
+            1 => (0..4usize).prop_map(|cluster| Op::Toggle { cluster }),
         ]
     }
 
@@ -1099,6 +1135,7 @@ mod tests {
         /// Outstanding flushes with the ids of the records they cover.
         flush_requests: Vec<(String, u64, Vec<usize>)>,
         sends: usize,
+        draining: BTreeSet<String>,
     }
 
     impl Harness {
@@ -1120,13 +1157,23 @@ mod tests {
                 acked: BTreeMap::new(),
                 flush_requests: Vec::new(),
                 sends: 0,
+                draining: BTreeSet::new(),
             };
             h.deliver();
             h
         }
 
+        fn registry_snapshot(&self) -> FleetSnapshot {
+            let mut snap = snapshot(&CLUSTERS, self.registry.values().cloned().collect());
+            for c in &self.draining {
+                snap.clusters
+                    .insert(c.clone(), spec(c, ClusterState::Draining));
+            }
+            snap
+        }
+
         fn deliver(&mut self) {
-            self.delivered = snapshot(&CLUSTERS, self.registry.values().cloned().collect());
+            self.delivered = self.registry_snapshot();
             let snap = self.delivered.clone();
             let acts = self.router.on_snapshot(&snap);
             self.apply(acts);
@@ -1139,7 +1186,15 @@ mod tests {
         fn apply(&mut self, acts: Vec<Action>) {
             for a in acts {
                 match a {
-                    Action::Open(c) => assert!(self.open.insert(c.clone()), "Open({c}) twice"),
+                    Action::Open(c) => {
+                        assert!(
+                            self.delivered
+                                .cluster(&c)
+                                .is_some_and(|s| s.state == ClusterState::Active),
+                            "Open({c}) of a cluster that is not active"
+                        );
+                        assert!(self.open.insert(c.clone()), "Open({c}) twice");
+                    }
                     Action::Close(c) => {
                         assert!(self.open.remove(&c), "Close({c}) of a cluster not open");
                         assert!(
@@ -1235,7 +1290,22 @@ mod tests {
                 Decision::Hold => {
                     assert!(self.router.held_topics().any(|t| t == topic));
                 }
-                Decision::NoRoute(e) => panic!("unexpected NoRoute: {e}"),
+                Decision::NoRoute(e) => {
+                    let open = v.open_epoch().expect("an open epoch");
+                    let blocked: Vec<&String> = open
+                        .clusters()
+                        .filter(|c| {
+                            self.delivered
+                                .cluster(c)
+                                .is_none_or(|s| s.state != ClusterState::Active)
+                        })
+                        .collect();
+                    assert!(!blocked.is_empty(), "unexpected NoRoute: {e}");
+                    assert!(
+                        blocked.iter().any(|c| e.to_string().contains(c.as_str())),
+                        "{e} names no blocked cluster"
+                    );
+                }
             }
             if v.pending_epoch().is_some() {
                 assert_eq!(d, Decision::Hold, "not held while pending");
@@ -1306,6 +1376,12 @@ mod tests {
                     }
                 }
                 Op::Deliver => self.deliver(),
+                Op::Toggle { cluster } => {
+                    let c = CLUSTERS[cluster].to_string();
+                    if !self.draining.remove(&c) {
+                        self.draining.insert(c);
+                    }
+                }
                 Op::Route { topic, key } => {
                     self.route(TOPICS[topic], key);
                 }
@@ -1345,7 +1421,9 @@ mod tests {
                     prop_assert_eq!(h.acked.get(t), Some(&p.n), "pending {} of {} never acked", p.n, t);
                 }
             }
-            // Liveness 2: once switches resolve, holds end and sends use the open epoch.
+            // Liveness 2: once switches resolve (and every cluster is active
+            // again), holds end and sends use the open epoch.
+            h.draining.clear();
             for (i, _) in TOPICS.iter().enumerate() {
                 h.step(if seal { Op::Seal { topic: i } } else { Op::Abort { topic: i } });
             }
@@ -1379,7 +1457,7 @@ mod tests {
         let mut h = Harness::new();
         h.step(Op::Propose { topic: 0, mask: 2 });
         // Deliver the pending epoch to the checker but not to the router.
-        h.delivered = snapshot(&CLUSTERS, h.registry.values().cloned().collect());
+        h.delivered = h.registry_snapshot();
         h.route("t0", Some(1));
     }
 }
