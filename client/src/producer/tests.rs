@@ -869,3 +869,24 @@ async fn metrics_count_records_bytes_errors_and_switches() {
     assert!(get("flotilla_producer_hold_seconds{}") >= holds + 1.0);
     assert!(get("flotilla_producer_records_total{cluster=mock-1}") >= 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_starting_during_a_switch_holds_and_acks_at_once() {
+    let s = setup("late").await;
+    // A first producer takes part in the switch...
+    let first = FleetProducer::new(config(&s.registry)).await.unwrap();
+    let route = propose_and_wait(&s, "late", &["mock-1"]).await;
+    // ...then a second one starts while epoch 2 is pending.
+    let late = FleetProducer::new(config(&s.registry)).await.unwrap();
+    assert_eq!(late.acked().get("late"), Some(&2));
+    wait_acked(&s.registry, late.client_id(), "late", 2).await;
+    let held = late
+        .send_result(FutureRecord::to("late").key("k").payload("v"))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!(late.held_records(), 1);
+    seal_now(&s, "late", &route).await;
+    let d = held.await.map_err(|(e, _)| e).unwrap();
+    assert_eq!((&*d.cluster, d.epoch), ("mock-1", 2));
+    drop(first);
+}
