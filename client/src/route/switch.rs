@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::registry::{
-    ClientRecord, ClusterId, ClusterSpec, ClusterState, Epoch, EpochState, ModelError,
+    ClientKind, ClientRecord, ClusterId, ClusterSpec, ClusterState, Epoch, EpochState, ModelError,
     PartitionOffsets, TopicRoute, UnixMillis, WeightedCluster, SCHEMA_VERSION,
 };
 
@@ -68,7 +68,8 @@ pub enum SwitchStep {
 
 /// What a pending switch of `route` needs next.
 ///
-/// `producers` are the live producers (`FleetSnapshot::producers()`); a
+/// `producers` are the live producers (`FleetSnapshot::producers()`; other
+/// client kinds are ignored); a
 /// producer has acknowledged when its `acked[topic]` is at least the pending
 /// epoch. At or after the pending epoch's `ack_deadline`, missing acks lead
 /// to `ReadBoundary` or `Abort` according to `on_deadline`.
@@ -83,6 +84,7 @@ pub fn plan<'a>(
     };
     let mut missing: Vec<String> = producers
         .into_iter()
+        .filter(|p| p.kind == ClientKind::Producer)
         .filter(|p| p.acked.get(&route.topic).is_none_or(|&a| a < pending.n))
         .map(|p| p.id.clone())
         .collect();
@@ -492,6 +494,13 @@ mod tests {
             }
             s => panic!("{s:?}"),
         }
+        // Consumers never ack and are not waited for.
+        let mut consumer = producer("c1", &[]);
+        consumer.kind = crate::registry::ClientKind::Consumer;
+        assert!(matches!(
+            plan(&r2, &[consumer], 0, OnAckDeadline::Abort),
+            SwitchStep::ReadBoundary { .. }
+        ));
         // Everyone acked (a producer whose lease expired is simply absent).
         let ps = [producer("p3", &[("t", 2)])];
         assert_eq!(
