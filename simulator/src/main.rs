@@ -61,6 +61,9 @@ struct Shape {
     /// Use the short test schedule instead of the realistic one.
     #[arg(long)]
     short: bool,
+    /// Use the tiny schedule of the debug test suite.
+    #[arg(long, conflicts_with = "short")]
+    tiny: bool,
     /// Producers hold (instead of writing on) while their lease is lost.
     #[arg(long)]
     hold_without_lease: bool,
@@ -81,7 +84,9 @@ struct Shape {
 
 impl Shape {
     fn config(&self) -> anyhow::Result<Config> {
-        let mut cfg = if self.short {
+        let mut cfg = if self.tiny {
+            Config::tiny()
+        } else if self.short {
             Config::short()
         } else {
             Config::default()

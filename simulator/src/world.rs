@@ -894,10 +894,16 @@ impl World {
         let rids: Arc<[u64]> = conn.queue.drain(..n).collect::<Vec<_>>().into();
         let bid = self.next_bid;
         self.next_bid += 1;
+        // Kafka's delivery timeout runs from when each record was handed over.
+        let first_sent = rids
+            .iter()
+            .map(|&r| self.recs[r as usize].sent_at)
+            .min()
+            .unwrap_or(self.now);
         conn.inflight = Some(Inflight {
             bid,
             rids: rids.clone(),
-            first_sent: self.now,
+            first_sent,
         });
         let lat = self.rng.random_range(2..20);
         self.after(
