@@ -200,6 +200,80 @@ fn check_exactly_once(got: &Got, n: u64) {
     assert_eq!(got.timestamps_ok, n, "timestamps preserved");
 }
 
+/// Reads the whole target topic on every temporary cluster: every source
+/// record exactly once (by its `flotilla-src` coordinates), per-key order kept
+/// inside each partition. This is the backfill's own guarantee, independent
+/// of the consumer group's delivery semantics.
+async fn check_target(bootstraps: &[String], topic: &str, n: u64) {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::Headers;
+    let mut seen: HashMap<(i32, i64), u32> = HashMap::new();
+    for b in bootstraps {
+        let c: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", b)
+            .set("group.id", "check-target")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .unwrap();
+        let meta = c
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap();
+        let parts = meta.topics()[0].partitions().len() as i32;
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        let mut ends = HashMap::new();
+        for p in 0..parts {
+            let (_, high) = c
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap();
+            if high > 0 {
+                tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+                    .unwrap();
+                ends.insert(p, high);
+            }
+        }
+        if ends.is_empty() {
+            continue;
+        }
+        c.assign(&tpl).unwrap();
+        let mut last: HashMap<String, u64> = HashMap::new();
+        while !ends.is_empty() {
+            let m = tokio::time::timeout(Duration::from_secs(20), c.recv())
+                .await
+                .expect("target topic readable")
+                .unwrap();
+            let payload = std::str::from_utf8(m.payload().unwrap()).unwrap();
+            let (key, seq) = payload.split_once(':').unwrap();
+            let seq: u64 = seq.trim().parse().unwrap();
+            if let Some(prev) = last.insert(key.to_string(), seq) {
+                assert!(
+                    seq > prev,
+                    "{b}/{topic}: key {key} out of order ({prev} then {seq})"
+                );
+            }
+            let src = m
+                .headers()
+                .and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == "flotilla-src")
+                        .and_then(|h| h.value)
+                })
+                .and_then(flotilla_control::backfill::parse_src_header)
+                .expect("flotilla-src header");
+            *seen.entry(src).or_default() += 1;
+            if ends
+                .get(&m.partition())
+                .is_some_and(|&e| m.offset() + 1 >= e)
+            {
+                ends.remove(&m.partition());
+            }
+        }
+    }
+    let dups = seen.values().filter(|&&c| c > 1).count();
+    assert_eq!(dups, 0, "{topic}: source records copied twice");
+    assert_eq!(seen.len() as u64, n, "{topic}: source records copied");
+}
+
 async fn wait_total(got: &Arc<Mutex<Got>>, n: u64, within: Duration) {
     let deadline = Instant::now() + within;
     while got.lock().unwrap().total < n && Instant::now() < deadline {
@@ -314,6 +388,8 @@ async fn backfill_through_two_temporary_clusters_then_crash_and_resume() {
     wait_total(&got, n, Duration::from_secs(60)).await;
     check_exactly_once(&got.lock().unwrap(), n);
     check_clean(&cp, "b1", &["tmp1", "tmp2"]).await;
+    let temp_bootstraps = [kafka.cluster(1).bootstrap(), kafka.cluster(2).bootstrap()];
+    check_target(&temp_bootstraps, "reprocess", n).await;
     let route = cp.route("reprocess").await.unwrap();
     let open = route.open_epoch().unwrap();
     assert_eq!(
@@ -382,6 +458,7 @@ async fn backfill_through_two_temporary_clusters_then_crash_and_resume() {
     wait_total(&got, n, Duration::from_secs(60)).await;
     check_exactly_once(&got.lock().unwrap(), n);
     check_clean(&cp, "b2", &["tmp1", "tmp2"]).await;
+    check_target(&temp_bootstraps, "reprocess-crash", n).await;
     assert!(
         cp.registry()
             .route("reprocess-crash")
@@ -473,6 +550,7 @@ async fn backfill_through_two_temporary_clusters_then_crash_and_resume() {
     wait_total(&got, n, Duration::from_secs(60)).await;
     check_exactly_once(&got.lock().unwrap(), n);
     check_clean(&cp, "b3", &["tmp1", "tmp2"]).await;
+    check_target(&temp_bootstraps, "reprocess-kill", n).await;
     let out = env.run(&["--output", "json", "backfill", "status", "b3"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["phase"], "done");
@@ -594,4 +672,151 @@ async fn bad_inputs_are_refused_and_failures_can_be_aborted() {
     assert_eq!(spec.state, ClusterState::Retired);
     assert!(mark.exists(), "deprovision command ran");
     assert!(cp.registry().route("out-ab").await.unwrap().is_none());
+}
+
+/// A temporary cluster killed mid-replay stops the replay with an error;
+/// `resume` after it is back finishes with every record exactly once. Then the
+/// shipped provision / deprovision scripts drive a whole backfill through the binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn temporary_cluster_dying_mid_replay_and_provision_scripts() {
+    let mut kafka = KafkaFleet::start(2).expect("kafka");
+    let etcd = EtcdServer::start().expect("etcd");
+    let n = records() / 4;
+    let b0 = kafka.cluster(0).bootstrap();
+    fill_source(&b0, "history", n).await;
+    let source = format!("{b0}:history");
+
+    // ---- a temporary cluster dies during the replay.
+    let cp = control_plane(&etcd, "dies").await;
+    let got = Arc::new(Mutex::new(Got::default()));
+    let consumer = spawn_consumer(cp.registry().clone(), "g-dies", "out-dies", got.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let kill_at = n / 4;
+    let hook: Hook = Arc::new(move |p: &HookPoint| {
+        if matches!(p, HookPoint::Acked(k) if *k >= kill_at) {
+            let _ = tx.send(());
+        }
+        false
+    });
+    let mut opts = options(Some(hook));
+    opts.delivery_timeout = Duration::from_secs(5);
+    opts.timeout = Duration::from_secs(5);
+    let bf = Backfill::new(cp.clone(), opts);
+    let req = start_request(
+        "d1",
+        &source,
+        "out-dies",
+        &[("tmp1", kafka.cluster(1).bootstrap())],
+        "g-dies",
+    );
+    let run = tokio::spawn({
+        let bf = bf.clone();
+        async move { bf.start(&req).await }
+    });
+    rx.recv().await.unwrap();
+    kafka.cluster_mut(1).kill();
+    let e = run.await.unwrap().unwrap_err();
+    eprintln!("replay with a dead temporary cluster: {e}");
+    let st = bf.status("d1").await.unwrap();
+    assert_eq!(st.phase, Phase::Replaying, "stopped in replay: {e}");
+    assert!(st.last_error.is_some());
+    kafka.cluster_mut(1).restart().expect("restart tmp1");
+    let rec = Backfill::new(cp.clone(), options(None))
+        .resume("d1")
+        .await
+        .unwrap();
+    assert_eq!(rec.phase, Phase::Done);
+    check_target(&[kafka.cluster(1).bootstrap()], "out-dies", n).await;
+    check_clean(&cp, "d1", &["tmp1"]).await;
+    // The consumer group lost its uncommitted position with the cluster:
+    // it may see some records twice (at least once), never miss one.
+    wait_total(&got, n, Duration::from_secs(90)).await;
+    {
+        let g = got.lock().unwrap();
+        for i in 0..KEYS {
+            let k = format!("k{i}");
+            let seqs = g.per_key.get(&k).cloned().unwrap_or_default();
+            let distinct: std::collections::BTreeSet<u64> = seqs.into_iter().collect();
+            let want = n / KEYS + u64::from(i < n % KEYS);
+            assert_eq!(
+                distinct.len() as u64,
+                want,
+                "key {k}: every record delivered"
+            );
+        }
+    }
+    consumer.abort();
+
+    // ---- provision and deprovision scripts, through the binary.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
+    let fleet_bin = root.join("target/debug/flotilla-fleet");
+    if !fleet_bin.exists() {
+        eprintln!("skipping the provision-script part: build it with `cargo build -p flotilla-testkit --bin flotilla-fleet`");
+        return;
+    }
+    let cp = control_plane(&etcd, "prov").await;
+    let got = Arc::new(Mutex::new(Got::default()));
+    let consumer = spawn_consumer(cp.registry().clone(), "g-prov", "out-prov", got.clone());
+    let env = Cli {
+        endpoint: etcd.endpoint(),
+        fleet: "prov".into(),
+    };
+    let prov = root.join("scripts/provision-kafka");
+    let deprov = root.join("scripts/deprovision-kafka");
+    let out = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "--endpoints",
+            &env.endpoint,
+            "--fleet",
+            &env.fleet,
+            "--timeout",
+            "10s",
+        ])
+        .args([
+            "backfill",
+            "start",
+            "--name",
+            "p1",
+            "--source",
+            &source,
+            "--target-topic",
+            "out-prov",
+        ])
+        .args(["--provision-cmd", prov.to_str().unwrap(), "--count", "2"])
+        .args([
+            "--deprovision-cmd",
+            deprov.to_str().unwrap(),
+            "--group",
+            "g-prov",
+            "--progress",
+            "lines",
+        ])
+        .env("FLOTILLA_FLEET_BIN", &fleet_bin)
+        .env("FLOTILLA_LOG", "info")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "backfill with provision scripts: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_total(&got, n, Duration::from_secs(60)).await;
+    check_exactly_once(&got.lock().unwrap(), n);
+    check_clean(&cp, "p1", &["p1-tmp1", "p1-tmp2"]).await;
+    let rec = Backfill::new(cp.clone(), options(None))
+        .status("p1")
+        .await
+        .unwrap();
+    assert!(rec
+        .clusters
+        .iter()
+        .all(|c| c.provisioned && c.deprovisioned));
+    for c in &rec.clusters {
+        let port = c.bootstrap.as_deref().unwrap().rsplit_once(':').unwrap().1;
+        let state = root.join(format!(".cache/fleet/single/{port}.json"));
+        assert!(!state.exists(), "{} deprovisioned", c.id);
+    }
+    consumer.abort();
 }
