@@ -212,7 +212,7 @@ fn print_state(state: &State, state_path: &Path) {
         );
     }
     if let Some(etcd) = &state.etcd {
-        let _ = writeln!(out, "export FLOTILLA_ETCD_ENDPOINTS={}", etcd.endpoint);
+        let _ = writeln!(out, "export FLOTILLA_ENDPOINTS={}", etcd.endpoint);
     }
     let bootstraps: Vec<&str> = state
         .clusters
