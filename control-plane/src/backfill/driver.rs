@@ -77,6 +77,8 @@ struct Lock {
     cp: ControlPlane,
     lease: LeaseId,
     keeper: tokio::task::JoinHandle<()>,
+    /// Turns true when the lease could not be renewed: another driver may take over.
+    lost: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Lock {
@@ -287,7 +289,7 @@ impl Backfill {
             });
         }
         let lock = self.lock(name).await?;
-        let r = self.drive(name).await;
+        let r = self.drive(name, lock.lost.clone()).await;
         if let Err(e) = &r {
             if !matches!(e, BackfillError::InjectedCrash(_)) {
                 self.note_error(name, e).await;
@@ -321,7 +323,7 @@ impl Backfill {
                 rec.enter(Phase::Aborting, now_millis());
                 rev = self.save(&mut rec, rev).await?;
             }
-            self.drive(name).await
+            self.drive(name, lock.lost.clone()).await
         }
         .await;
         if let Err(e) = &r {
@@ -361,12 +363,19 @@ impl Backfill {
             {
                 Ok(_) => {
                     let kv2 = kv.clone();
+                    let (lost_tx, lost) = tokio::sync::watch::channel(false);
                     let keeper = tokio::spawn(async move {
+                        let mut last_ok = tokio::time::Instant::now();
                         loop {
                             tokio::time::sleep(LOCK_TTL / 3).await;
-                            if let Err(e) = kv2.keep_alive(lease).await {
-                                if !e.is_transient() {
-                                    tracing::warn!(error = %e, "lost the backfill lock");
+                            match kv2.keep_alive(lease).await {
+                                Ok(_) => last_ok = tokio::time::Instant::now(),
+                                // Unreachable registry: the lease may still be
+                                // alive; give up once it surely is not.
+                                Err(e) if e.is_transient() && last_ok.elapsed() < LOCK_TTL => {}
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "lost the backfill lock; stopping");
+                                    let _ = lost_tx.send(true);
                                     return;
                                 }
                             }
@@ -376,6 +385,7 @@ impl Backfill {
                         cp: self.cp.clone(),
                         lease,
                         keeper,
+                        lost,
                     });
                 }
                 Err(RegistryError::Conflict { .. }) => {
@@ -407,7 +417,11 @@ impl Backfill {
     }
 
     /// The level-triggered loop: run the phase the record is in until final.
-    async fn drive(&self, name: &str) -> Result<BackfillRecord, BackfillError> {
+    async fn drive(
+        &self,
+        name: &str,
+        lost: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<BackfillRecord, BackfillError> {
         loop {
             let (mut rec, mut rev) = self.store.load(name).await?;
             if rec.last_error.is_some() {
@@ -422,7 +436,7 @@ impl Backfill {
             match rec.phase {
                 Phase::Provisioning => self.provision(&mut rec, rev).await?,
                 Phase::Routing => self.route(&mut rec, rev).await?,
-                Phase::Replaying => self.replay(&mut rec, rev).await?,
+                Phase::Replaying => self.replay(&mut rec, rev, lost.clone()).await?,
                 Phase::Waiting => self.wait(&mut rec, rev).await?,
                 Phase::TearingDown => self.teardown(&mut rec, rev, Phase::Done).await?,
                 Phase::Aborting => self.teardown(&mut rec, rev, Phase::Aborted).await?,
@@ -670,7 +684,12 @@ impl Backfill {
         Ok(())
     }
 
-    async fn replay(&self, rec: &mut BackfillRecord, mut rev: i64) -> Result<(), BackfillError> {
+    async fn replay(
+        &self,
+        rec: &mut BackfillRecord,
+        mut rev: i64,
+        lost: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<(), BackfillError> {
         let cp0 = rec.checkpoint.clone().unwrap_or_default();
         let specs = self.temp_specs(rec).await?;
         let bf_name = rec.name.clone();
@@ -755,6 +774,8 @@ impl Backfill {
             };
             workers.spawn(replay::run_worker(shared.clone(), job, producer.clone()));
         }
+        let lost_fut = lock_lost(lost);
+        tokio::pin!(lost_fut);
         let mut tick = tokio::time::interval(self.opts.checkpoint_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -766,6 +787,9 @@ impl Backfill {
                     Some(Ok(Err(e))) => break Err(e),
                     Some(Err(e)) => break Err(replay_err(format!("copy worker failed: {e}"))),
                 },
+                _ = &mut lost_fut => {
+                    break Err(BackfillError::LockLost(rec.name.clone()));
+                }
                 _ = tick.tick() => {
                     if let Err(e) = self.checkpoint(rec, &mut rev, &shared, &specs, &cp0, None).await {
                         break Err(e);
@@ -776,7 +800,7 @@ impl Backfill {
         workers.abort_all();
         reporter.finish().await;
         match outcome {
-            Err(e @ BackfillError::InjectedCrash(_)) => {
+            Err(e @ (BackfillError::InjectedCrash(_) | BackfillError::LockLost(_))) => {
                 // A simulated crash: nothing flushed, nothing checkpointed.
                 drop(producer);
                 Err(e)
@@ -1022,6 +1046,18 @@ impl Backfill {
         rec.enter(last, now_millis());
         self.save(rec, rev).await?;
         Ok(())
+    }
+}
+
+/// Completes once the driver lock is lost (never, if its keeper just ended).
+async fn lock_lost(mut lost: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *lost.borrow_and_update() {
+            return;
+        }
+        if lost.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

@@ -75,6 +75,10 @@ pub enum BackfillError {
         /// Who holds its lock.
         holder: String,
     },
+    /// The driver could not renew its lock lease (registry unreachable): it
+    /// stopped copying so that a driver resuming elsewhere cannot race it.
+    #[error("backfill `{0}`: lost the driver lock (registry unreachable?); stopped — run `flotilla backfill resume {0}`")]
+    LockLost(String),
     /// The backfill is finished or aborted: nothing to resume.
     #[error("backfill `{name}` is {phase}; there is nothing to resume")]
     Finished {
