@@ -93,7 +93,7 @@ impl Shape {
         };
         cfg.faults = Faults::parse(&self.faults).map_err(anyhow::Error::msg)?;
         if let Some(m) = self.minutes {
-            if !(m > 0.0) {
+            if m.is_nan() || m <= 0.0 {
                 bail!("--minutes must be positive");
             }
             cfg.active_ms = (m * 60_000.0) as u64;

@@ -1458,6 +1458,27 @@ impl World {
                 changed = true;
             }
         }
+        // Prune history from the front: sealed or aborted epochs whose every
+        // cluster is retired and torn down can never matter again (the
+        // schema allows it; it keeps the route, and every gate, small).
+        let clusters = &self.clusters;
+        let gone = |c: &String| clusters[cluster_index(c) as usize].torn_down;
+        let route = &self.truth.routes[TOPIC];
+        let prunable = route
+            .epochs
+            .iter()
+            .take_while(|e| {
+                matches!(e.state, EpochState::Sealed | EpochState::Aborted)
+                    && e.clusters().all(gone)
+                    && e.fence.keys().all(gone)
+            })
+            .count();
+        if prunable > 0 {
+            let route = self.truth.routes.get_mut(TOPIC).expect("route");
+            route.epochs.drain(..prunable);
+            tr!(self, "controller prunes {prunable} old epochs");
+            changed = true;
+        }
         if changed {
             self.commit();
         }
