@@ -238,6 +238,8 @@ struct Consumer {
     route: Option<TopicRoute>,
     /// Clusters the consumer's snapshot says are retired.
     retired: BTreeSet<String>,
+    /// Committed offsets last fed to the gate.
+    fed: BTreeMap<(u16, u32), i64>,
     seen: BTreeSet<u16>,
 }
 
@@ -379,6 +381,7 @@ impl World {
                 gate: FenceGate::new(),
                 route: None,
                 retired: BTreeSet::new(),
+                fed: BTreeMap::new(),
                 seen: BTreeSet::new(),
             });
         }
@@ -1190,19 +1193,25 @@ impl World {
         };
         let parts = self.cfg.partitions;
         let members = self.cfg.consumers as u32;
-        // Feed the group's committed offsets (an admin fetch) to the gate.
-        let first = read_set(&route, |n, c| self.consumers[ci].gate.epoch_consumed(n, c));
-        for c in &first {
-            let cl = &self.clusters[cluster_index(c) as usize];
+        // Feed the group's committed offsets (an admin fetch) to the gate,
+        // only where they moved since the last feed.
+        let rs = read_set(&route, |n, c| self.consumers[ci].gate.epoch_consumed(n, c));
+        for c in &rs {
+            let cx = cluster_index(c);
+            let cl = &self.clusters[cx as usize];
             if cl.torn_down {
                 continue;
             }
             for p in 0..parts {
                 let off = cl.committed[p as usize];
-                self.consumers[ci].gate.on_committed(c, p, off);
+                let con = &mut self.consumers[ci];
+                let fed = con.fed.entry((cx, p)).or_insert(-1);
+                if *fed != off {
+                    *fed = off;
+                    con.gate.on_committed(c, p, off);
+                }
             }
         }
-        let rs = read_set(&route, |n, c| self.consumers[ci].gate.epoch_consumed(n, c));
         for c in &rs {
             let cx = cluster_index(c);
             let cl = &self.clusters[cx as usize];
@@ -1236,10 +1245,10 @@ impl World {
                     }
                     self.deliver(ci, cx, p, pos, rid, class);
                     pos += 1;
+                    // Processing and commit are one step (an exactly-once sink).
                     let cl = &mut self.clusters[cx as usize];
                     cl.committed[p as usize] = pos;
                     cl.has_commit[p as usize] = true;
-                    self.consumers[ci].gate.on_committed(c, p, pos);
                 }
             }
         }
@@ -1325,6 +1334,7 @@ impl World {
                 c.gate = FenceGate::new();
                 c.route = None;
                 c.retired.clear();
+                c.fed.clear();
                 c.seen.clear();
                 self.after(5, Ev::Poll { ci: idx, sess });
             }
