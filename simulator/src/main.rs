@@ -151,10 +151,17 @@ fn minimal_trace(r: &RunResult, tail: usize) -> Vec<String> {
         .position(|l| l.contains("! ANOMALY"))
         .unwrap_or(r.trace.len());
     let start = first_bad.saturating_sub(tail);
+    let mut anomalies = 0;
     r.trace
         .iter()
         .enumerate()
-        .filter(|(i, l)| (*i >= start && *i <= first_bad) || l.contains(" # ") || l.contains(" ! "))
+        .filter(|(i, l)| {
+            if l.contains(" ! ") {
+                anomalies += 1;
+                return anomalies <= 10;
+            }
+            (*i >= start && *i <= first_bad) || l.contains(" # ")
+        })
         .map(|(_, l)| l.clone())
         .collect()
 }
@@ -195,8 +202,8 @@ fn main() -> anyhow::Result<()> {
                 for l in minimal_trace(&r, 40).iter().take(400) {
                     println!("{l}");
                 }
-                for a in r.anomalies.list.iter().take(20) {
-                    println!("ANOMALY {} at {} ms: {}", a.kind, a.at, a.detail);
+                for (k, n) in r.anomalies.by_kind() {
+                    println!("seed {seed}: {n} x {k}");
                 }
                 println!(
                     "\nreplay: flotilla-sim replay --seed {seed} with the same flags ({})",
