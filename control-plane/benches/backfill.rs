@@ -239,6 +239,16 @@ fn main() {
     let source = kafka.cluster(0).bootstrap();
     let mut rows = Vec::new();
     rt.block_on(async {
+        // Warm-up (JIT of the brokers, connections): one raw copy, not measured.
+        fill(&source, "warm-up", n / 4, 100).await;
+        raw_copy(
+            &source,
+            "warm-up",
+            &kafka.cluster(1).bootstrap(),
+            "warm-up-copy",
+            n / 4,
+        )
+        .await;
         for size in [100usize, 1000] {
             let topic = format!("src-{size}");
             fill(&source, &topic, n, size).await;

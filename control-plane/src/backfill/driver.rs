@@ -806,11 +806,11 @@ impl Backfill {
                 Err(e)
             }
             Err(e) => {
-                // Keep what was acknowledged: a last checkpoint, then stop.
+                // No checkpoint here: the aborted workers left records in
+                // flight, so end offsets read now could cover records above
+                // the positions. The last checkpoint stays valid; resume
+                // dedupes from it.
                 let _ = producer.close(self.opts.timeout).await;
-                let _ = self
-                    .checkpoint(rec, &mut rev, &shared, &specs, &cp0, None)
-                    .await;
                 Err(e)
             }
             Ok(()) => {
@@ -838,6 +838,16 @@ impl Backfill {
         next: Option<Phase>,
     ) -> Result<(), BackfillError> {
         let gate = shared.gate.write().await;
+        let (sent, acked) = (
+            shared.sent.load(std::sync::atomic::Ordering::SeqCst),
+            shared.acked.load(std::sync::atomic::Ordering::SeqCst),
+        );
+        if sent != acked {
+            // A worker failed with records in flight: end offsets read now
+            // could cover records above the positions. Keep the last checkpoint.
+            tracing::debug!(sent, acked, "checkpoint skipped: records in flight");
+            return Ok(());
+        }
         let positions = shared.positions(&rec.ranges);
         let mut ends = BTreeMap::new();
         for spec in specs {

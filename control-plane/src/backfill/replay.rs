@@ -31,7 +31,8 @@ pub(crate) struct Shared {
     pub positions: Vec<AtomicI64>,
     /// Per worker, progress counters.
     pub parts: Vec<Arc<PartCounter>>,
-    /// Records handed to the producer in this run.
+    /// Records handed to the producer in this run. A checkpoint is only
+    /// valid when it equals `acked` (nothing in flight).
     pub sent: AtomicU64,
     /// Records acknowledged in this run, and their bytes.
     pub acked: AtomicU64,
@@ -202,16 +203,14 @@ pub(crate) async fn run_worker(
                 bytes += (msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len))
                     as u64;
                 pending.push(send(&producer, &job, msg).await?);
+                shared.sent.fetch_add(1, Ordering::SeqCst);
             }
             if pending.len() >= job.batch || last >= job.range.to {
                 break;
             }
             next = next_record(&consumer, &job, Duration::from_millis(20)).await?;
         }
-        let sent = shared
-            .sent
-            .fetch_add(pending.len() as u64, Ordering::SeqCst)
-            + pending.len() as u64;
+        let sent = shared.sent.load(Ordering::SeqCst);
         if let Some(h) = &job.hook {
             if h(&HookPoint::Copied(sent)) {
                 return Err(BackfillError::InjectedCrash(format!("Copied({sent})")));
