@@ -152,6 +152,9 @@ pub struct Bugs {
     /// The controller retires a drained cluster without waiting for the group
     /// to consume it up to its fences.
     pub retire_before_fence: bool,
+    /// Turn off the consumer adapter's workaround for finding 1 (a gate that
+    /// never learns the committed offsets of a retired cluster waits forever).
+    pub no_retired_workaround: bool,
 }
 
 /// What a producer does when it cannot renew its registry lease (DESIGN step 4).
@@ -199,6 +202,11 @@ pub struct Config {
     pub lease_policy: LeasePolicy,
     /// What the controller does when the ack deadline passes with acks missing.
     pub on_ack_deadline: OnAckDeadline,
+    /// The proposed fix for finding 2: consumers keep reading a sealed epoch's
+    /// cluster until it is retired, and the controller refuses writes to a
+    /// drained cluster (Kafka-level write fence) and retires it only once the
+    /// group has read up to its end offsets, not just its fences.
+    pub straggler_fix: bool,
     /// Keep the readable trace lines (the hash of the trace is always computed).
     pub keep_trace: bool,
 }
@@ -224,6 +232,7 @@ impl Default for Config {
             bugs: Bugs::default(),
             lease_policy: LeasePolicy::KeepWriting,
             on_ack_deadline: OnAckDeadline::Proceed,
+            straggler_fix: false,
             keep_trace: false,
         }
     }

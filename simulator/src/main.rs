@@ -80,6 +80,13 @@ struct Shape {
     /// Broken variant: the controller retires before the group passed the fence.
     #[arg(long)]
     bug_retire_early: bool,
+    /// Turn off the consumer's retired-cluster workaround (finding 1).
+    #[arg(long)]
+    no_retired_workaround: bool,
+    /// Apply the proposed fix for finding 2 (read sealed clusters until
+    /// retired; write-fence and drain to the end offsets before retiring).
+    #[arg(long)]
+    straggler_fix: bool,
 }
 
 impl Shape {
@@ -101,6 +108,7 @@ impl Shape {
         if self.hold_without_lease {
             cfg.lease_policy = LeasePolicy::Hold;
         }
+        cfg.straggler_fix = self.straggler_fix;
         if self.abort_on_deadline {
             cfg.on_ack_deadline = OnAckDeadline::Abort;
         }
@@ -108,6 +116,7 @@ impl Shape {
             skip_flush_before_ack: self.bug_skip_flush,
             consumer_from_latest: self.bug_consumer_latest,
             retire_before_fence: self.bug_retire_early,
+            no_retired_workaround: self.no_retired_workaround,
         };
         Ok(cfg)
     }

@@ -177,6 +177,8 @@ struct SimCluster {
     logs: Vec<Vec<u64>>,
     committed: Vec<i64>,
     has_commit: Vec<bool>,
+    /// Writes refused at the Kafka level (the proposed straggler fix).
+    readonly: bool,
 }
 
 /// A client's connection to the registry, and its lease as the client sees it.
@@ -507,6 +509,7 @@ impl World {
             logs: vec![Vec::new(); parts],
             committed: vec![0; parts],
             has_commit: vec![false; parts],
+            readonly: false,
         });
         self.truth.clusters.insert(
             name.clone(),
@@ -782,8 +785,12 @@ impl World {
                 // cluster's committed offsets can no longer be fetched, and the
                 // gate would wait for them forever; retirement means every group
                 // passed its fences, so report it as fully consumed.
+                let workaround = !self.cfg.bugs.no_retired_workaround;
                 for s in snap.clusters.values() {
-                    if s.state == ClusterState::Retired && c.retired.insert(s.id.clone()) {
+                    if workaround
+                        && s.state == ClusterState::Retired
+                        && c.retired.insert(s.id.clone())
+                    {
                         for p in 0..parts {
                             c.gate.on_committed(&s.id, p, i64::MAX);
                         }
@@ -923,7 +930,7 @@ impl World {
 
     fn on_arrive(&mut self, p: usize, sess: u32, c: u16, bid: u64, rids: Arc<[u64]>) {
         let cl = &self.clusters[c as usize];
-        if !cl.up || cl.torn_down {
+        if !cl.up || cl.torn_down || cl.readonly {
             let d = self.rng.random_range(50..150);
             self.after(
                 d,
@@ -1195,7 +1202,15 @@ impl World {
         let members = self.cfg.consumers as u32;
         // Feed the group's committed offsets (an admin fetch) to the gate,
         // only where they moved since the last feed.
-        let rs = read_set(&route, |n, c| self.consumers[ci].gate.epoch_consumed(n, c));
+        let mut rs = read_set(&route, |n, c| self.consumers[ci].gate.epoch_consumed(n, c));
+        if self.cfg.straggler_fix {
+            // Keep reading a sealed epoch's cluster until it is retired, not
+            // only up to its fence: stragglers land above the fence.
+            let con = &self.consumers[ci];
+            for e in route.sealed_epochs() {
+                rs.extend(e.clusters().filter(|c| !con.retired.contains(*c)).cloned());
+            }
+        }
         for c in &rs {
             let cx = cluster_index(c);
             let cl = &self.clusters[cx as usize];
@@ -1461,7 +1476,24 @@ impl World {
                         .and_then(|e| e.fence.get(cluster))
                         .is_none_or(|f| f.iter().enumerate().all(|(p, &o)| cl.committed[p] >= o))
                 };
-                switch::may_retire(&name, self.truth.routes.values(), consumed).is_ok()
+                let fenced =
+                    switch::may_retire(&name, self.truth.routes.values(), consumed).is_ok();
+                if fenced && self.cfg.straggler_fix {
+                    // Refuse writes first, then wait until the group has read
+                    // everything that landed (stragglers included).
+                    let cl = &mut self.clusters[cx];
+                    if !cl.readonly {
+                        cl.readonly = true;
+                        tr!(self, "# WRITE-FENCE {name}");
+                    }
+                    let cl = &self.clusters[cx];
+                    cl.logs
+                        .iter()
+                        .zip(&cl.committed)
+                        .all(|(log, &c)| c >= log.len() as i64)
+                } else {
+                    fenced
+                }
             };
             if ok {
                 self.retire(cx);

@@ -158,3 +158,38 @@ fn zombie_stragglers_are_detected_and_their_loss_reported() {
     assert!(stragglers > 0, "zombies wrote no straggler");
     assert!(lost > 0, "expected the known straggler loss to show up");
 }
+
+/// Finding 1: without the adapter workaround, a consumer that restarts after
+/// a cluster was retired waits for that cluster's commits for ever.
+#[test]
+fn retired_cluster_stalls_a_restarted_consumer_without_the_workaround() {
+    let mut cfg = Config {
+        faults: Faults::none().with(Fault::Crash),
+        ..Config::tiny()
+    };
+    cfg.bugs.no_retired_workaround = true;
+    let hit = first_catch(&cfg, 50, &[AnomalyKind::NotConsumed]);
+    assert!(hit.is_some(), "expected the stall to show up");
+}
+
+/// The proposed fix for finding 2 removes the straggler loss, with the
+/// default (availability) policies and zombies.
+#[test]
+fn straggler_fix_delivers_every_straggler() {
+    let cfg = Config {
+        faults: Faults::all(),
+        straggler_fix: true,
+        ..Config::tiny()
+    };
+    let mut stragglers = 0;
+    for seed in 0..40 {
+        let r = run_seed(seed, &cfg);
+        stragglers += r.stats.stragglers;
+        assert!(
+            r.anomalies.is_empty(),
+            "seed {seed}: {:?}",
+            &r.anomalies.list[..1]
+        );
+    }
+    assert!(stragglers > 0);
+}
