@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use flotilla_client::producer::{FleetProducer, FleetSendError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -102,16 +102,16 @@ fn replay_err(name: &str, detail: String) -> BackfillError {
 /// Waits for the next record of the assigned partition. `Ok(None)`: the
 /// consumer's position reached `to` without a record (control records or
 /// compaction at the end of the range).
-async fn next_record(
-    consumer: &StreamConsumer,
+async fn next_record<'c>(
+    consumer: &'c StreamConsumer,
     job: &WorkerJob,
     wait: Duration,
-) -> Result<Option<OwnedMessage>, BackfillError> {
+) -> Result<Option<BorrowedMessage<'c>>, BackfillError> {
     let started = Instant::now();
     loop {
         let step = wait.min(Duration::from_secs(1));
         match tokio::time::timeout(step, consumer.recv()).await {
-            Ok(Ok(m)) => return Ok(Some(m.detach())),
+            Ok(Ok(m)) => return Ok(Some(m)),
             Ok(Err(e)) => {
                 return Err(replay_err(
                     &job.name,
@@ -202,7 +202,7 @@ pub(crate) async fn run_worker(
             if !job.skip.contains(&off) {
                 bytes += (msg.key().map_or(0, <[u8]>::len) + msg.payload().map_or(0, <[u8]>::len))
                     as u64;
-                pending.push(send(&producer, &job, msg).await?);
+                pending.push(send(&producer, &job, &msg).await?);
                 shared.sent.fetch_add(1, Ordering::SeqCst);
             }
             if pending.len() >= job.batch || last >= job.range.to {
@@ -239,10 +239,10 @@ pub(crate) async fn run_worker(
 }
 
 /// Hands one record to the producer (retrying while its buffers are full).
-async fn send(
+async fn send<M: Message>(
     producer: &FleetProducer,
     job: &WorkerJob,
-    msg: OwnedMessage,
+    msg: &M,
 ) -> Result<flotilla_client::producer::DeliveryFuture, BackfillError> {
     let mut headers = OwnedHeaders::new_with_capacity(msg.headers().map_or(0, |h| h.count()) + 1);
     if let Some(h) = msg.headers() {
