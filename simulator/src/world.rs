@@ -1852,6 +1852,21 @@ impl World {
             };
             self.anomaly(kind, format!("acknowledged {what} never consumed"));
         }
+        // Each record id is at exactly one (cluster, partition, offset).
+        let mut seen = vec![false; self.recs.len()];
+        let mut twice = Vec::new();
+        for cl in &self.clusters {
+            for (p, log) in cl.logs.iter().enumerate() {
+                for (o, &rid) in log.iter().enumerate() {
+                    if std::mem::replace(&mut seen[rid as usize], true) {
+                        twice.push(format!("r{rid} again at {}/{p}@{o}", cl.name));
+                    }
+                }
+            }
+        }
+        for t in twice {
+            self.anomaly(AnomalyKind::DuplicateAppend, t);
+        }
         if let Some(p) = self.truth.routes[TOPIC].pending_epoch() {
             let n = p.n;
             self.anomaly(
