@@ -53,9 +53,8 @@ impl FleetContext {
         };
         if phase == RebalancePhase::After {
             match &kind {
-                RebalanceKind::Assign(ps) | RebalanceKind::Revoke(ps) => {
-                    shared.forget_partitions(&self.cluster, ps)
-                }
+                RebalanceKind::Assign(ps) => shared.on_assignment(&self.cluster, ps, true),
+                RebalanceKind::Revoke(ps) => shared.on_assignment(&self.cluster, ps, false),
                 RebalanceKind::Error(e) => {
                     tracing::warn!(cluster = %self.cluster, error = %e, "consumer group rebalance failed")
                 }

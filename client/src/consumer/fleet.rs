@@ -136,6 +136,10 @@ struct State {
     errors: VecDeque<FleetConsumeError>,
     cluster_errors: BTreeMap<ClusterId, String>,
     retry_at: BTreeMap<ClusterId, Instant>,
+    /// This member's partitions per cluster, from the rebalance callbacks
+    /// (rdkafka's `assignment()` keeps partition references that can make
+    /// closing the consumer hang).
+    assigned: BTreeMap<ClusterId, BTreeSet<(String, i32)>>,
 }
 
 /// State shared by the consumer handle, its driver task and the rdkafka contexts.
@@ -151,6 +155,17 @@ pub(crate) struct Shared {
     group_registered: AtomicBool,
     stragglers: AtomicU64,
     lease: tokio::sync::Mutex<Option<ClientLease>>,
+}
+
+/// `msg`'s partition with the offset after it (what a commit of `msg` stores).
+fn next_offset_tpl(msg: &FleetMessage) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    let _ = tpl.add_partition_offset(
+        msg.topic(),
+        msg.partition(),
+        Offset::Offset(msg.offset() + 1),
+    );
+    tpl
 }
 
 fn tpl_of(topic: &str, partition: i32) -> TopicPartitionList {
@@ -174,14 +189,31 @@ impl Shared {
             .insert(cluster.to_string(), error);
     }
 
-    /// A rebalance moved these partitions of `cluster`: what was parked for
-    /// them is re-read by whoever owns them now.
-    pub(crate) fn forget_partitions(&self, cluster: &str, partitions: &[(String, i32)]) {
+    /// A rebalance assigned (`assigned`) or revoked these partitions of
+    /// `cluster`: what was parked for them is re-read by whoever owns them now.
+    pub(crate) fn on_assignment(
+        &self,
+        cluster: &str,
+        partitions: &[(String, i32)],
+        assigned: bool,
+    ) {
         let mut st = self.lock();
+        let set = st.assigned.entry(cluster.to_string()).or_default();
+        for tp in partitions {
+            if assigned {
+                set.insert(tp.clone());
+            } else {
+                set.remove(tp);
+            }
+        }
         for (t, p) in partitions {
             let slot = (cluster.to_string(), t.clone(), *p);
             st.parked.remove(&slot);
             st.user_paused.remove(&slot);
+            // Released by a fence but not yet handed out: the partition's next
+            // owner reads them from the committed offset.
+            st.ready
+                .retain(|m| !(m.cluster == cluster && m.topic() == t && m.partition() == *p));
         }
     }
 
@@ -356,8 +388,7 @@ impl Shared {
                 .get(&msg.cluster)
                 .map(|r| r.consumer.clone());
             if let Some(c) = consumer {
-                // Stores offset + 1 (librdkafka's rd_kafka_offset_store).
-                if let Err(e) = c.store_offset(msg.topic(), msg.partition(), msg.offset()) {
+                if let Err(e) = c.store_offsets(&next_offset_tpl(&msg)) {
                     tracing::debug!(cluster = %msg.cluster, error = %e, "cannot store offset (partition revoked?)");
                 }
             }
@@ -545,7 +576,7 @@ impl Shared {
             }
         }
         if !closing.is_empty() {
-            tokio::task::spawn_blocking(move || drop(closing));
+            let _ = close_readers(closing);
         }
         for (c, consumer, topics) in resubscribe {
             let ts: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -641,6 +672,26 @@ impl Shared {
     }
 }
 
+/// How long [`FleetConsumer::close`] waits for the per-cluster consumers to leave their groups.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Closes consumers (leaving their groups blocks) on a plain thread, so
+/// neither the async runtime nor its shutdown waits for them. The receiver
+/// completes when they are closed.
+fn close_readers(readers: Vec<Reader>) -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("flotilla-consumer-close".into())
+        .spawn(move || {
+            drop(readers);
+            let _ = tx.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot spawn a thread to close consumers");
+    }
+    rx
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -695,7 +746,7 @@ impl Drop for FleetConsumer {
         // Closing an rdkafka consumer blocks (it leaves the group).
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
-                h.spawn_blocking(move || drop(readers));
+                let _ = close_readers(readers.into_values().collect());
                 let shared = self.shared.clone();
                 h.spawn(async move {
                     if let Some(lease) = shared.lease.lock().await.take() {
@@ -703,7 +754,9 @@ impl Drop for FleetConsumer {
                     }
                 });
             }
-            Err(_) => drop(readers),
+            Err(_) => {
+                let _ = close_readers(readers.into_values().collect());
+            }
         }
     }
 }
@@ -874,9 +927,7 @@ impl FleetConsumer {
     ) -> Result<(), FleetConsumeError> {
         let consumer = self.consumer_of(&msg.cluster)?;
         let next = msg.offset() + 1;
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(msg.topic(), msg.partition(), Offset::Offset(next))
-            .map_err(|source| self.kafka_err(&msg.cluster, source))?;
+        let tpl = next_offset_tpl(msg);
         consumer
             .commit(&tpl, mode)
             .map_err(|source| self.kafka_err(&msg.cluster, source))?;
@@ -894,7 +945,7 @@ impl FleetConsumer {
     /// delivered record is stored.
     pub fn store_offset(&self, msg: &FleetMessage) -> Result<(), FleetConsumeError> {
         self.consumer_of(&msg.cluster)?
-            .store_offset(msg.topic(), msg.partition(), msg.offset())
+            .store_offsets(&next_offset_tpl(msg))
             .map_err(|source| self.kafka_err(&msg.cluster, source))
     }
 
@@ -928,22 +979,21 @@ impl FleetConsumer {
         }
     }
 
-    /// The partitions assigned to this member, per cluster read.
+    /// The partitions assigned to this member, per cluster read (as the
+    /// rebalance callbacks reported them).
     pub fn assignment(&self) -> Result<BTreeMap<ClusterId, TopicPartitionList>, FleetConsumeError> {
-        let consumers: Vec<(ClusterId, Arc<ClusterConsumer>)> = self
-            .shared
-            .lock()
+        let st = self.shared.lock();
+        Ok(st
             .readers
-            .iter()
-            .map(|(c, r)| (c.clone(), r.consumer.clone()))
-            .collect();
-        consumers
-            .into_iter()
-            .map(|(c, k)| {
-                let a = k.assignment().map_err(|s| self.kafka_err(&c, s))?;
-                Ok((c, a))
+            .keys()
+            .map(|c| {
+                let mut tpl = TopicPartitionList::new();
+                for (t, p) in st.assigned.get(c).into_iter().flatten() {
+                    tpl.add_partition(t, *p);
+                }
+                (c.clone(), tpl)
             })
-            .collect()
+            .collect())
     }
 
     /// Pauses `partitions` on `cluster` (rdkafka `pause`). The fence gate's
@@ -1088,7 +1138,10 @@ impl FleetConsumer {
             t.abort();
         }
         let readers = std::mem::take(&mut self.shared.lock().readers);
-        let _ = tokio::task::spawn_blocking(move || drop(readers)).await;
+        let done = close_readers(readers.into_values().collect());
+        if tokio::time::timeout(CLOSE_TIMEOUT, done).await.is_err() {
+            tracing::warn!("per-cluster consumers did not close within {CLOSE_TIMEOUT:?}; leaving them to finish in the background");
+        }
         if let Some(lease) = self.shared.lease.lock().await.take() {
             if let Err(e) = lease.revoke().await {
                 tracing::debug!(error = %e, "cannot revoke the consumer's lease");

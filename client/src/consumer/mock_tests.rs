@@ -179,6 +179,7 @@ async fn reads_both_clusters_of_an_open_epoch_with_cluster_tags() {
     );
     let assignment = c.assignment().unwrap();
     assert_eq!(assignment.len(), 2);
+    assert_eq!(assignment["a"].count() + assignment["b"].count(), 4);
     assert!(seen_rebalance.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     // Registered as a lease-bound client, and the group with its topic.
     let snap = env.registry.snapshot().await.unwrap();

@@ -39,34 +39,16 @@ mod fleet;
 #[cfg(test)]
 mod mock_tests;
 
-use rdkafka::message::Headers;
-
 pub use config::{
     FleetConsumerConfig, RebalanceCallback, RebalanceEvent, RebalanceKind, RebalancePhase,
 };
 pub use context::FleetContext;
 pub use fleet::{FleetConsumeError, FleetConsumer, FleetMessage};
 
-/// Name of the record header carrying the route epoch a producer routed the
-/// record with (written by `FleetProducer`; decimal ASCII, `7` → `b"7"`).
-pub const EPOCH_HEADER: &str = "flotilla-epoch";
-
-/// Parses an [`EPOCH_HEADER`] value (decimal ASCII). The one place the
-/// consumer decodes it.
-pub fn parse_epoch_header(value: &[u8]) -> Option<u64> {
-    std::str::from_utf8(value).ok()?.trim().parse().ok()
-}
-
-/// The epoch of a record from its headers: the last [`EPOCH_HEADER`] (the
-/// producer appends it after the user's own headers), if well formed.
-pub fn epoch_of<H: Headers>(headers: &H) -> Option<u64> {
-    headers
-        .iter()
-        .filter(|h| h.key == EPOCH_HEADER)
-        .last()
-        .and_then(|h| h.value)
-        .and_then(parse_epoch_header)
-}
+/// The record header carrying the route epoch, its decoding, and the
+/// lookup in a message's headers: the producer's own definitions (decimal
+/// ASCII), so both sides share one encoding.
+pub use crate::producer::{epoch_of, parse_epoch_header, EPOCH_HEADER};
 
 #[cfg(test)]
 mod tests {
@@ -74,16 +56,12 @@ mod tests {
     use rdkafka::message::{Header, OwnedHeaders};
 
     #[test]
-    fn epoch_header_is_decimal_ascii_and_last_wins() {
+    fn epoch_header_is_decimal_ascii() {
         assert_eq!(parse_epoch_header(b"7"), Some(7));
         assert_eq!(parse_epoch_header(b"18446744073709551615"), Some(u64::MAX));
         assert_eq!(parse_epoch_header(b"x"), None);
         assert_eq!(parse_epoch_header(b""), None);
         let h = OwnedHeaders::new()
-            .insert(Header {
-                key: EPOCH_HEADER,
-                value: Some("3"),
-            })
             .insert(Header {
                 key: "other",
                 value: Some("9"),
