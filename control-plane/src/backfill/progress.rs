@@ -242,3 +242,36 @@ impl LagDisplay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bars_and_lines_run_and_finish() {
+        for mode in [ProgressMode::Bars, ProgressMode::Lines, ProgressMode::Quiet] {
+            let parts: Vec<Arc<PartCounter>> = (0..3)
+                .map(|p| {
+                    Arc::new(PartCounter {
+                        partition: p,
+                        total: 100,
+                        done: AtomicU64::new(0),
+                        bytes: AtomicU64::new(0),
+                    })
+                })
+                .collect();
+            let r = Reporter::replay(mode, "t", parts.clone());
+            for p in &parts {
+                p.done.store(100, Ordering::Relaxed);
+                p.bytes.store(12_345, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            r.finish().await;
+            let mut lag = LagDisplay::new(mode, "t", 300);
+            lag.update(300, 10, "g@tmp1: 10");
+            lag.update(300, 0, "");
+            lag.finish();
+        }
+        assert_eq!(human_bytes(1_500_000), "1.5 MB");
+    }
+}
