@@ -9,7 +9,7 @@
 use std::sync::Weak;
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError as RdKafkaError, KafkaResult};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
@@ -111,7 +111,15 @@ impl ConsumerContext for FleetContext {
         self.forward(RebalancePhase::Before, rebalance);
     }
 
-    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            // librdkafka keeps an application pause across a revoke and a
+            // later re-assignment; a partition the gate paused before it was
+            // revoked must not stay paused now that nothing is parked for it.
+            if let Err(e) = base.resume(tpl) {
+                tracing::warn!(cluster = %self.cluster, error = %e, "cannot resume newly assigned partitions");
+            }
+        }
         self.forward(RebalancePhase::After, rebalance);
     }
 

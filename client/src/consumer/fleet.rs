@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use super::config::{FleetConsumerConfig, RebalanceCallback};
 use super::context::FleetContext;
 use super::epoch_of;
-use crate::kafka::{client_config, ClusterAdmin, KafkaError};
+use crate::kafka::{classify, client_config, ClusterAdmin, ErrorClass, KafkaError};
 use crate::registry::{
     ClientKind, ClientLease, ClientRecord, ClusterId, FleetSnapshot, FleetWatcher, GroupRecord,
     Registry, RegistryError, TopicRoute, SCHEMA_VERSION,
@@ -894,6 +894,12 @@ impl FleetConsumer {
                     Err(source) => {
                         metrics::counter!("flotilla_consumer_errors_total", "cluster" => cluster.clone()).increment(1);
                         self.shared.cluster_error(&cluster, source.to_string());
+                        if classify(&source) == ErrorClass::Transient {
+                            // A cluster down or flapping: librdkafka reconnects and
+                            // resumes where it was; the other clusters keep flowing.
+                            tracing::debug!(%cluster, error = %source, "transient consumer error");
+                            continue;
+                        }
                         return Err(FleetConsumeError::Kafka { cluster, source });
                     }
                 },
@@ -925,8 +931,22 @@ impl FleetConsumer {
         msg: &FleetMessage,
         mode: CommitMode,
     ) -> Result<(), FleetConsumeError> {
-        let consumer = self.consumer_of(&msg.cluster)?;
         let next = msg.offset() + 1;
+        let consumer = match self.consumer_of(&msg.cluster) {
+            Ok(c) => c,
+            // The cluster left the read set because the group committed past
+            // its fences: a record from before that needs no commit.
+            Err(e) => {
+                let done = u32::try_from(msg.partition())
+                    .ok()
+                    .and_then(|p| self.gate_committed(&msg.cluster, msg.topic(), p));
+                return if done.is_some_and(|c| c >= next) {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
+            }
+        };
         let tpl = next_offset_tpl(msg);
         consumer
             .commit(&tpl, mode)
