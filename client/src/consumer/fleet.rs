@@ -576,7 +576,7 @@ impl Shared {
             }
         }
         if !closing.is_empty() {
-            let _ = close_readers(closing);
+            drop(close_readers(closing));
         }
         for (c, consumer, topics) in resubscribe {
             let ts: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -746,7 +746,7 @@ impl Drop for FleetConsumer {
         // Closing an rdkafka consumer blocks (it leaves the group).
         match tokio::runtime::Handle::try_current() {
             Ok(h) => {
-                let _ = close_readers(readers.into_values().collect());
+                drop(close_readers(readers.into_values().collect()));
                 let shared = self.shared.clone();
                 h.spawn(async move {
                     if let Some(lease) = shared.lease.lock().await.take() {
@@ -755,7 +755,7 @@ impl Drop for FleetConsumer {
                 });
             }
             Err(_) => {
-                let _ = close_readers(readers.into_values().collect());
+                drop(close_readers(readers.into_values().collect()));
             }
         }
     }
