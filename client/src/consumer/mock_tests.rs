@@ -42,6 +42,7 @@ fn epoch(n: u64, write: &[&str], state: EpochState, fence: &[(&str, Vec<i64>)]) 
 
 struct Env {
     fleet: Option<MockFleet>,
+    kv: Arc<MemoryKv>,
     registry: Registry,
 }
 
@@ -52,7 +53,8 @@ impl Env {
             .unwrap()
             .unwrap();
         fleet.create_topic(TOPIC, partitions).unwrap();
-        let registry = Registry::new(Arc::new(MemoryKv::new()), "test");
+        let kv = Arc::new(MemoryKv::new());
+        let registry = Registry::new(kv.clone(), "test");
         for (i, id) in ["a", "b"].iter().enumerate() {
             registry
                 .create_cluster(&fleet.cluster(i).cluster_spec(id))
@@ -68,6 +70,7 @@ impl Env {
         registry.put_route(&route, Expect::Absent).await.unwrap();
         Env {
             fleet: Some(fleet),
+            kv,
             registry,
         }
     }
@@ -274,6 +277,52 @@ async fn sealed_epoch_gates_the_next_cluster_until_committed_to_the_fence() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(c.read_set(TOPIC), BTreeSet::from(["b".to_string()]));
+    c.close().await;
+    env.shutdown().await;
+}
+
+/// Receives `n` records within `d`; panics otherwise.
+async fn recv_n(c: &FleetConsumer, n: usize, d: Duration) -> Vec<FleetMessage> {
+    let deadline = Instant::now() + d;
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} records within {d:?}",
+            out.len()
+        );
+        if let Some(m) = recv_for(c, Duration::from_millis(500)).await {
+            c.commit_message(&m, CommitMode::Sync).unwrap();
+            out.push(m);
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_down_and_the_registry_down_do_not_stop_the_others() {
+    let env = Env::start(2, vec![epoch(1, &["a", "b"], EpochState::Open, &[])]).await;
+    env.produce(0, 4, 2, 1).await;
+    env.produce(1, 4, 2, 1).await;
+    let c = FleetConsumer::new(env.config("g3")).await.unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    recv_n(&c, 8, Duration::from_secs(30)).await;
+
+    // b's only broker dies and the registry becomes unreachable.
+    let fleet = env.fleet.as_ref().unwrap();
+    fleet.cluster(1).broker_down(1).unwrap();
+    env.kv.set_unavailable(true);
+    env.produce(0, 6, 2, 1).await;
+    let got = recv_n(&c, 6, Duration::from_secs(30)).await;
+    assert!(got.iter().all(|m| m.cluster() == "a"));
+    assert_eq!(c.read_set(TOPIC).len(), 2, "last snapshot kept");
+
+    // b comes back: nothing skipped.
+    fleet.cluster(1).broker_up(1).unwrap();
+    env.kv.set_unavailable(false);
+    env.produce(1, 3, 2, 1).await;
+    let got = recv_n(&c, 3, Duration::from_secs(60)).await;
+    assert!(got.iter().all(|m| m.cluster() == "b"));
     c.close().await;
     env.shutdown().await;
 }
