@@ -216,7 +216,11 @@ fn svg(rows: &[Row]) -> String {
                 y(raw.rps())
             );
         }
-        let ly = if size == 100 { 40.0 } else { 58.0 };
+        let ly = if size == 100 {
+            h - bottom - 26.0
+        } else {
+            h - bottom - 10.0
+        };
         s += &format!(
             "<text x='{}' y='{ly}' fill='{color}'>{size} B values (dashed: raw rdkafka copy, 1 cluster)</text>",
             left + 10.0
