@@ -1193,7 +1193,7 @@ impl World {
         if !self.links[l].alive || self.links[l].session != sess {
             return;
         }
-        let gap = self.rng.random_range(5..30);
+        let gap = self.rng.random_range(10..40);
         self.after(gap, Ev::Poll { ci, sess });
         let Some(route) = self.consumers[ci].route.take() else {
             return;
