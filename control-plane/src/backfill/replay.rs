@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt as _;
+
 use flotilla_client::producer::{FleetProducer, FleetSendError};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -107,6 +109,19 @@ async fn next_record<'c>(
     job: &WorkerJob,
     wait: Duration,
 ) -> Result<Option<BorrowedMessage<'c>>, BackfillError> {
+    // Fast path: a record already fetched (no timer, no clock read).
+    if let Some(r) = consumer.recv().now_or_never() {
+        return match r {
+            Ok(m) => Ok(Some(m)),
+            Err(e) => Err(replay_err(
+                &job.name,
+                format!(
+                    "reading source {}/{}: {e}",
+                    job.source_topic, job.range.partition
+                ),
+            )),
+        };
+    }
     let started = Instant::now();
     loop {
         let step = wait.min(Duration::from_secs(1));
@@ -270,11 +285,15 @@ async fn send<M: Message>(
     if let Some(ts) = msg.timestamp().to_millis() {
         rec = rec.timestamp(ts);
     }
-    let started = Instant::now();
+    let mut started = None;
     loop {
         match producer.send_result(rec) {
             Ok(f) => return Ok(f),
-            Err((e, back)) if e.is_retriable() && started.elapsed() < Duration::from_secs(60) => {
+            Err((e, back))
+                if e.is_retriable()
+                    && started.get_or_insert_with(Instant::now).elapsed()
+                        < Duration::from_secs(60) =>
+            {
                 rec = back;
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
