@@ -6,7 +6,7 @@
 //!
 //! ```sh
 //! cargo bench -p flotilla-control --bench backfill
-//! FLOTILLA_BENCH_RECORDS=200000 cargo bench -p flotilla-control --bench backfill
+//! FLOTILLA_BENCH_RECORDS=600000 FLOTILLA_BENCH_REPEAT=5 cargo bench -p flotilla-control --bench backfill
 //! ```
 //!
 //! Prints a markdown table and writes an SVG plot (throughput against cluster
@@ -233,7 +233,12 @@ fn main() {
     let n: u64 = std::env::var("FLOTILLA_BENCH_RECORDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(100_000);
+        .unwrap_or(300_000);
+    // Best of `repeat` runs per configuration: the machine is shared and noisy.
+    let repeat: usize = std::env::var("FLOTILLA_BENCH_REPEAT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -256,72 +261,80 @@ fn main() {
         for size in [100usize, 1000] {
             let topic = format!("src-{size}");
             fill(&source, &topic, n, size).await;
-            let d = raw_copy(
-                &source,
-                &topic,
-                &kafka.cluster(1).bootstrap(),
-                &format!("raw-{size}"),
-                n,
-            )
-            .await;
+            let mut best = f64::MAX;
+            for r in 0..repeat {
+                let d = raw_copy(
+                    &source,
+                    &topic,
+                    &kafka.cluster(1).bootstrap(),
+                    &format!("raw-{size}-{r}"),
+                    n,
+                )
+                .await;
+                eprintln!("raw copy {size} B: {:?}", d);
+                best = best.min(d.as_secs_f64());
+            }
             rows.push(Row {
                 size,
                 what: "raw".into(),
                 clusters: 1,
-                secs: d.as_secs_f64(),
+                secs: best,
                 n,
             });
-            eprintln!("raw copy {size} B: {:?}", d);
             for k in 1..=3usize {
-                let kv = EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
-                    .await
-                    .unwrap();
-                let fleet = format!("bench-{size}-{k}");
-                let cp = ControlPlane::new(
-                    Registry::new(Arc::new(kv), fleet),
-                    Arc::new(RdKafkaFleet::new(
-                        KafkaProperties::new(),
-                        SecurityProfiles::empty(),
-                        Duration::from_secs(10),
-                    )),
-                );
-                let bf = Backfill::new(
-                    cp,
-                    BackfillOptions {
-                        progress: ProgressMode::Quiet,
-                        ..BackfillOptions::default()
-                    },
-                );
-                let req = StartRequest {
-                    name: format!("bench-{size}-{k}"),
-                    source: format!("{source}:{topic}"),
-                    from: Bound::Edge,
-                    to: Bound::Edge,
-                    target_topic: format!("t-{size}-{k}"),
-                    clusters: (1..=k)
-                        .map(|i| (format!("tmp{i}"), kafka.cluster(i).bootstrap()))
-                        .collect(),
-                    provision_cmd: None,
-                    count: 0,
-                    deprovision_cmd: None,
-                    groups: vec![],
-                    expires_in: Duration::from_secs(3600),
-                };
-                let rec = bf.start(&req).await.expect("backfill");
-                let t = |p: &str| rec.phase_times[p];
-                let secs = (t("waiting") - t("replaying")) as f64 / 1000.0;
-                eprintln!("backfill {size} B through {k} cluster(s): replay {secs:.2}s");
+                let mut best = f64::MAX;
+                for r in 0..repeat {
+                    let kv = EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
+                        .await
+                        .unwrap();
+                    let fleet = format!("bench-{size}-{k}-{r}");
+                    let cp = ControlPlane::new(
+                        Registry::new(Arc::new(kv), fleet),
+                        Arc::new(RdKafkaFleet::new(
+                            KafkaProperties::new(),
+                            SecurityProfiles::empty(),
+                            Duration::from_secs(10),
+                        )),
+                    );
+                    let bf = Backfill::new(
+                        cp,
+                        BackfillOptions {
+                            progress: ProgressMode::Quiet,
+                            ..BackfillOptions::default()
+                        },
+                    );
+                    let req = StartRequest {
+                        name: format!("bench-{size}-{k}-{r}"),
+                        source: format!("{source}:{topic}"),
+                        from: Bound::Edge,
+                        to: Bound::Edge,
+                        target_topic: format!("t-{size}-{k}-{r}"),
+                        clusters: (1..=k)
+                            .map(|i| (format!("tmp{i}"), kafka.cluster(i).bootstrap()))
+                            .collect(),
+                        provision_cmd: None,
+                        count: 0,
+                        deprovision_cmd: None,
+                        groups: vec![],
+                        expires_in: Duration::from_secs(3600),
+                    };
+                    let rec = bf.start(&req).await.expect("backfill");
+                    let t = |p: &str| rec.phase_times[p];
+                    let secs = (t("waiting") - t("replaying")) as f64 / 1000.0;
+                    eprintln!("backfill {size} B through {k} cluster(s): replay {secs:.2}s");
+                    best = best.min(secs);
+                }
                 rows.push(Row {
                     size,
                     what: "backfill".into(),
                     clusters: k,
-                    secs,
+                    secs: best,
                     n,
                 });
             }
         }
     });
-    println!("\n{n} records, {PARTITIONS} source partitions, replay phase only (registry + Kafka on this machine)\n");
+    println!("\n{n} records, {PARTITIONS} source partitions, replay phase only, best of {repeat} (registry + Kafka on this machine)\n");
     println!("| value | copy | clusters | seconds | records/s | MB/s | vs raw |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for r in &rows {
