@@ -326,3 +326,47 @@ async fn a_cluster_down_and_the_registry_down_do_not_stop_the_others() {
     c.close().await;
     env.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stragglers_above_a_fence_are_delivered_and_counted() {
+    // Epoch 1 on a sealed at its current end; a zombie producer then writes
+    // two more epoch-1 records to a.
+    let parts = 1;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    let fence_a = env.produce(0, 3, parts, 1).await;
+    let route = TopicRoute {
+        version: SCHEMA_VERSION,
+        topic: TOPIC.into(),
+        partitions: parts,
+        epochs: vec![
+            epoch(
+                1,
+                &["a"],
+                EpochState::Sealed,
+                &[("a", fence_a), ("b", vec![0])],
+            ),
+            epoch(2, &["b"], EpochState::Open, &[]),
+        ],
+    };
+    let (_, rev) = env.registry.route(TOPIC).await.unwrap().unwrap();
+    env.registry
+        .put_route(&route, Expect::ModRevision(rev))
+        .await
+        .unwrap();
+    env.produce(0, 2, parts, 1).await;
+    env.produce(1, 2, parts, 2).await;
+    let c = FleetConsumer::new(env.config("g4")).await.unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    let got = recv_n(&c, 7, Duration::from_secs(30)).await;
+    let stragglers: Vec<_> = got.iter().filter(|m| m.is_straggler()).collect();
+    assert_eq!(stragglers.len(), 2, "{got:?}");
+    assert!(stragglers
+        .iter()
+        .all(|m| m.cluster() == "a" && m.epoch() == Some(1) && m.offset() >= 3));
+    assert_eq!(c.stragglers(), 2);
+    // b's records still came only after a's fence was committed.
+    let first_b = got.iter().position(|m| m.cluster() == "b").unwrap();
+    assert!(got[..first_b].iter().filter(|m| m.cluster() == "a").count() >= 3);
+    c.close().await;
+    env.shutdown().await;
+}
