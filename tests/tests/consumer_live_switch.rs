@@ -1,0 +1,302 @@
+//! `FleetConsumer` against the real `FleetProducer`, on real etcd and two real
+//! Kafka clusters, with switches A → A+B → B made *while* the producer keeps
+//! sending. The switch itself follows the handoff protocol by hand (the
+//! controller's part): write epoch N+1 pending, wait until every live producer
+//! has acknowledged it, read the end offsets as the fence, seal N and open N+1.
+//! A group of two consumers must deliver every record once, in order per key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_client::consumer::{FleetConsumeError, FleetConsumer, FleetConsumerConfig};
+use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
+use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
+use flotilla_client::registry::{
+    ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, KvStore, Registry,
+    TopicRoute, WeightedCluster, SCHEMA_VERSION,
+};
+use flotilla_client::{FleetProducer, FleetProducerConfig};
+use flotilla_testkit::etcd::EtcdServer;
+use flotilla_testkit::{create_topic, KafkaFleet};
+use rdkafka::consumer::CommitMode;
+use rdkafka::message::Message;
+use rdkafka::producer::FutureRecord;
+use rdkafka::util::Timeout;
+
+const TOPIC: &str = "live";
+const PARTITIONS: u32 = 3;
+const KEYS: usize = 30;
+const TOTAL: usize = 1500;
+const IDS: [&str; 2] = ["a", "b"];
+
+fn write_set(ids: &[&str]) -> Vec<WeightedCluster> {
+    ids.iter()
+        .map(|c| WeightedCluster {
+            cluster: c.to_string(),
+            weight: 100,
+        })
+        .collect()
+}
+
+/// The controller's switch, by hand (DESIGN "Handoff protocol" 1-3).
+async fn switch(registry: &Registry, admins: &BTreeMap<String, ClusterAdmin>, next: &[&str]) {
+    let (mut route, rev) = registry.route(TOPIC).await.unwrap().unwrap();
+    let n = route.last_epoch_n() + 1;
+    route.epochs.push(Epoch {
+        n,
+        write: write_set(next),
+        state: EpochState::Pending,
+        fence: BTreeMap::new(),
+        created_at: 0,
+        ack_deadline: None,
+    });
+    let rev = registry
+        .put_route(&route, Expect::ModRevision(rev))
+        .await
+        .unwrap();
+    // Every live producer acknowledges N+1 (it flushed everything of N).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let snap = registry.snapshot().await.unwrap();
+        let producers: Vec<_> = snap.producers().collect();
+        if !producers.is_empty()
+            && producers
+                .iter()
+                .all(|p| p.acked.get(TOPIC).is_some_and(|&e| e >= n))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "producers never acked epoch {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The boundary: end offsets on every cluster of N and N+1.
+    let open_i = route
+        .epochs
+        .iter()
+        .position(|e| e.state == EpochState::Open)
+        .unwrap();
+    let clusters: BTreeSet<String> = route.epochs[open_i]
+        .clusters()
+        .cloned()
+        .chain(next.iter().map(|c| c.to_string()))
+        .collect();
+    let mut fence = BTreeMap::new();
+    for c in clusters {
+        fence.insert(
+            c.clone(),
+            admins[&c].end_offsets(TOPIC, PARTITIONS).await.unwrap(),
+        );
+    }
+    route.epochs[open_i].state = EpochState::Sealed;
+    route.epochs[open_i].fence = fence;
+    route.epochs.last_mut().unwrap().state = EpochState::Open;
+    registry
+        .put_route(&route, Expect::ModRevision(rev))
+        .await
+        .unwrap();
+}
+
+#[derive(Debug, Clone)]
+struct Got {
+    key: String,
+    seq: usize,
+    cluster: String,
+    epoch: Option<u64>,
+}
+
+fn spawn_member(
+    registry: &Registry,
+    name: &'static str,
+    log: Arc<Mutex<Vec<Got>>>,
+) -> tokio::task::JoinHandle<()> {
+    let config = FleetConsumerConfig::new(registry.clone())
+        .set("group.id", "live")
+        .set("session.timeout.ms", "10000")
+        .poll_interval(Duration::from_millis(100));
+    tokio::spawn(async move {
+        let c = FleetConsumer::new(config).await.expect("consumer");
+        c.subscribe(&[TOPIC]).unwrap();
+        loop {
+            let m = match c.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("{name}: {e}");
+                    continue;
+                }
+            };
+            let payload = String::from_utf8(m.payload().unwrap().to_vec()).unwrap();
+            let (key, seq) = payload.split_once(':').unwrap();
+            log.lock().unwrap().push(Got {
+                key: key.into(),
+                seq: seq.parse().unwrap(),
+                cluster: m.cluster().into(),
+                epoch: m.epoch(),
+            });
+            match c.commit_message(&m, CommitMode::Sync) {
+                Ok(()) | Err(FleetConsumeError::NotReading { .. }) => {}
+                Err(e) => panic!("{name}: commit {payload}: {e}"),
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn live_switches_with_the_fleet_producer_keep_key_order() {
+    let etcd = EtcdServer::start().expect("etcd");
+    let fleet = tokio::task::block_in_place(|| KafkaFleet::start(2)).expect("kafka");
+    let kv: Arc<dyn KvStore> = Arc::new(
+        EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
+            .await
+            .unwrap(),
+    );
+    let registry = Registry::new(kv, "live");
+    let mut admins = BTreeMap::new();
+    for (i, id) in IDS.iter().enumerate() {
+        create_topic(&fleet.cluster(i).bootstrap(), TOPIC, PARTITIONS as i32)
+            .await
+            .unwrap();
+        let spec = ClusterSpec {
+            version: SCHEMA_VERSION,
+            id: id.to_string(),
+            bootstrap: fleet.cluster(i).bootstrap(),
+            kafka_cluster_id: fleet.cluster(i).kafka_cluster_id().to_string(),
+            state: ClusterState::Active,
+            role: ClusterRole::Permanent,
+            weight: 100,
+            labels: BTreeMap::new(),
+            security_profile: None,
+            created_at: 0,
+        };
+        registry.create_cluster(&spec).await.unwrap();
+        admins.insert(
+            id.to_string(),
+            ClusterAdmin::connect(
+                &spec,
+                &KafkaProperties::new(),
+                &SecurityProfiles::empty(),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    registry
+        .put_route(
+            &TopicRoute {
+                version: SCHEMA_VERSION,
+                topic: TOPIC.into(),
+                partitions: PARTITIONS,
+                epochs: vec![Epoch {
+                    n: 1,
+                    write: write_set(&["a"]),
+                    state: EpochState::Open,
+                    fence: BTreeMap::new(),
+                    created_at: 0,
+                    ack_deadline: None,
+                }],
+            },
+            Expect::Absent,
+        )
+        .await
+        .unwrap();
+
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let m1 = spawn_member(&registry, "m1", log.clone());
+    let m2 = spawn_member(&registry, "m2", log.clone());
+
+    let mut pc = FleetProducerConfig::new();
+    pc.registry(registry.clone()).set("linger.ms", "1");
+    let producer = Arc::new(FleetProducer::new(pc).await.expect("producer"));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let writer = {
+        let (producer, sent) = (producer.clone(), sent.clone());
+        tokio::spawn(async move {
+            for i in 0..TOTAL {
+                let key = format!("k{}", i % KEYS);
+                let payload = format!("{key}:{}", i / KEYS);
+                producer
+                    .send(
+                        FutureRecord::to(TOPIC).key(&key).payload(&payload),
+                        Timeout::Never,
+                    )
+                    .await
+                    .map_err(|(e, _)| e)
+                    .unwrap_or_else(|e| panic!("send {payload}: {e}"));
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let wait_sent = |n: usize| {
+        let sent = sent.clone();
+        async move {
+            while sent.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    wait_sent(TOTAL / 3).await;
+    switch(&registry, &admins, &["a", "b"]).await;
+    wait_sent(2 * TOTAL / 3).await;
+    switch(&registry, &admins, &["b"]).await;
+    writer.await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let distinct: BTreeSet<(String, usize)> = log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|g| (g.key.clone(), g.seq))
+            .collect();
+        if distinct.len() == TOTAL {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {TOTAL} records delivered",
+            distinct.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = log.lock().unwrap().clone();
+    let mut last: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    let mut dups = 0;
+    let mut bad = Vec::new();
+    for g in &log {
+        if !seen.insert((&g.key, g.seq)) {
+            dups += 1;
+            continue;
+        }
+        let expect = last.get(g.key.as_str()).map_or(0, |s| s + 1);
+        if g.seq != expect {
+            bad.push(format!(
+                "{}:{} (epoch {:?} from {}) expected seq {expect}",
+                g.key, g.seq, g.epoch, g.cluster
+            ));
+        }
+        last.insert(&g.key, g.seq);
+    }
+    let mut per_epoch: BTreeMap<(Option<u64>, String), usize> = BTreeMap::new();
+    for g in &log {
+        *per_epoch.entry((g.epoch, g.cluster.clone())).or_default() += 1;
+    }
+    eprintln!(
+        "{} deliveries, {dups} duplicates; per (epoch, cluster): {per_epoch:?}",
+        log.len()
+    );
+    assert!(
+        bad.is_empty(),
+        "per-key order broken: {:?}",
+        &bad[..bad.len().min(10)]
+    );
+    assert_eq!(dups, 0);
+    assert!(per_epoch.keys().any(|(e, _)| *e == Some(3)), "epoch 3 used");
+    m1.abort();
+    m2.abort();
+    drop(producer);
+    drop(fleet);
+    drop(etcd);
+}
