@@ -558,6 +558,7 @@ impl Shared {
                 }
                 st.parked.retain(|s, _| s.0 != c);
                 st.user_paused.retain(|s| s.0 != c);
+                st.assigned.remove(&c);
             }
             let now = Instant::now();
             for (c, topics) in &desired {
@@ -1187,13 +1188,30 @@ async fn drive(shared: Arc<Shared>, watcher: Arc<FleetWatcher>) {
     }
 }
 
-async fn keep_alive(shared: Arc<Shared>, record: ClientRecord) {
+async fn keep_alive(shared: Arc<Shared>, mut record: ClientRecord) {
     let every = (shared.config.lease_ttl / 3).max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(every).await;
+        // Publish, per topic, the open epoch this consumer reads with.
+        record.acked = shared
+            .lock()
+            .routes
+            .iter()
+            .filter_map(|(t, r)| r.open_epoch().map(|e| (t.clone(), e.n)))
+            .collect();
         let mut guard = shared.lease.lock().await;
-        let lapsed = match guard.as_ref() {
+        let lapsed = match guard.as_mut() {
             Some(lease) => match lease.keep_alive().await {
+                Ok(_) if lease.record().acked != record.acked => {
+                    match lease.update(record.clone()).await {
+                        Err(RegistryError::LeaseExpired { .. }) => true,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot update the consumer's record");
+                            false
+                        }
+                        Ok(_) => false,
+                    }
+                }
                 Ok(_) => false,
                 Err(RegistryError::LeaseExpired { .. }) => true,
                 Err(e) => {

@@ -191,6 +191,21 @@ async fn reads_both_clusters_of_an_open_epoch_with_cluster_tags() {
         .clients
         .values()
         .any(|r| r.group.as_deref() == Some("g1")));
+    // It publishes the epoch it reads with.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let snap = env.registry.snapshot().await.unwrap();
+        let rec = snap
+            .clients
+            .values()
+            .find(|r| r.id == c.client_id())
+            .unwrap();
+        if rec.acked.get(TOPIC) == Some(&1) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "acked never published: {rec:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     c.close().await;
     env.shutdown().await;
 }
