@@ -229,6 +229,14 @@ impl FleetConsumerConfig {
             .is_none_or(|v| v.eq_ignore_ascii_case("true"))
     }
 
+    /// Whether rdkafka commits stored offsets by itself (`enable.auto.commit`,
+    /// default false here).
+    pub(crate) fn auto_commit(&self) -> bool {
+        self.properties
+            .get("enable.auto.commit")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    }
+
     /// The base properties of each per-cluster consumer.
     pub(crate) fn consumer_base(&self) -> KafkaProperties {
         let mut p = self.properties.clone();

@@ -382,14 +382,28 @@ impl Shared {
         metrics::counter!("flotilla_consumer_records_total", "cluster" => msg.cluster.clone())
             .increment(1);
         if self.config.auto_store() {
-            let consumer = self
-                .lock()
-                .readers
-                .get(&msg.cluster)
-                .map(|r| r.consumer.clone());
+            let (consumer, at_fence) = {
+                let st = self.lock();
+                let next = msg.offset() + 1;
+                let p = msg.partition() as usize;
+                let at_fence = st.routes.get(msg.topic()).is_some_and(|r| {
+                    r.sealed_epochs().any(|e| {
+                        e.writes_to(&msg.cluster)
+                            && e.fence.get(&msg.cluster).and_then(|f| f.get(p)) == Some(&next)
+                    })
+                });
+                let consumer = st.readers.get(&msg.cluster).map(|r| r.consumer.clone());
+                (consumer, at_fence)
+            };
             if let Some(c) = consumer {
                 if let Err(e) = c.store_offsets(&next_offset_tpl(&msg)) {
                     tracing::debug!(cluster = %msg.cluster, error = %e, "cannot store offset (partition revoked?)");
+                } else if at_fence && self.config.auto_commit() {
+                    // This member reached a fence: commit now rather than at the
+                    // next auto-commit tick, so the next epoch's records wait less.
+                    if let Err(e) = c.commit_consumer_state(CommitMode::Async) {
+                        tracing::debug!(cluster = %msg.cluster, error = %e, "cannot commit at a fence");
+                    }
                 }
             }
         }
@@ -744,20 +758,17 @@ impl Drop for FleetConsumer {
             t.abort();
         }
         let readers = std::mem::take(&mut self.shared.lock().readers);
-        // Closing an rdkafka consumer blocks (it leaves the group).
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) => {
-                drop(close_readers(readers.into_values().collect()));
-                let shared = self.shared.clone();
-                h.spawn(async move {
-                    if let Some(lease) = shared.lease.lock().await.take() {
-                        let _ = lease.revoke().await;
-                    }
-                });
-            }
-            Err(_) => {
-                drop(close_readers(readers.into_values().collect()));
-            }
+        if !readers.is_empty() {
+            // Closing an rdkafka consumer blocks (it leaves the group).
+            drop(close_readers(readers.into_values().collect()));
+        }
+        if let Ok(h) = tokio::runtime::Handle::try_current() {
+            let shared = self.shared.clone();
+            h.spawn(async move {
+                if let Some(lease) = shared.lease.lock().await.take() {
+                    let _ = lease.revoke().await;
+                }
+            });
         }
     }
 }

@@ -385,3 +385,54 @@ async fn stragglers_above_a_fence_are_delivered_and_counted() {
     c.close().await;
     env.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auto_commit_a_member_reaching_a_fence_commits_it_at_once() {
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    let fence_a = env.produce(0, 6, parts, 1).await;
+    let route = TopicRoute {
+        version: SCHEMA_VERSION,
+        topic: TOPIC.into(),
+        partitions: parts,
+        epochs: vec![
+            epoch(
+                1,
+                &["a"],
+                EpochState::Sealed,
+                &[("a", fence_a), ("b", vec![0, 0])],
+            ),
+            epoch(2, &["b"], EpochState::Open, &[]),
+        ],
+    };
+    let (_, rev) = env.registry.route(TOPIC).await.unwrap().unwrap();
+    env.registry
+        .put_route(&route, Expect::ModRevision(rev))
+        .await
+        .unwrap();
+    env.produce(1, 4, parts, 2).await;
+    // Auto-commit every minute: only the commit at the fence lets b through in time.
+    let c = FleetConsumer::new(
+        env.config("g5")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "60000"),
+    )
+    .await
+    .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = Vec::new();
+    while got.len() < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 10 without manual commits",
+            got.len()
+        );
+        if let Some(m) = recv_for(&c, Duration::from_millis(500)).await {
+            got.push((m.cluster().to_string(), m.partition()));
+        }
+    }
+    assert_eq!(got.iter().filter(|(c, _)| c == "b").count(), 4);
+    c.close().await;
+    env.shutdown().await;
+}
