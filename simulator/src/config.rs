@@ -152,6 +152,9 @@ pub struct Bugs {
     /// The controller retires a drained cluster without waiting for the group
     /// to consume it up to its fences.
     pub retire_before_fence: bool,
+    /// Consumers ignore the fence gate's limit (`allowed_until`) and read
+    /// every cluster of the read set as fast as they can.
+    pub consumer_ignores_gate: bool,
     /// Turn off the consumer adapter's workaround for finding 1 (a gate that
     /// never learns the committed offsets of a retired cluster waits forever).
     pub no_retired_workaround: bool,

@@ -80,6 +80,9 @@ struct Shape {
     /// Broken variant: the controller retires before the group passed the fence.
     #[arg(long)]
     bug_retire_early: bool,
+    /// Broken variant: consumers ignore the fence gate's limit.
+    #[arg(long)]
+    bug_ignore_gate: bool,
     /// Turn off the consumer's retired-cluster workaround (finding 1).
     #[arg(long)]
     no_retired_workaround: bool,
@@ -117,6 +120,7 @@ impl Shape {
             consumer_from_latest: self.bug_consumer_latest,
             retire_before_fence: self.bug_retire_early,
             no_retired_workaround: self.no_retired_workaround,
+            consumer_ignores_gate: self.bug_ignore_gate,
         };
         Ok(cfg)
     }

@@ -1246,10 +1246,14 @@ impl World {
                 let cl = &self.clusters[cx as usize];
                 let mut pos = cl.committed[p as usize];
                 let hw = cl.logs[p as usize].len() as i64;
-                let limit = self.consumers[ci]
-                    .gate
-                    .allowed_until(c, p)
-                    .unwrap_or(i64::MAX);
+                let limit = if self.cfg.bugs.consumer_ignores_gate {
+                    i64::MAX
+                } else {
+                    self.consumers[ci]
+                        .gate
+                        .allowed_until(c, p)
+                        .unwrap_or(i64::MAX)
+                };
                 let end = hw.min(limit).min(pos + 64);
                 while pos < end {
                     let rid = self.clusters[cx as usize].logs[p as usize][pos as usize];

@@ -135,6 +135,18 @@ fn checker_catches_retire_before_fence() {
     assert!(hit.is_some(), "an early retirement went unnoticed");
 }
 
+#[test]
+fn checker_catches_a_consumer_that_ignores_the_gate() {
+    // Consumers that keep up reorder nothing; lag (crashes, lost clusters) exposes it.
+    let mut cfg = Config {
+        faults: Faults::none().with(Fault::Crash).with(Fault::ClusterLoss),
+        ..Config::tiny()
+    };
+    cfg.bugs.consumer_ignores_gate = true;
+    let hit = first_catch(&cfg, 200, &[AnomalyKind::OrderViolation]);
+    assert!(hit.is_some(), "reading past the fences went unnoticed");
+}
+
 /// Finding 2 (docs/simulator.md): with the availability policy, a zombie
 /// producer's stragglers are detected and counted, but once the group passed
 /// the fence of their cluster nothing reads them again. The checker must
