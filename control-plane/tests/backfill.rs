@@ -672,6 +672,77 @@ async fn bad_inputs_are_refused_and_failures_can_be_aborted() {
     assert_eq!(spec.state, ClusterState::Retired);
     assert!(mark.exists(), "deprovision command ran");
     assert!(cp.registry().route("out-ab").await.unwrap().is_none());
+
+    // One driver at a time: a second `resume` while one waits for a group
+    // that never reads is refused; once the first is gone, `abort` works.
+    req.name = "busy".into();
+    req.provision_cmd = None;
+    req.deprovision_cmd = None;
+    req.clusters = vec![("busy1".into(), b0.clone())];
+    req.target_topic = "out-busy".into();
+    req.groups = vec!["nobody-reads".into()];
+    let first = tokio::spawn({
+        let bf = bf.clone();
+        let req = req.clone();
+        async move { bf.start(&req).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while bf.status("busy").await.map(|r| r.phase).ok() != Some(Phase::Waiting) {
+        assert!(Instant::now() < deadline, "never reached the wait");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let e = bf.resume("busy").await.unwrap_err();
+    assert!(matches!(e, BackfillError::Busy { .. }), "{e}");
+    first.abort();
+    let _ = first.await;
+    let rec = bf.abort("busy").await.unwrap();
+    assert_eq!(rec.phase, Phase::Aborted);
+    assert_eq!(
+        cp.cluster("busy1").await.unwrap().state,
+        ClusterState::Retired
+    );
+
+    // The binary: clear errors, non-zero exit.
+    let cli = Cli {
+        endpoint: etcd.endpoint(),
+        fleet: "bad".into(),
+    };
+    let out = cli.run(&[
+        "backfill",
+        "start",
+        "--name",
+        "cli",
+        "--source",
+        &format!("{b0}:missing"),
+        "--target-topic",
+        "o",
+        "--clusters",
+        &format!("c1={b0}"),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("error: source topic `missing` does not exist"),
+        "{err}"
+    );
+    let out = cli.run(&["backfill", "status", "nosuch"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no backfill named `nosuch`"));
+    let out = cli.run(&[
+        "backfill",
+        "start",
+        "--name",
+        "cli",
+        "--source",
+        "x:y",
+        "--target-topic",
+        "o",
+        "--from",
+        "soon",
+        "--clusters",
+        "c=h:1",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a range bound"));
 }
 
 /// A temporary cluster killed mid-replay stops the replay with an error;

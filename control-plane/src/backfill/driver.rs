@@ -88,6 +88,14 @@ impl Lock {
     }
 }
 
+impl Drop for Lock {
+    /// A driver future dropped mid-way stops renewing its lock: the lease
+    /// lapses after its TTL and another driver can take over.
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
 fn lock_key(cp: &ControlPlane, name: &str) -> String {
     format!("{}backfill-locks/{name}", cp.registry().prefix())
 }
