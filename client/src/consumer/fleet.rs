@@ -21,8 +21,8 @@ use super::context::FleetContext;
 use super::epoch_of;
 use crate::kafka::{classify, client_config, ClusterAdmin, ErrorClass, KafkaError};
 use crate::registry::{
-    ClientKind, ClientLease, ClientRecord, ClusterId, FleetSnapshot, FleetWatcher, GroupRecord,
-    Registry, RegistryError, TopicRoute, SCHEMA_VERSION,
+    ClientKind, ClientLease, ClientRecord, ClusterId, ClusterState, FleetSnapshot, FleetWatcher,
+    GroupRecord, Registry, RegistryError, TopicRoute, SCHEMA_VERSION,
 };
 use crate::route::gate::{read_set, FenceGate, GateAction, RecordClass};
 
@@ -428,16 +428,41 @@ impl Shared {
                 let Some(route) = snap.route(t) else {
                     continue;
                 };
-                if st.routes.get(t) == Some(route) {
-                    continue;
+                let changed = st.routes.get(t) != Some(route);
+                let gate = st.gates.entry(t.clone()).or_default();
+                let mut actions = if changed {
+                    gate.on_route(route)
+                } else {
+                    Vec::new()
+                };
+                // A retired (or deregistered) cluster of a sealed epoch cannot
+                // be read any more: whatever it held is gone for this group, so
+                // it counts as consumed up to its fence instead of blocking the
+                // next epochs forever.
+                for e in route.sealed_epochs() {
+                    for c in e.clusters() {
+                        let gone = snap
+                            .cluster(c)
+                            .is_none_or(|spec| spec.state == ClusterState::Retired);
+                        let Some(fence) = e.fence.get(c).filter(|_| gone) else {
+                            continue;
+                        };
+                        for (p, o) in fence.iter().enumerate() {
+                            actions.extend(gate.on_committed(c, p as u32, *o));
+                        }
+                    }
                 }
-                let actions = st.gates.entry(t.clone()).or_default().on_route(route);
-                st.routes.insert(t.clone(), route.clone());
+                if changed {
+                    st.routes.insert(t.clone(), route.clone());
+                }
                 self.apply(&mut st, t, actions);
-                // Records parked as `Ahead` wait for a route, not for a limit.
-                let slots: Vec<Slot> = st.parked.keys().filter(|s| &s.1 == t).cloned().collect();
-                for s in slots {
-                    self.drain(&mut st, &s);
+                if changed {
+                    // Records parked as `Ahead` wait for a route, not for a limit.
+                    let slots: Vec<Slot> =
+                        st.parked.keys().filter(|s| &s.1 == t).cloned().collect();
+                    for s in slots {
+                        self.drain(&mut st, &s);
+                    }
                 }
             }
             if st.ready.len() > before {

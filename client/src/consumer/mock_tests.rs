@@ -436,3 +436,42 @@ async fn with_auto_commit_a_member_reaching_a_fence_commits_it_at_once() {
     c.close().await;
     env.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retired_cluster_counts_as_consumed_up_to_its_fence() {
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    let fence_a = env.produce(0, 4, parts, 1).await;
+    let route = TopicRoute {
+        version: SCHEMA_VERSION,
+        topic: TOPIC.into(),
+        partitions: parts,
+        epochs: vec![
+            epoch(
+                1,
+                &["a"],
+                EpochState::Sealed,
+                &[("a", fence_a), ("b", vec![0, 0])],
+            ),
+            epoch(2, &["b"], EpochState::Open, &[]),
+        ],
+    };
+    let (_, rev) = env.registry.route(TOPIC).await.unwrap().unwrap();
+    env.registry
+        .put_route(&route, Expect::ModRevision(rev))
+        .await
+        .unwrap();
+    env.registry
+        .set_cluster_state("a", crate::registry::ClusterState::Retired)
+        .await
+        .unwrap();
+    env.produce(1, 4, parts, 2).await;
+    // A group that never read a: a is gone, b must not wait for it.
+    let c = FleetConsumer::new(env.config("g6")).await.unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    let got = recv_n(&c, 4, Duration::from_secs(30)).await;
+    assert!(got.iter().all(|m| m.cluster() == "b"));
+    assert_eq!(c.read_set(TOPIC), BTreeSet::from(["b".to_string()]));
+    c.close().await;
+    env.shutdown().await;
+}
