@@ -64,12 +64,17 @@ impl Reporter {
     /// Shows replay progress of `parts` (per partition and in total).
     pub(crate) fn replay(mode: ProgressMode, name: &str, parts: Vec<Arc<PartCounter>>) -> Reporter {
         let stop = Arc::new(tokio::sync::Notify::new());
+        // Where this run starts (resumed partitions are not at zero): rates count from here.
+        let first: Vec<u64> = parts
+            .iter()
+            .map(|p| p.done.load(Ordering::Relaxed))
+            .collect();
         let task = mode.bars().map(|bars| {
             let stop = stop.clone();
             let name = name.to_string();
             tokio::spawn(async move {
                 if bars {
-                    replay_bars(&name, &parts, &stop).await
+                    replay_bars(&name, &parts, &first, &stop).await
                 } else {
                     replay_lines(&name, &parts, &stop).await
                 }
@@ -95,10 +100,15 @@ impl Drop for Reporter {
     }
 }
 
-async fn replay_bars(name: &str, parts: &[Arc<PartCounter>], stop: &tokio::sync::Notify) {
+async fn replay_bars(
+    name: &str,
+    parts: &[Arc<PartCounter>],
+    first: &[u64],
+    stop: &tokio::sync::Notify,
+) {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(5));
     let style = ProgressStyle::with_template(
-        "{prefix:>14} [{bar:30}] {pos:>9}/{len:<9} {per_sec:>12} eta {eta:>4} {msg}",
+        "{prefix:>14} [{bar:30}] {human_pos:>9}/{human_len:<9} eta {eta:>4}  {msg}",
     )
     .expect("valid template")
     .progress_chars("=> ");
@@ -113,18 +123,29 @@ async fn replay_bars(name: &str, parts: &[Arc<PartCounter>], stop: &tokio::sync:
             b
         })
         .collect();
+    let started = Instant::now();
+    let msg = |done: u64, bytes: u64| {
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        format!(
+            "{}, {:.0} records/s, {:.1} MB/s",
+            human_bytes(bytes),
+            done as f64 / secs,
+            bytes as f64 / secs / 1e6
+        )
+    };
     let update = || {
-        let (mut n, mut by) = (0, 0);
-        for (p, b) in parts.iter().zip(&bars) {
+        let (mut n, mut new, mut by) = (0, 0, 0);
+        for ((p, b), f) in parts.iter().zip(&bars).zip(first.iter()) {
             let d = p.done.load(Ordering::Relaxed);
             let bytes = p.bytes.load(Ordering::Relaxed);
             b.set_position(d);
-            b.set_message(human_bytes(bytes));
+            b.set_message(msg(d.saturating_sub(*f), bytes));
             n += d;
+            new += d.saturating_sub(*f);
             by += bytes;
         }
         total.set_position(n);
-        total.set_message(human_bytes(by));
+        total.set_message(msg(new, by));
     };
     loop {
         update();
@@ -198,7 +219,7 @@ impl LagDisplay {
                 let b = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
                 b.set_style(
                     ProgressStyle::with_template(
-                        "{prefix:>14} [{bar:30}] {pos:>9}/{len:<9} consumed {msg}",
+                        "{prefix:>14} [{bar:30}] {human_pos:>9}/{human_len:<9} consumed  {msg}",
                     )
                     .expect("valid template")
                     .progress_chars("=> "),
