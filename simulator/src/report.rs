@@ -20,6 +20,8 @@ pub struct Summary {
     pub failing: Vec<(u64, Vec<AnomalyKind>)>,
     /// Pause of every sealed switch (proposal to seal), in ms.
     pub pauses: Vec<u64>,
+    /// Every producer hold (ms): the pause the application sees.
+    pub holds: Vec<u64>,
     /// Slowest switch: (pause ms, seed, epoch).
     pub slowest: Option<(u64, u64, u64)>,
     /// Aborted proposals.
@@ -54,6 +56,7 @@ impl Summary {
                 self.slowest = Some((pause, r.seed, epoch));
             }
         }
+        self.holds.extend_from_slice(&r.stats.holds);
         self.aborted += r.stats.aborted;
         self.records.0 += r.stats.records;
         self.records.1 += r.stats.acked;
@@ -89,6 +92,17 @@ impl Summary {
             self.stragglers,
             self.deduped
         );
+        if let (Some(p50), Some(p99), Some(max)) = (
+            percentile(&self.holds, 50),
+            percentile(&self.holds, 99),
+            percentile(&self.holds, 100),
+        ) {
+            let _ = writeln!(
+                s,
+                "producer holds:   {} (p50 {p50} ms, p99 {p99} ms, max {max} ms)",
+                self.holds.len()
+            );
+        }
         if let Some((p, seed, e)) = self.slowest {
             let _ = writeln!(s, "slowest switch:   {p} ms (seed {seed}, epoch {e})");
         }
@@ -125,74 +139,101 @@ impl Summary {
 
     /// The switch pause distribution as a text histogram (power-of-two buckets).
     pub fn histogram(&self) -> String {
-        let mut buckets: BTreeMap<u32, u64> = BTreeMap::new();
-        for &p in &self.pauses {
-            let b = 64 - p.max(1).leading_zeros();
-            *buckets.entry(b).or_insert(0) += 1;
-        }
-        let max = buckets.values().copied().max().unwrap_or(1);
-        let mut s = String::new();
-        for (b, n) in &buckets {
-            let lo = if *b == 1 { 0 } else { 1u64 << (b - 1) };
-            let hi = (1u64 << b) - 1;
-            let bar = "#".repeat(((n * 50).div_ceil(max)) as usize);
-            let _ = writeln!(s, "{lo:>7}-{hi:<7} ms | {n:>7} {bar}");
-        }
-        s
+        histogram(&self.pauses)
     }
 
     /// Percentile of the switch pauses (`q` in 0..=100).
     pub fn pause_percentile(&self, q: u64) -> Option<u64> {
-        if self.pauses.is_empty() {
-            return None;
-        }
-        let mut v = self.pauses.clone();
-        v.sort_unstable();
-        let i = ((v.len() - 1) as u64 * q / 100) as usize;
-        Some(v[i])
+        percentile(&self.pauses, q)
     }
 
     /// A Markdown report.
     pub fn markdown(&self, cfg: &Config, wall_secs: f64) -> String {
-        let mut s = String::new();
-        let _ = writeln!(s, "# flotilla-sim report\n");
+        markdown(self, cfg, wall_secs)
+    }
+}
+
+/// A text histogram of `values` (ms) in power-of-two buckets.
+pub fn histogram(values: &[u64]) -> String {
+    let mut buckets: BTreeMap<u32, u64> = BTreeMap::new();
+    for &p in values {
+        let b = 64 - p.max(1).leading_zeros();
+        *buckets.entry(b).or_insert(0) += 1;
+    }
+    let max = buckets.values().copied().max().unwrap_or(1);
+    let mut s = String::new();
+    for (b, n) in &buckets {
+        let lo = if *b == 1 { 0 } else { 1u64 << (b - 1) };
+        let hi = (1u64 << b) - 1;
+        let bar = "#".repeat(((n * 50).div_ceil(max)) as usize);
+        let _ = writeln!(s, "{lo:>7}-{hi:<7} ms | {n:>7} {bar}");
+    }
+    s
+}
+
+/// The `q`-th percentile (0..=100) of `values`.
+pub fn percentile(values: &[u64], q: u64) -> Option<u64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    let i = ((v.len() - 1) as u64 * q / 100) as usize;
+    Some(v[i])
+}
+
+fn distribution(s: &mut String, title: &str, values: &[u64]) {
+    let _ = writeln!(s, "## {title}\n");
+    if let (Some(p50), Some(p99), Some(max)) = (
+        percentile(values, 50),
+        percentile(values, 99),
+        percentile(values, 100),
+    ) {
         let _ = writeln!(
             s,
-            "- seeds: {}\n- faults: {}\n- schedule: {} producers, {} consumers, {} partitions, {} s active + {} s drain per seed\n- wall time: {:.1} s ({:.0} seeds/hour)\n",
-            self.seeds,
-            cfg.faults,
-            cfg.producers,
-            cfg.consumers,
-            cfg.partitions,
-            cfg.active_ms / 1000,
-            cfg.drain_ms / 1000,
-            wall_secs,
-            self.seeds as f64 * 3600.0 / wall_secs.max(1e-9)
+            "{} samples: p50 {p50} ms, p99 {p99} ms, max {max} ms\n",
+            values.len()
         );
-        let _ = writeln!(s, "## Summary\n\n```text\n{}```\n", self.text());
-        let _ = writeln!(s, "## Switch pause (proposal → seal)\n");
-        if let (Some(p50), Some(p99), Some(p100)) = (
-            self.pause_percentile(50),
-            self.pause_percentile(99),
-            self.pause_percentile(100),
-        ) {
-            let _ = writeln!(s, "p50 {p50} ms, p99 {p99} ms, max {p100} ms\n");
-        }
-        let _ = writeln!(s, "```text\n{}```\n", self.histogram());
-        let _ = writeln!(s, "## Anomalies\n");
-        if self.failing.is_empty() {
-            let _ = writeln!(s, "None.");
-        } else {
-            let _ = writeln!(s, "| seed | kinds |\n| --- | --- |");
-            for (seed, kinds) in self.failing.iter().take(100) {
-                let k: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
-                let _ = writeln!(s, "| {seed} | {} |", k.join(", "));
-            }
-            let _ = writeln!(
-                s,
-                "\nReplay one with `flotilla-sim replay --seed <seed>` and the same flags."
-            );
-        }
-        s
     }
+    let _ = writeln!(s, "```text\n{}```\n", histogram(values));
+}
+
+fn markdown(sum: &Summary, cfg: &Config, wall_secs: f64) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# flotilla-sim report\n");
+    let _ = writeln!(
+        s,
+        "- seeds: {}\n- faults: {}\n- schedule: {} producers, {} consumers, {} partitions, {} s active + {} s drain per seed\n- wall time: {:.1} s ({:.0} seeds/hour)\n",
+        sum.seeds,
+        cfg.faults,
+        cfg.producers,
+        cfg.consumers,
+        cfg.partitions,
+        cfg.active_ms / 1000,
+        cfg.drain_ms / 1000,
+        wall_secs,
+        sum.seeds as f64 * 3600.0 / wall_secs.max(1e-9)
+    );
+    let _ = writeln!(s, "## Summary\n\n```text\n{}```\n", sum.text());
+    distribution(&mut s, "Switch pause (proposal → seal)", &sum.pauses);
+    distribution(
+        &mut s,
+        "Producer hold (topic held → released, per producer)",
+        &sum.holds,
+    );
+    let _ = writeln!(s, "## Anomalies\n");
+    if sum.failing.is_empty() {
+        let _ = writeln!(s, "None.");
+    } else {
+        let _ = writeln!(s, "| seed | kinds |\n| --- | --- |");
+        for (seed, kinds) in sum.failing.iter().take(100) {
+            let k: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+            let _ = writeln!(s, "| {seed} | {} |", k.join(", "));
+        }
+        let _ = writeln!(
+            s,
+            "\nReplay one with `flotilla-sim replay --seed <seed>` and the same flags."
+        );
+    }
+    s
 }

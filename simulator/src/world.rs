@@ -50,6 +50,9 @@ pub struct Stats {
     pub failed: u64,
     /// Sealed switches: (epoch opened, pause in ms from proposal to seal).
     pub switches: Vec<(u64, u64)>,
+    /// How long producers held a topic (each hold, ms): the pause seen by
+    /// the application.
+    pub holds: Vec<u64>,
     /// Aborted proposals.
     pub aborted: u64,
     /// Clusters created.
@@ -233,6 +236,8 @@ struct Producer {
     /// Outstanding `Flush` answers (per-flush mode): (epoch, sends at the `Flush`).
     flush_waiters: Vec<(u64, u64)>,
     keys: Vec<u32>,
+    /// Since when the router holds the topic (a switch under way).
+    held_since: Option<u64>,
 }
 
 struct Consumer {
@@ -356,6 +361,7 @@ impl World {
                 sends: BTreeMap::new(),
                 unsettled: BTreeMap::new(),
                 flush_waiters: Vec::new(),
+                held_since: None,
                 keys: (0..cfg.keys_per_producer)
                     .map(|k| i as u32 * cfg.keys_per_producer + k)
                     .collect(),
@@ -1122,6 +1128,16 @@ impl World {
         if release {
             self.drain_held(p);
         }
+        let held = self.producers[p].router.held_topic_count() > 0;
+        let pr = &mut self.producers[p];
+        match (held, pr.held_since) {
+            (true, None) => pr.held_since = Some(self.now),
+            (false, Some(t)) => {
+                pr.held_since = None;
+                self.stats.holds.push(self.now - t);
+            }
+            _ => {}
+        }
     }
 
     /// Appends `rid` to its partition on cluster `c` (idempotently) and checks
@@ -1340,6 +1356,7 @@ impl World {
             ClientKind::Producer => {
                 let pr = &mut self.producers[idx];
                 pr.router = Router::with_settlement(pr.settlement);
+                pr.held_since = None;
                 pr.sends.clear();
                 pr.conns.clear();
                 pr.held.clear();
