@@ -892,11 +892,23 @@ impl Backfill {
             let (mut total, mut lag) = (0u64, 0u64);
             let mut behind = Vec::new();
             for spec in &specs {
-                let ends = self
-                    .cp
-                    .kafka()
-                    .end_offsets(spec, &rec.target_topic, rec.target_partitions)
-                    .await?;
+                // The end offsets recorded when the replay finished cover every
+                // copied record; live traffic written to the topic meanwhile is
+                // fenced by the switch back (retirement waits for it), so the
+                // wait does not chase a moving end.
+                let ends = match rec
+                    .checkpoint
+                    .as_ref()
+                    .and_then(|c| c.target_ends.get(&spec.id))
+                {
+                    Some(e) => e.clone(),
+                    None => {
+                        self.cp
+                            .kafka()
+                            .end_offsets(spec, &rec.target_topic, rec.target_partitions)
+                            .await?
+                    }
+                };
                 for g in &rec.groups {
                     let committed = self
                         .cp
