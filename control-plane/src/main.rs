@@ -215,6 +215,12 @@ async fn route(
                 }
             }
         }
+        RouteCommand::Abort { topic } => {
+            let r = cp.abort_switch(topic).await?;
+            output::print(fmt, &r, || {
+                format!("switch aborted\n{}", output::route_text(&r))
+            });
+        }
         RouteCommand::Show { topic } => {
             let r = cp.route(topic).await?;
             output::print(fmt, &r, || output::route_text(&r));

@@ -460,6 +460,24 @@ impl ControlPlane {
         })
     }
 
+    /// Aborts the pending epoch of `topic` (producers resume on the open one).
+    /// Refused when no switch is pending; a concurrent change is a conflict.
+    pub async fn abort_switch(&self, topic: &str) -> Result<TopicRoute, ControlError> {
+        let (route, rev) = self
+            .registry
+            .route(topic)
+            .await?
+            .ok_or_else(|| ControlError::UnknownTopic(topic.into()))?;
+        let pending = route.pending_epoch().ok_or_else(|| {
+            ControlError::Refused(format!("topic {topic} has no pending switch to abort"))
+        })?;
+        let next = switch::abort(&route, pending.n)?;
+        self.registry
+            .put_route(&next, Expect::ModRevision(rev))
+            .await?;
+        Ok(next)
+    }
+
     /// The fleet at a glance.
     pub async fn status(&self) -> Result<Status, ControlError> {
         let snap = self.registry.snapshot().await?;

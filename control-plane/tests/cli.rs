@@ -246,6 +246,20 @@ async fn every_command_and_every_bad_input() {
     // Drain is refused while an open epoch writes to the cluster; move off first.
     let e = env.refused(&["cluster", "drain", "a"]).await;
     assert!(e.contains("orders"), "{e}");
+    // Without --wait (and no controller running) the switch stays pending; abort it.
+    assert!(env
+        .ok(&["route", "set", "orders", "--cluster", "b=1"])
+        .contains("pending"));
+    assert!(env.ok(&["route", "abort", "orders"]).contains("aborted"));
+    let (route, _) = reg.route("orders").await.unwrap().unwrap();
+    assert_eq!(route.epochs.last().unwrap().state, EpochState::Aborted);
+    assert_eq!(
+        route.open_epoch().unwrap().n,
+        2,
+        "producers resume on the open epoch"
+    );
+    let e = env.refused(&["route", "abort", "orders"]).await;
+    assert!(e.contains("no pending switch"), "{e}");
     env.ok(&["route", "set", "orders", "--cluster", "b=1", "--wait"]);
     env.ok(&["cluster", "drain", "a"]);
     let e = env

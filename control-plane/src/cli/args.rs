@@ -146,6 +146,11 @@ pub enum RouteCommand {
         /// Topic name.
         topic: String,
     },
+    /// Abandon a pending switch: producers resume on the open epoch.
+    Abort {
+        /// Topic name.
+        topic: String,
+    },
 }
 
 /// Arguments of `flotilla route set`.
