@@ -247,6 +247,10 @@ struct Consumer {
     retired: BTreeSet<String>,
     /// Committed offsets last fed to the gate.
     fed: BTreeMap<(u16, u32), i64>,
+    /// Clusters named by a sealed epoch (write set or fence) of the route.
+    sealed: BTreeSet<String>,
+    /// The read set, while nothing that can change it happened.
+    rs_cache: Option<BTreeSet<String>>,
     seen: BTreeSet<u16>,
 }
 
@@ -390,6 +394,8 @@ impl World {
                 route: None,
                 retired: BTreeSet::new(),
                 fed: BTreeMap::new(),
+                sealed: BTreeSet::new(),
+                rs_cache: None,
                 seen: BTreeSet::new(),
             });
         }
@@ -783,9 +789,15 @@ impl World {
             ClientKind::Consumer => {
                 let parts = self.cfg.partitions;
                 let c = &mut self.consumers[idx];
-                if let Some(r) = snap.route(TOPIC) {
+                // Most registry changes (acks, leases) leave the route alone.
+                if let Some(r) = snap.route(TOPIC).filter(|r| c.route.as_ref() != Some(*r)) {
                     c.gate.on_route(r);
+                    c.sealed = r
+                        .sealed_epochs()
+                        .flat_map(|e| e.clusters().chain(e.fence.keys()).cloned())
+                        .collect();
                     c.route = Some(r.clone());
+                    c.rs_cache = None;
                 }
                 // Adapter workaround (see docs/simulator.md, finding 1): a retired
                 // cluster's committed offsets can no longer be fetched, and the
@@ -800,6 +812,7 @@ impl World {
                         for p in 0..parts {
                             c.gate.on_committed(&s.id, p, i64::MAX);
                         }
+                        c.rs_cache = None;
                     }
                 }
                 tr!(self, "cons{idx} snapshot rev {}", snap.revision);
@@ -1218,19 +1231,29 @@ impl World {
         let members = self.cfg.consumers as u32;
         // Feed the group's committed offsets (an admin fetch) to the gate,
         // only where they moved since the last feed.
-        let mut rs = read_set(&route, |n, c| self.consumers[ci].gate.epoch_consumed(n, c));
-        if self.cfg.straggler_fix {
-            // Keep reading a sealed epoch's cluster until it is retired, not
-            // only up to its fence: stragglers land above the fence.
-            let con = &self.consumers[ci];
-            for e in route.sealed_epochs() {
-                rs.extend(e.clusters().filter(|c| !con.retired.contains(*c)).cloned());
+        // The read set only changes with the route or with commits on
+        // clusters of sealed epochs; reuse it otherwise.
+        let rs = match self.consumers[ci].rs_cache.take() {
+            Some(rs) => rs,
+            None => {
+                let mut rs = read_set(&route, |n, c| self.consumers[ci].gate.epoch_consumed(n, c));
+                if self.cfg.straggler_fix {
+                    // Keep reading a sealed epoch's cluster until it is retired, not
+                    // only up to its fence: stragglers land above the fence.
+                    let con = &self.consumers[ci];
+                    for e in route.sealed_epochs() {
+                        rs.extend(e.clusters().filter(|c| !con.retired.contains(*c)).cloned());
+                    }
+                }
+                rs
             }
-        }
+        };
+        // Only commits on clusters of sealed epochs can open a gate.
+        let mut fed_any = false;
         for c in &rs {
             let cx = cluster_index(c);
             let cl = &self.clusters[cx as usize];
-            if cl.torn_down {
+            if cl.torn_down || !self.consumers[ci].sealed.contains(c) {
                 continue;
             }
             for p in 0..parts {
@@ -1239,6 +1262,7 @@ impl World {
                 let fed = con.fed.entry((cx, p)).or_insert(-1);
                 if *fed != off {
                     *fed = off;
+                    fed_any = true;
                     con.gate.on_committed(c, p, off);
                 }
             }
@@ -1288,6 +1312,9 @@ impl World {
             }
         }
         self.consumers[ci].route = Some(route);
+        if !fed_any {
+            self.consumers[ci].rs_cache = Some(rs);
+        }
     }
 
     fn deliver(&mut self, ci: usize, c: u16, p: u32, off: i64, rid: u64, class: RecordClass) {
@@ -1371,6 +1398,8 @@ impl World {
                 c.route = None;
                 c.retired.clear();
                 c.fed.clear();
+                c.sealed.clear();
+                c.rs_cache = None;
                 c.seen.clear();
                 self.after(5, Ev::Poll { ci: idx, sess });
             }
