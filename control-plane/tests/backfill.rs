@@ -161,6 +161,10 @@ fn spawn_consumer(
             let seq: u64 = seq.trim().parse().unwrap();
             let mut g = got.lock().unwrap();
             g.per_key.entry(key.to_string()).or_default().push(seq);
+            if key.starts_with("live") {
+                // Live traffic: only order and completeness are checked.
+                continue;
+            }
             g.total += 1;
             if let Some(h) = msg.headers() {
                 use rdkafka::message::Headers;
@@ -181,6 +185,75 @@ fn spawn_consumer(
             }
         }
     })
+}
+
+/// A live `FleetProducer` writing `live<k>:<seq>` (50 keys) one record at a
+/// time until `stop`; returns how many records of each key were acknowledged.
+fn spawn_live_producer(
+    registry: Registry,
+    topic: &str,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    use flotilla_client::producer::{FleetProducer, FleetProducerConfig, OwnedRecord};
+    let topic = topic.to_string();
+    tokio::spawn(async move {
+        let mut cfg = FleetProducerConfig::new();
+        cfg.registry(registry).set("linger.ms", "1");
+        let p = FleetProducer::new(cfg).await.expect("live producer");
+        let mut acked = vec![0u64; 50];
+        let mut i = 0usize;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let k = i % 50;
+            let rec = OwnedRecord::to(&topic)
+                .key(format!("live{k}"))
+                .payload(format!("live{k}:{}", acked[k]));
+            match p.send_owned(rec, Duration::from_secs(30)).await {
+                Ok(_) => {
+                    acked[k] += 1;
+                    i += 1;
+                }
+                Err((e, _)) => eprintln!("live producer: {e}"),
+            }
+            if i % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        p.close(Duration::from_secs(10)).await.unwrap();
+        acked
+    })
+}
+
+/// Every acknowledged live record delivered exactly once, in per-key order.
+async fn check_live(got: &Arc<Mutex<Got>>, sent: &[u64], within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let missing: u64 = {
+            let g = got.lock().unwrap();
+            (0..sent.len())
+                .map(|k| {
+                    let have = g.per_key.get(&format!("live{k}")).map_or(0, Vec::len) as u64;
+                    sent[k].saturating_sub(have)
+                })
+                .sum()
+        };
+        if missing == 0 || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let g = got.lock().unwrap();
+    for (k, &n) in sent.iter().enumerate() {
+        let seqs = g
+            .per_key
+            .get(&format!("live{k}"))
+            .cloned()
+            .unwrap_or_default();
+        let want: Vec<u64> = (0..n).collect();
+        assert_eq!(
+            seqs, want,
+            "live key {k}: exactly once, in order, across both switches"
+        );
+    }
 }
 
 /// Every record exactly once, per-key order kept, keys/headers/timestamps preserved.
@@ -204,10 +277,11 @@ fn check_exactly_once(got: &Got, n: u64) {
 /// record exactly once (by its `flotilla-src` coordinates), per-key order kept
 /// inside each partition. This is the backfill's own guarantee, independent
 /// of the consumer group's delivery semantics.
-async fn check_target(bootstraps: &[String], topic: &str, n: u64) {
+async fn check_target(bootstraps: &[String], topic: &str, n: u64) -> u64 {
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::message::Headers;
     let mut seen: HashMap<(i32, i64), u32> = HashMap::new();
+    let mut live = 0;
     for b in bootstraps {
         let c: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", b)
@@ -251,6 +325,16 @@ async fn check_target(bootstraps: &[String], topic: &str, n: u64) {
                     "{b}/{topic}: key {key} out of order ({prev} then {seq})"
                 );
             }
+            if ends
+                .get(&m.partition())
+                .is_some_and(|&e| m.offset() + 1 >= e)
+            {
+                ends.remove(&m.partition());
+            }
+            if key.starts_with("live") {
+                live += 1;
+                continue;
+            }
             let src = m
                 .headers()
                 .and_then(|h| {
@@ -261,17 +345,12 @@ async fn check_target(bootstraps: &[String], topic: &str, n: u64) {
                 .and_then(flotilla_control::backfill::parse_src_header)
                 .expect("flotilla-src header");
             *seen.entry(src).or_default() += 1;
-            if ends
-                .get(&m.partition())
-                .is_some_and(|&e| m.offset() + 1 >= e)
-            {
-                ends.remove(&m.partition());
-            }
         }
     }
     let dups = seen.values().filter(|&&c| c > 1).count();
     assert_eq!(dups, 0, "{topic}: source records copied twice");
     assert_eq!(seen.len() as u64, n, "{topic}: source records copied");
+    live
 }
 
 async fn wait_total(got: &Arc<Mutex<Got>>, n: u64, within: Duration) {
@@ -304,7 +383,13 @@ async fn check_clean(cp: &ControlPlane, name: &str, temp: &[&str]) {
             }
         }
     }
-    assert_eq!(snap.producers().count(), 0, "no producer left registered");
+    assert_eq!(
+        snap.producers()
+            .filter(|p| p.id.starts_with("backfill-"))
+            .count(),
+        0,
+        "no backfill producer left registered"
+    );
 }
 
 fn start_request(
@@ -366,6 +451,10 @@ async fn backfill_through_two_temporary_clusters_then_crash_and_resume() {
     .unwrap();
     let got = Arc::new(Mutex::new(Got::default()));
     let consumer = spawn_consumer(cp.registry().clone(), "g-main", "reprocess", got.clone());
+    // Live traffic on the target topic all along: it follows the route to the
+    // temporary clusters and back, in per-key order.
+    let stop_live = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let live = spawn_live_producer(cp.registry().clone(), "reprocess", stop_live.clone());
     let temp = [
         ("tmp1", kafka.cluster(1).bootstrap()),
         ("tmp2", kafka.cluster(2).bootstrap()),
@@ -389,7 +478,11 @@ async fn backfill_through_two_temporary_clusters_then_crash_and_resume() {
     check_exactly_once(&got.lock().unwrap(), n);
     check_clean(&cp, "b1", &["tmp1", "tmp2"]).await;
     let temp_bootstraps = [kafka.cluster(1).bootstrap(), kafka.cluster(2).bootstrap()];
-    check_target(&temp_bootstraps, "reprocess", n).await;
+    let live_on_temp = check_target(&temp_bootstraps, "reprocess", n).await;
+    assert!(
+        live_on_temp > 0,
+        "live traffic went through the temporary clusters"
+    );
     let route = cp.route("reprocess").await.unwrap();
     let open = route.open_epoch().unwrap();
     assert_eq!(
@@ -397,6 +490,10 @@ async fn backfill_through_two_temporary_clusters_then_crash_and_resume() {
         vec!["src"],
         "route restored"
     );
+    stop_live.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = live.await.unwrap();
+    eprintln!("live traffic during the backfill: {sent:?}");
+    check_live(&got, &sent, Duration::from_secs(60)).await;
     // Same name again: refused.
     let again = bf
         .start(&start_request(
