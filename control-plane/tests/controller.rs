@@ -225,3 +225,82 @@ async fn killed_leader_mid_switch_is_replaced_and_the_switch_completes() {
         let _ = p.wait();
     }
 }
+
+fn producer_record(id: &str) -> ClientRecord {
+    ClientRecord {
+        version: SCHEMA_VERSION,
+        kind: ClientKind::Producer,
+        id: id.into(),
+        acked: Default::default(),
+        group: None,
+        started_at: now_millis(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_that_die_or_stay_silent_do_not_block_a_switch_past_its_deadline() {
+    let kafka = KafkaFleet::start(2).expect("kafka");
+    let etcd = EtcdServer::start().expect("etcd");
+    let cp = control_plane(&etcd, "deadline").await;
+    add(&cp, "a", kafka.cluster(0).bootstrap()).await;
+    add(&cp, "b", kafka.cluster(1).bootstrap()).await;
+    cp.set_route(set("t", &["a"], 60_000), now_millis())
+        .await
+        .unwrap();
+    let controller = flotilla_control::Controller::new(cp.clone());
+
+    // A producer that dies mid-switch: its lease (2 s) is never renewed.
+    let dead = cp
+        .registry()
+        .register_client(producer_record("dies"), Duration::from_secs(2))
+        .await
+        .unwrap();
+    cp.set_route(set("t", &["a", "b"], 60_000), now_millis())
+        .await
+        .unwrap();
+    let r = controller.reconcile_once(now_millis()).await.unwrap();
+    assert_eq!(
+        r.waiting.len(),
+        1,
+        "the live, silent producer holds the switch: {r:?}"
+    );
+    assert_eq!(r.waiting[0].2, vec!["dies".to_string()]);
+    drop(dead);
+    // Once etcd expires its lease it is gone from the registry and the switch seals,
+    // long before the 60 s ack deadline.
+    let started = Instant::now();
+    eventually(
+        Duration::from_secs(15),
+        "the dead producer's switch to seal",
+        || async {
+            controller.reconcile_once(now_millis()).await.unwrap();
+            cp.route("t").await.unwrap().open_epoch().map(|e| e.n) == Some(2)
+        },
+    )
+    .await;
+    assert!(started.elapsed() < Duration::from_secs(15));
+
+    // A producer that is alive but never acknowledges: the switch proceeds at the
+    // ack deadline (default policy), naming it as late.
+    let _silent = cp
+        .registry()
+        .register_client(producer_record("silent"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    cp.set_route(set("t", &["b"], 1_500), now_millis())
+        .await
+        .unwrap();
+    let r = controller.reconcile_once(now_millis()).await.unwrap();
+    assert_eq!(r.waiting.len(), 1, "before the deadline it waits: {r:?}");
+    eventually(
+        Duration::from_secs(15),
+        "the switch to seal at its deadline",
+        || async {
+            controller.reconcile_once(now_millis()).await.unwrap();
+            cp.route("t").await.unwrap().open_epoch().map(|e| e.n) == Some(3)
+        },
+    )
+    .await;
+    let route = cp.route("t").await.unwrap();
+    assert_eq!(route.epochs[1].state, EpochState::Sealed);
+}
