@@ -21,6 +21,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use tokio::sync::Mutex;
 
+use crate::backfill::{Backfill, BackfillOptions, Bound, ProgressMode, StartRequest};
 use crate::cli::args::DemoArgs;
 use crate::cli::output;
 use crate::controller::{now_millis, Controller};
@@ -29,6 +30,8 @@ use crate::ops::{AddCluster, ControlPlane, SetRoute};
 const TOPIC: &str = "orders";
 const PARTITIONS: u32 = 4;
 const GROUP: &str = "billing";
+const HISTORY_TOPIC: &str = "orders-history";
+const HISTORY: u64 = 5_000;
 
 /// What the consumer saw, for the closing check.
 #[derive(Default)]
@@ -59,6 +62,7 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     // The mock clusters do not serve CreateTopics: create the topic the way a
     // provisioning step would; `route set` then only checks its partition count.
     fleet.create_topic(TOPIC, PARTITIONS)?;
+    fleet.create_topic(HISTORY_TOPIC, PARTITIONS)?;
     let registry = Registry::new(Arc::new(MemoryKv::new()), "demo");
     let kafka = crate::RdKafkaFleet::new(
         KafkaProperties::new(),
@@ -170,31 +174,48 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     acked.extend(produce_stage(&producer, per_stage, args.keys, &mut next_seq).await?);
 
     step("add b to the route: a=1,b=1 (the producer holds, flushes, acks; the controller seals epoch 1)");
-    cp.set_route(route_to(&["a", "b"], None), now_millis())
-        .await?;
+    let switching = switch_to(&cp, &["a", "b"]);
     acked.extend(produce_stage(&producer, per_stage, args.keys, &mut next_seq).await?);
-    wait_open(&cp, 2).await?;
+    switching.await??;
 
-    step("add a temporary cluster t1 for extra capacity and route across a, b and t1");
-    cp.add_cluster(
-        add(
-            "t1",
-            fleet.cluster(2).bootstrap(),
-            ClusterRole::Temporary {
-                purpose: "demo burst".into(),
-                expires_at: now_millis() + 3_600_000,
-            },
-        ),
-        now_millis(),
-    )
-    .await?;
-    cp.set_route(route_to(&["a", "b", "t1"], None), now_millis())
-        .await?;
+    step(&format!(
+        "backfill: replay {HISTORY} history records of `{HISTORY_TOPIC}` (cluster a) into `{TOPIC}` \
+         through a temporary cluster t1, while live traffic goes on"
+    ));
+    let history = write_history(fleet.cluster(0).bootstrap(), HISTORY).await?;
+    let backfill = Backfill::new(
+        cp.clone(),
+        BackfillOptions {
+            progress: ProgressMode::Quiet,
+            ..BackfillOptions::default()
+        },
+    );
+    let request = StartRequest {
+        name: "replay-history".into(),
+        source: format!("a:{HISTORY_TOPIC}"),
+        from: Bound::Edge,
+        to: Bound::Edge,
+        target_topic: TOPIC.into(),
+        clusters: vec![("t1".into(), fleet.cluster(2).bootstrap().to_string())],
+        provision_cmd: None,
+        count: 0,
+        deprovision_cmd: None,
+        groups: vec![GROUP.into()],
+        expires_in: Duration::from_secs(3600),
+    };
+    let replaying = tokio::spawn(async move { backfill.start(&request).await });
     acked.extend(produce_stage(&producer, per_stage, args.keys, &mut next_seq).await?);
-    wait_open(&cp, 3).await?;
+    let record = replaying.await?.context("backfill")?;
+    println!(
+        "   backfill {}: {:?}; temporary cluster t1 is {}",
+        record.name,
+        record.phase,
+        cp.cluster("t1").await?.state
+    );
+    acked.extend(history);
 
-    step("move everything to b; drain a and t1 (they retire once the group has read past their fences)");
-    cp.set_route(route_to(&["b"], None), now_millis()).await?;
+    step("move everything to b; drain a (it retires once the group has read past its fences)");
+    let switching = switch_to(&cp, &["b"]);
     acked.extend(
         produce_stage(
             &producer,
@@ -204,23 +225,21 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         )
         .await?,
     );
-    wait_open(&cp, 4).await?;
+    switching.await??;
     cp.drain("a").await?;
-    cp.drain("t1").await?;
     producer.flush(Duration::from_secs(30)).await?;
 
-    step("wait for the consumer group to read everything and the controller to retire a and t1");
+    step("wait for the consumer group to read everything and the controller to retire a");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let consumed = seen.lock().await.all.len();
         let a = cp.cluster("a").await?.state;
-        let t1 = cp.cluster("t1").await?.state;
-        if consumed >= acked.len() && a == ClusterState::Retired && t1 == ClusterState::Retired {
+        if consumed >= acked.len() && a == ClusterState::Retired {
             break;
         }
         if Instant::now() > deadline {
             bail!(
-                "gave up waiting: consumed {consumed} of {} records, a is {a}, t1 is {t1}",
+                "gave up waiting: consumed {consumed} of {} records, a is {a}",
                 acked.len()
             );
         }
@@ -242,7 +261,11 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let s = seen.lock().await;
     let lost = acked.iter().filter(|r| !s.all.contains(*r)).count();
     step("summary");
-    println!("records produced and acknowledged: {}", acked.len());
+    println!(
+        "records produced and acknowledged: {} (live {}, backfilled {HISTORY})",
+        acked.len(),
+        acked.len() as u64 - HISTORY
+    );
     println!("records consumed:                  {}", s.all.len());
     println!(
         "consumed per cluster:              {}",
@@ -318,6 +341,11 @@ async fn produce_stage(
                 Err((e, _)) => return Err(e.into()),
             }
         }
+        // Pace the traffic (about 10,000 records/s) so route switches happen
+        // while it flows, as they would in production.
+        if i % 100 == 99 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         if in_flight.len() >= 1_000 {
             let (k, s, f) = in_flight.pop_front().expect("non-empty");
             f.await.map_err(|(e, _)| e)?;
@@ -330,6 +358,51 @@ async fn produce_stage(
     }
     println!("   {} records acknowledged", acked.len());
     Ok(acked)
+}
+
+/// Proposes a new write set for the topic in the background (while the caller
+/// keeps producing); the returned task ends when the controller has completed
+/// the switch.
+fn switch_to(cp: &ControlPlane, clusters: &[&str]) -> tokio::task::JoinHandle<anyhow::Result<()>> {
+    let cp = cp.clone();
+    let req = route_to(clusters, None);
+    tokio::spawn(async move {
+        let outcome = cp.set_route(req, now_millis()).await?;
+        let route = outcome.route();
+        let n = route
+            .pending_epoch()
+            .or(route.open_epoch())
+            .map_or(0, |e| e.n);
+        wait_open(&cp, n).await
+    })
+}
+
+/// Writes `n` history records (keys `old-<k>`, payload = per-key sequence
+/// number) to the history topic with a plain rdkafka producer, as an old
+/// system would have; returns them for the loss check.
+async fn write_history(bootstrap: &str, n: u64) -> anyhow::Result<Vec<(String, u64)>> {
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .create()?;
+    let mut seqs: BTreeMap<String, u64> = BTreeMap::new();
+    let mut pending = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let key = format!("old-{}", i % 200);
+        let seq = seqs.entry(key.clone()).or_default();
+        *seq += 1;
+        let payload = seq.to_string();
+        let f = producer
+            .send_result(FutureRecord::to(HISTORY_TOPIC).key(&key).payload(&payload))
+            .map_err(|(e, _)| e)?;
+        pending.push(((key, *seq), f));
+    }
+    let mut out = Vec::with_capacity(n as usize);
+    for (rec, f) in pending {
+        f.await?.map_err(|(e, _)| e)?;
+        out.push(rec);
+    }
+    Ok(out)
 }
 
 async fn wait_open(cp: &ControlPlane, epoch: u64) -> anyhow::Result<()> {
