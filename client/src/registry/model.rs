@@ -324,6 +324,14 @@ impl Epoch {
         self.write.iter().any(|w| w.cluster == cluster)
     }
 
+    /// Whether the write set is exactly `write`, as a set (order does not matter).
+    pub fn writes_exactly(&self, write: &[WeightedCluster]) -> bool {
+        let (mut a, mut b) = (self.write.clone(), write.to_vec());
+        a.sort();
+        b.sort();
+        a == b
+    }
+
     /// The clusters of the write set, in write-set order.
     pub fn clusters(&self) -> impl Iterator<Item = &ClusterId> {
         self.write.iter().map(|w| &w.cluster)

@@ -100,13 +100,6 @@ fn lock_key(cp: &ControlPlane, name: &str) -> String {
     format!("{}backfill-locks/{name}", cp.registry().prefix())
 }
 
-fn same_write_set(a: &[WeightedCluster], b: &[WeightedCluster]) -> bool {
-    let (mut a, mut b) = (a.to_vec(), b.to_vec());
-    a.sort();
-    b.sort();
-    a == b
-}
-
 impl Backfill {
     /// A driver acting through `cp` with `opts`.
     pub fn new(cp: ControlPlane, opts: BackfillOptions) -> Self {
@@ -638,7 +631,7 @@ impl Backfill {
             .route(&rec.target_topic)
             .await?
             .and_then(|(r, _)| r.open_epoch().cloned())
-            .filter(|e| same_write_set(&e.write, &write));
+            .filter(|e| e.writes_exactly(&write));
         if already.is_none() {
             let req = SetRoute {
                 topic: rec.target_topic.clone(),
@@ -660,7 +653,7 @@ impl Backfill {
             .ok_or_else(|| ControlError::UnknownTopic(rec.target_topic.clone()))?;
         let open = route
             .open_epoch()
-            .filter(|e| same_write_set(&e.write, &write))
+            .filter(|e| e.writes_exactly(&write))
             .ok_or_else(|| BackfillError::Timeout {
                 name: rec.name.clone(),
                 detail: format!(
