@@ -522,10 +522,15 @@ impl Shared {
             let mut desired: BTreeMap<ClusterId, BTreeSet<String>> = BTreeMap::new();
             let mut sets = BTreeMap::new();
             for t in &topics {
-                let (Some(route), Some(gate)) = (st.routes.get(t), st.gates.get(t)) else {
+                let Some(route) = st.routes.get(t).filter(|_| st.gates.contains_key(t)) else {
                     continue;
                 };
-                let rs = read_set(route, |n, c| gate.epoch_consumed(n, c));
+                // Sealed epochs' clusters stay until retired, not only until the
+                // group passed their fences: stragglers land above the fence.
+                let rs = read_set(route, |c| {
+                    snap.cluster(c)
+                        .is_none_or(|spec| spec.state == ClusterState::Retired)
+                });
                 metrics::gauge!("flotilla_consumer_read_set_size", "topic" => t.clone())
                     .set(rs.len() as f64);
                 for c in &rs {
@@ -591,7 +596,7 @@ impl Shared {
                 .cloned()
                 .collect();
             for c in gone {
-                tracing::info!(cluster = %c, "cluster left the read set (group committed past its fences); closing its consumer");
+                tracing::info!(cluster = %c, "cluster left the read set (retired or deregistered); closing its consumer");
                 if let Some(r) = st.readers.remove(&c) {
                     closing.push(r);
                 }

@@ -7,9 +7,11 @@
 //! the cluster a record came from.
 //!
 //! - **Read set** (per topic, [`read_set`](crate::route::gate::read_set)):
-//!   every cluster of the open epoch, plus every cluster of a sealed epoch the
-//!   group has not yet committed past its fence. A cluster leaves (its
-//!   consumer is closed) only once the group committed past its fence; a
+//!   every cluster of the open epoch, plus every cluster of a sealed epoch
+//!   that is not retired. A cluster leaves (its consumer is closed) only once
+//!   the registry says it is `retired` (or it is deregistered) — not when the
+//!   group passed its fence, since stragglers can land above the fence until
+//!   the controller retires it after the group drained it to its end; a
 //!   cluster that enters is read from its beginning (`auto.offset.reset` is
 //!   always `earliest`). Offsets live in Kafka, so a cluster removed and added
 //!   back resumes where the group left it.
