@@ -268,7 +268,8 @@ impl ControlPlane {
     }
 
     /// `→ retired`: refused while any route still writes to the cluster or any
-    /// registered group has not consumed a sealed epoch on it up to its fence.
+    /// registered group of a topic it held has not consumed it up to its
+    /// current end offsets (stragglers above the fence included).
     /// Idempotent.
     pub async fn retire(&self, id: &str) -> Result<ClusterSpec, ControlError> {
         let snap = self.registry.snapshot().await?;
@@ -289,15 +290,16 @@ impl ControlPlane {
         snap: &FleetSnapshot,
         spec: &ClusterSpec,
     ) -> Result<(), ControlError> {
-        let consumed = self.group_progress(snap, spec).await?;
-        // Every registered group of the topic must be done; a group we have no
-        // answer for counts as not done.
+        let drained = self.group_progress(snap, spec).await?;
+        // Every registered group of the topic must have drained the cluster (to
+        // its end offsets, not only its fences); a group we have no answer for
+        // counts as not done.
         switch::may_retire(&spec.id, snap.routes.values(), |topic, epoch, _cluster| {
             snap.groups
                 .values()
                 .filter(|g| g.topics.iter().any(|t| t == topic))
                 .all(|g| {
-                    consumed
+                    drained
                         .get(&(g.group.clone(), topic.to_string(), epoch))
                         .copied()
                         .unwrap_or(false)
@@ -307,7 +309,15 @@ impl ControlPlane {
     }
 
     /// For every sealed epoch that wrote to `spec`, whether each registered group
-    /// reading that topic has committed every partition up to the epoch's fence on it.
+    /// reading that topic has drained the cluster: committed every partition up
+    /// to the cluster's **current end offset** (lag 0), not only up to the
+    /// epoch's fence. Records can land above the fence after the seal
+    /// (stragglers: producers the controller stopped waiting for at the ack
+    /// deadline, or that lost their lease); they must be consumed before the
+    /// cluster may go. The cluster is `draining` when the controller asks, so
+    /// live producers no longer write to it and the end offsets only move
+    /// while late retries land. A writer the registry no longer reaches can
+    /// still write after the check: see docs/handoff.md, "Stragglers".
     async fn group_progress(
         &self,
         snap: &FleetSnapshot,
@@ -315,24 +325,36 @@ impl ControlPlane {
     ) -> Result<BTreeMap<(String, String, u64), bool>, ControlError> {
         let mut out = BTreeMap::new();
         for route in snap.routes.values() {
-            for epoch in route.sealed_epochs().filter(|e| e.writes_to(&spec.id)) {
-                let Some(fence) = epoch.fence.get(&spec.id) else {
-                    continue;
-                };
-                for group in snap
-                    .groups
-                    .values()
-                    .filter(|g| g.topics.contains(&route.topic))
-                {
-                    let committed = self
-                        .kafka
-                        .committed_offsets(spec, &group.group, &route.topic, route.partitions)
-                        .await?;
-                    let done = fence
+            let epochs: Vec<u64> = route
+                .sealed_epochs()
+                .filter(|e| e.writes_to(&spec.id))
+                .map(|e| e.n)
+                .collect();
+            if epochs.is_empty() {
+                continue;
+            }
+            // The end offsets are read before the committed offsets, so a
+            // record that lands in between is simply left for the next pass.
+            let ends = self
+                .kafka
+                .end_offsets(spec, &route.topic, route.partitions)
+                .await?;
+            for group in snap
+                .groups
+                .values()
+                .filter(|g| g.topics.contains(&route.topic))
+            {
+                let committed = self
+                    .kafka
+                    .committed_offsets(spec, &group.group, &route.topic, route.partitions)
+                    .await?;
+                let drained = ends.len() == route.partitions as usize
+                    && ends
                         .iter()
-                        .zip(committed.iter())
+                        .zip(committed.iter().chain(std::iter::repeat(&None)))
                         .all(|(end, c)| *end == 0 || c.is_some_and(|c| c >= *end));
-                    out.insert((group.group.clone(), route.topic.clone(), epoch.n), done);
+                for n in &epochs {
+                    out.insert((group.group.clone(), route.topic.clone(), *n), drained);
                 }
             }
         }
@@ -422,13 +444,7 @@ impl ControlPlane {
             }
         };
         if let Some(cur) = &current {
-            let same = |e: &flotilla_client::registry::Epoch| {
-                let mut a = e.write.clone();
-                let mut b = write.clone();
-                a.sort();
-                b.sort();
-                a == b
-            };
+            let same = |e: &flotilla_client::registry::Epoch| e.writes_exactly(&write);
             // Re-running the same command is a no-op, not an error.
             if cur.pending_epoch().or(cur.open_epoch()).is_some_and(same)
                 && cur.pending_epoch().is_none_or(same)

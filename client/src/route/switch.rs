@@ -306,11 +306,7 @@ pub fn propose(
                 )));
             }
             if let Some(open) = r.open_epoch() {
-                let mut a = open.write.clone();
-                let mut b = write.clone();
-                a.sort();
-                b.sort();
-                if a == b {
+                if open.writes_exactly(&write) {
                     return Err(invalid(format!(
                         "topic {topic}: the write set is the same as open epoch {}'s; nothing to switch",
                         open.n
@@ -345,12 +341,17 @@ pub fn propose(
 
 /// Whether `cluster` may move to `retired`: it is in no open or pending epoch
 /// of any route, and for every sealed epoch that wrote to it,
-/// `group_consumed(topic, epoch, cluster)` says every registered group has
-/// consumed it past its fence. `Err` says what still holds it.
+/// `group_drained(topic, epoch, cluster)` says every registered group of the
+/// topic has consumed the cluster **to its current end offsets** (lag 0), not
+/// merely past the epoch's fence: records of a sealed epoch can land above the
+/// fence after the seal (stragglers from producers the controller did not wait
+/// for), and retiring the cluster would lose them. The adapter reads the end
+/// offsets and the committed offsets; the cluster is `draining` by then, so no
+/// live producer writes to it any more. `Err` says what still holds it.
 pub fn may_retire<'a>(
     cluster: &str,
     routes: impl IntoIterator<Item = &'a TopicRoute>,
-    group_consumed: impl Fn(&str, u64, &str) -> bool,
+    group_drained: impl Fn(&str, u64, &str) -> bool,
 ) -> Result<(), String> {
     for r in routes {
         for e in &r.epochs {
@@ -361,10 +362,10 @@ pub fn may_retire<'a>(
                 EpochState::Open | EpochState::Pending => {
                     return Err(format!("cluster {cluster} is in {} epoch {} of topic {}", e.state, e.n, r.topic))
                 }
-                EpochState::Sealed if !group_consumed(&r.topic, e.n, cluster) => {
+                EpochState::Sealed if !group_drained(&r.topic, e.n, cluster) => {
                     return Err(format!(
-                        "topic {}: a registered group has not consumed sealed epoch {} on cluster {cluster} \
-                         past its fence",
+                        "topic {}: a registered group has not consumed cluster {cluster} (sealed epoch {}) \
+                         up to its end offsets",
                         r.topic, e.n
                     ))
                 }
@@ -589,7 +590,10 @@ mod tests {
             .contains("pending epoch 2"));
         let s = seal(&r2, 2, b(&[("a", &[5]), ("b", &[0])])).unwrap();
         let e = may_retire("a", [&s], |_, _, _| false).unwrap_err();
-        assert!(e.contains("sealed epoch 1 on cluster a"), "{e}");
+        assert!(
+            e.contains("cluster a (sealed epoch 1) up to its end offsets"),
+            "{e}"
+        );
         may_retire("a", [&s], |t, n, c| (t, n, c) == ("t", 1, "a")).unwrap();
         may_retire("zz", [&s], |_, _, _| false).unwrap();
     }
