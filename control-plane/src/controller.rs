@@ -9,6 +9,8 @@
 //! retire) are the pure functions of [`flotilla_client::route::switch`]; this
 //! module only reads the inputs they need and writes their results.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_client::registry::{
@@ -56,10 +58,15 @@ impl ReconcileReport {
 }
 
 /// Reconciles route switches and the cluster lifecycle.
+///
+/// Clones share the ack-wait clocks (see [`Controller::reconcile_once`]).
 #[derive(Clone)]
 pub struct Controller {
     cp: ControlPlane,
     policy: OnAckDeadline,
+    /// When this controller first saw each pending epoch, (topic, epoch) →
+    /// instant on the monotonic clock. The ack wait is measured from here.
+    first_seen: Arc<Mutex<HashMap<(String, u64), tokio::time::Instant>>>,
 }
 
 impl Controller {
@@ -68,6 +75,7 @@ impl Controller {
         Controller {
             cp,
             policy: OnAckDeadline::default(),
+            first_seen: Arc::default(),
         }
     }
 
@@ -84,28 +92,90 @@ impl Controller {
 
     /// One pass over the whole fleet at `now`. Errors on single items are
     /// collected in the report; only a failure to read the registry fails the pass.
+    ///
+    /// `now` is the wall clock, used for cluster expiry. The ack deadline of a
+    /// pending epoch is *not* checked against it: the deadline was written
+    /// with the proposer's clock, and a controller whose clock is ahead (or
+    /// that was cut from the registry for longer than the ack timeout) would
+    /// find every deadline already passed and seal at once, without any
+    /// acknowledgement. Instead the wait is measured on this controller's
+    /// monotonic clock from the pass that first saw the pending epoch (see
+    /// [`Controller::ack_clock`]); a pass that cannot read the registry forgets
+    /// those times, so the wait restarts after a registry outage, and a new
+    /// leader (or a one-shot `flotilla reconcile`) starts its own wait. Both
+    /// only ever wait longer than the proposer asked, never shorter.
     pub async fn reconcile_once(&self, now: UnixMillis) -> Result<ReconcileReport, ControlError> {
-        let snap = self.cp.registry().snapshot().await?;
+        let snap = match self.cp.registry().snapshot().await {
+            Ok(snap) => snap,
+            Err(e) => {
+                self.forget_ack_waits();
+                return Err(e.into());
+            }
+        };
         let mut report = ReconcileReport::default();
-        self.reconcile_switches(&snap, now, &mut report).await;
+        self.reconcile_switches(&snap, &mut report).await;
         // Retirement reads the routes: look at them as they are after the switches.
-        let snap = self.cp.registry().snapshot().await?;
+        let snap = match self.cp.registry().snapshot().await {
+            Ok(snap) => snap,
+            Err(e) => {
+                self.forget_ack_waits();
+                return Err(e.into());
+            }
+        };
         self.reconcile_clusters(&snap, now, &mut report).await;
         metrics::counter!("flotilla_controller_reconciles_total").increment(1);
         Ok(report)
     }
 
-    async fn reconcile_switches(
-        &self,
-        snap: &FleetSnapshot,
-        now: UnixMillis,
-        report: &mut ReconcileReport,
-    ) {
+    /// Forgets when pending epochs were first seen: the next pass that reads
+    /// the registry starts every ack wait afresh.
+    fn forget_ack_waits(&self) {
+        self.first_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// The `now` to give [`switch::plan`] for every pending epoch of `snap`:
+    /// the epoch's `created_at` plus how long *this controller* has seen it
+    /// pending, on the monotonic clock. `plan` compares it with
+    /// `ack_deadline = created_at + ack timeout` (both the proposer's clock),
+    /// so the deadline passes exactly when this controller has waited the
+    /// full ack timeout itself, whatever the skew between the two clocks.
+    /// Epochs no longer pending are forgotten.
+    fn ack_clock(&self, snap: &FleetSnapshot) -> HashMap<(String, u64), UnixMillis> {
+        let now = tokio::time::Instant::now();
+        let mut seen = self.first_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let pending: HashMap<(String, u64), UnixMillis> = snap
+            .routes
+            .values()
+            .filter_map(|r| {
+                r.pending_epoch()
+                    .map(|e| ((r.topic.clone(), e.n), e.created_at))
+            })
+            .collect();
+        seen.retain(|k, _| pending.contains_key(k));
+        pending
+            .into_iter()
+            .map(|(k, created_at)| {
+                let first = *seen.entry(k.clone()).or_insert(now);
+                let waited = now.saturating_duration_since(first).as_millis() as u64;
+                (k, created_at.saturating_add(waited))
+            })
+            .collect()
+    }
+
+    async fn reconcile_switches(&self, snap: &FleetSnapshot, report: &mut ReconcileReport) {
+        let clock = self.ack_clock(snap);
         for route in snap.routes.values() {
             let Some(pending) = route.pending_epoch() else {
                 continue;
             };
             let n = pending.n;
+            let now = clock
+                .get(&(route.topic.clone(), n))
+                .copied()
+                .unwrap_or(pending.created_at);
             match switch::plan(route, snap.producers(), now, self.policy) {
                 SwitchStep::Idle => {}
                 SwitchStep::WaitForAcks { missing, .. } => {
@@ -379,4 +449,210 @@ pub async fn current_leader(cp: &ControlPlane) -> Result<Option<String>, Control
         .get(&leader_key(cp))
         .await?
         .map(|e| String::from_utf8_lossy(&e.value).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::FleetKafka;
+    use crate::ops::{AddCluster, SetRoute};
+    use async_trait::async_trait;
+    use flotilla_client::kafka::KafkaError;
+    use flotilla_client::registry::memory::MemoryKv;
+    use flotilla_client::registry::{
+        ClientKind, ClientRecord, ClusterRole, ClusterSpec, GroupRecord, Registry, SCHEMA_VERSION,
+    };
+
+    /// Clusters whose end offsets and committed offsets the test sets.
+    #[derive(Default)]
+    struct FakeKafka {
+        ends: Mutex<HashMap<String, Vec<i64>>>,
+        committed: Mutex<HashMap<String, Vec<Option<i64>>>>,
+    }
+
+    #[async_trait]
+    impl FleetKafka for FakeKafka {
+        async fn read_cluster_id(&self, bootstrap: &str) -> Result<String, KafkaError> {
+            Ok(format!("kid-{bootstrap}"))
+        }
+        async fn ensure_topic(&self, _: &ClusterSpec, _: &str, _: u32) -> Result<(), KafkaError> {
+            Ok(())
+        }
+        async fn end_offsets(
+            &self,
+            spec: &ClusterSpec,
+            _: &str,
+            partitions: u32,
+        ) -> Result<Vec<i64>, KafkaError> {
+            let ends = self.ends.lock().unwrap();
+            Ok(ends
+                .get(&spec.id)
+                .cloned()
+                .unwrap_or_else(|| vec![0; partitions as usize]))
+        }
+        async fn committed_offsets(
+            &self,
+            spec: &ClusterSpec,
+            _: &str,
+            _: &str,
+            partitions: u32,
+        ) -> Result<Vec<Option<i64>>, KafkaError> {
+            let c = self.committed.lock().unwrap();
+            Ok(c.get(&spec.id)
+                .cloned()
+                .unwrap_or_else(|| vec![None; partitions as usize]))
+        }
+    }
+
+    async fn fleet(kv: &MemoryKv) -> (ControlPlane, Arc<FakeKafka>) {
+        let kafka = Arc::new(FakeKafka::default());
+        let cp = ControlPlane::new(Registry::new(Arc::new(kv.clone()), "t"), kafka.clone());
+        for id in ["a", "b"] {
+            let req = AddCluster {
+                id: id.into(),
+                bootstrap: format!("{id}:9092"),
+                weight: 1,
+                role: ClusterRole::Permanent,
+                labels: Default::default(),
+                security_profile: None,
+                activate: true,
+            };
+            cp.add_cluster(req, now_millis()).await.unwrap();
+        }
+        (cp, kafka)
+    }
+
+    fn set(clusters: &[&str], ack_timeout_ms: u64) -> SetRoute {
+        SetRoute {
+            topic: "t".into(),
+            clusters: clusters.iter().map(|c| (c.to_string(), None)).collect(),
+            partitions: Some(2),
+            ack_timeout_ms,
+        }
+    }
+
+    fn silent_producer() -> ClientRecord {
+        ClientRecord {
+            version: SCHEMA_VERSION,
+            kind: ClientKind::Producer,
+            id: "silent".into(),
+            acked: Default::default(),
+            group: None,
+            started_at: now_millis(),
+        }
+    }
+
+    /// Bug 2 of docs/simulator.md: the ack deadline is written with the
+    /// proposer's clock; a controller whose clock is ahead, or that could not
+    /// read the registry for longer than the ack timeout, must still wait the
+    /// full timeout itself before sealing without acknowledgements.
+    #[tokio::test(start_paused = true)]
+    async fn ack_wait_is_measured_on_the_controllers_clock_and_restarts_after_an_outage() {
+        let kv = MemoryKv::new();
+        let (cp, _) = fleet(&kv).await;
+        cp.set_route(set(&["a"], 3_000), now_millis())
+            .await
+            .unwrap();
+        let _silent = cp
+            .registry()
+            .register_client(silent_producer(), Duration::from_secs(3_600))
+            .await
+            .unwrap();
+        // The proposer's clock is 10 minutes behind the controller's: by the
+        // controller's clock the deadline passed long ago.
+        cp.set_route(set(&["a", "b"], 3_000), now_millis() - 600_000)
+            .await
+            .unwrap();
+        let ctl = Controller::new(cp.clone());
+        let step = Duration::from_millis(1_000);
+        for _ in 0..2 {
+            let r = ctl.reconcile_once(now_millis()).await.unwrap();
+            assert!(r.sealed.is_empty(), "sealed without waiting: {r:?}");
+            assert_eq!(r.waiting, vec![("t".into(), 2, vec!["silent".into()])]);
+            tokio::time::advance(step).await;
+        }
+        // The registry is down for longer than the ack timeout: the wait restarts.
+        kv.set_unavailable(true);
+        for _ in 0..4 {
+            assert!(ctl.reconcile_once(now_millis()).await.is_err());
+            tokio::time::advance(step).await;
+        }
+        kv.set_unavailable(false);
+        for _ in 0..3 {
+            let r = ctl.reconcile_once(now_millis()).await.unwrap();
+            assert!(r.sealed.is_empty(), "sealed right after the outage: {r:?}");
+            tokio::time::advance(step).await;
+        }
+        // 3 s after the registry came back: the deadline has passed for this controller.
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.sealed, vec![("t".into(), 2)], "{r:?}");
+        // A clone shares the waits; a fresh controller (new leader) starts its own.
+        cp.set_route(set(&["b"], 3_000), now_millis())
+            .await
+            .unwrap();
+        ctl.clone().reconcile_once(now_millis()).await.unwrap();
+        tokio::time::advance(Duration::from_millis(3_000)).await;
+        let fresh = Controller::new(cp.clone());
+        assert!(fresh
+            .reconcile_once(now_millis())
+            .await
+            .unwrap()
+            .sealed
+            .is_empty());
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.sealed, vec![("t".into(), 3)], "{r:?}");
+    }
+
+    /// Bug 1 of docs/simulator.md: a drained cluster retires only once every
+    /// registered group has consumed it to its end offsets, stragglers above
+    /// the fence included — not as soon as the group passed the fence.
+    #[tokio::test]
+    async fn retirement_waits_for_stragglers_above_the_fence() {
+        let kv = MemoryKv::new();
+        let (cp, kafka) = fleet(&kv).await;
+        cp.registry()
+            .register_group(&GroupRecord {
+                version: SCHEMA_VERSION,
+                group: "g".into(),
+                topics: vec!["t".into()],
+                created_at: now_millis(),
+            })
+            .await
+            .unwrap();
+        cp.set_route(set(&["a"], 3_000), now_millis())
+            .await
+            .unwrap();
+        kafka.ends.lock().unwrap().insert("a".into(), vec![10, 7]);
+        cp.set_route(set(&["b"], 3_000), now_millis())
+            .await
+            .unwrap();
+        let ctl = Controller::new(cp.clone());
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.sealed, vec![("t".into(), 2)], "{r:?}");
+        let route = cp.route("t").await.unwrap();
+        assert_eq!(route.epochs[0].fence["a"], vec![10, 7]);
+        cp.drain("a").await.unwrap();
+        // A straggler landed on a above its fence; the group is at the fence.
+        kafka.ends.lock().unwrap().insert("a".into(), vec![12, 7]);
+        kafka
+            .committed
+            .lock()
+            .unwrap()
+            .insert("a".into(), vec![Some(10), Some(7)]);
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert!(
+            r.retired.is_empty(),
+            "retired with a straggler unread: {r:?}"
+        );
+        assert!(r.blocked[0].1.contains("up to its end offsets"), "{r:?}");
+        assert!(cp.retire("a").await.is_err());
+        // The group read the stragglers: now it may go.
+        kafka
+            .committed
+            .lock()
+            .unwrap()
+            .insert("a".into(), vec![Some(12), Some(7)]);
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.retired, vec!["a".to_string()], "{r:?}");
+    }
 }
