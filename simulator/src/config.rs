@@ -158,6 +158,15 @@ pub struct Bugs {
     /// Turn off the consumer adapter's workaround for finding 1 (a gate that
     /// never learns the committed offsets of a retired cluster waits forever).
     pub no_retired_workaround: bool,
+    /// The rules before the fix of bug 1 (finding 2): consumers drop a sealed
+    /// epoch's cluster from the read set once the group passed its fence, and
+    /// the controller retires a drained cluster once the group passed its
+    /// fences (not its end offsets). Stragglers are lost.
+    pub stragglers_lost: bool,
+    /// The controller before the fix of bug 2 (finding 3): the ack deadline
+    /// (proposer's clock) is compared with the controller's own wall clock,
+    /// not with how long the controller itself has waited.
+    pub ack_deadline_wall_clock: bool,
 }
 
 /// What a producer does when it cannot renew its registry lease (DESIGN step 4).
@@ -205,11 +214,13 @@ pub struct Config {
     pub lease_policy: LeasePolicy,
     /// What the controller does when the ack deadline passes with acks missing.
     pub on_ack_deadline: OnAckDeadline,
-    /// The proposed fix for finding 2: consumers keep reading a sealed epoch's
-    /// cluster until it is retired, and the controller refuses writes to a
-    /// drained cluster (Kafka-level write fence) and retires it only once the
-    /// group has read up to its end offsets, not just its fences.
-    pub straggler_fix: bool,
+    /// The part of the proposed fix for finding 2 that the real code does not
+    /// have: the controller refuses writes to a drained cluster (a Kafka-level
+    /// write fence, e.g. a deny-write ACL) before retiring it, so a zombie
+    /// producer cut from the registry cannot write after the drain check.
+    /// (Reading sealed clusters until retired and retiring only once the group
+    /// read up to the end offsets are the real code's behaviour now.)
+    pub write_fence: bool,
     /// Keep the readable trace lines (the hash of the trace is always computed).
     pub keep_trace: bool,
 }
@@ -235,7 +246,7 @@ impl Default for Config {
             bugs: Bugs::default(),
             lease_policy: LeasePolicy::KeepWriting,
             on_ack_deadline: OnAckDeadline::Proceed,
-            straggler_fix: false,
+            write_fence: false,
             keep_trace: false,
         }
     }

@@ -86,10 +86,18 @@ struct Shape {
     /// Turn off the consumer's retired-cluster workaround (finding 1).
     #[arg(long)]
     no_retired_workaround: bool,
-    /// Apply the proposed fix for finding 2 (read sealed clusters until
-    /// retired; write-fence and drain to the end offsets before retiring).
+    /// Broken variant: the rules before the fix of finding 2 (read sealed
+    /// clusters and retire them only up to the fences: stragglers are lost).
     #[arg(long)]
-    straggler_fix: bool,
+    bug_stragglers_lost: bool,
+    /// Broken variant: the controller before the fix of finding 3 (ack
+    /// deadline checked against its own wall clock).
+    #[arg(long)]
+    bug_ack_wall_clock: bool,
+    /// Write-fence a drained cluster at the Kafka level before retiring it
+    /// (the part of finding 2's proposed fix the real code does not do).
+    #[arg(long, alias = "straggler-fix")]
+    write_fence: bool,
 }
 
 impl Shape {
@@ -111,7 +119,7 @@ impl Shape {
         if self.hold_without_lease {
             cfg.lease_policy = LeasePolicy::Hold;
         }
-        cfg.straggler_fix = self.straggler_fix;
+        cfg.write_fence = self.write_fence;
         if self.abort_on_deadline {
             cfg.on_ack_deadline = OnAckDeadline::Abort;
         }
@@ -121,6 +129,8 @@ impl Shape {
             retire_before_fence: self.bug_retire_early,
             no_retired_workaround: self.no_retired_workaround,
             consumer_ignores_gate: self.bug_ignore_gate,
+            stragglers_lost: self.bug_stragglers_lost,
+            ack_deadline_wall_clock: self.bug_ack_wall_clock,
         };
         Ok(cfg)
     }

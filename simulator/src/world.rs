@@ -284,6 +284,9 @@ pub struct World {
     next_bid: u64,
     // Control
     skew: i64,
+    /// When the controller first saw each pending epoch (true virtual time,
+    /// i.e. its monotonic clock): the ack wait is measured from here.
+    ack_seen: BTreeMap<u64, u64>,
     proposed_at: BTreeMap<u64, u64>,
     prev_write: Option<Vec<String>>,
     seals: BTreeMap<u64, SealInfo>,
@@ -420,6 +423,7 @@ impl World {
             producing: true,
             next_bid: 0,
             skew: 0,
+            ack_seen: BTreeMap::new(),
             proposed_at: BTreeMap::new(),
             prev_write: None,
             seals: BTreeMap::new(),
@@ -805,12 +809,11 @@ impl World {
                 // passed its fences, so report it as fully consumed.
                 let workaround = !self.cfg.bugs.no_retired_workaround;
                 for s in snap.clusters.values() {
-                    if workaround
-                        && s.state == ClusterState::Retired
-                        && c.retired.insert(s.id.clone())
-                    {
-                        for p in 0..parts {
-                            c.gate.on_committed(&s.id, p, i64::MAX);
+                    if s.state == ClusterState::Retired && c.retired.insert(s.id.clone()) {
+                        if workaround {
+                            for p in 0..parts {
+                                c.gate.on_committed(&s.id, p, i64::MAX);
+                            }
                         }
                         c.rs_cache = None;
                     }
@@ -1236,13 +1239,23 @@ impl World {
         let rs = match self.consumers[ci].rs_cache.take() {
             Some(rs) => rs,
             None => {
-                let mut rs = read_set(&route, |n, c| self.consumers[ci].gate.epoch_consumed(n, c));
-                if self.cfg.straggler_fix {
-                    // Keep reading a sealed epoch's cluster until it is retired, not
-                    // only up to its fence: stragglers land above the fence.
-                    let con = &self.consumers[ci];
+                let con = &self.consumers[ci];
+                // The real rule: a sealed epoch's cluster is read until it is
+                // retired (stragglers land above its fence).
+                let mut rs = read_set(&route, |c| con.retired.contains(c));
+                if self.cfg.bugs.stragglers_lost {
+                    // The rule before the fix: only until the group passed the fence.
                     for e in route.sealed_epochs() {
-                        rs.extend(e.clusters().filter(|c| !con.retired.contains(*c)).cloned());
+                        for c in e.clusters() {
+                            if con.gate.epoch_consumed(e.n, c)
+                                && !route.open_epoch().is_some_and(|o| o.writes_to(c))
+                                && !route
+                                    .sealed_epochs()
+                                    .any(|l| l.writes_to(c) && !con.gate.epoch_consumed(l.n, c))
+                            {
+                                rs.remove(c);
+                            }
+                        }
                     }
                 }
                 rs
@@ -1437,10 +1450,34 @@ impl World {
 
     fn on_controller_tick(&mut self) {
         if !self.reg_up {
+            // As `Controller::reconcile_once`: a pass that cannot read the
+            // registry forgets the ack waits, so they restart after the outage.
+            self.ack_seen.clear();
             return;
         }
-        let now_c = (self.now as i64 + self.skew).max(0) as u64;
         let route = &self.truth.routes[TOPIC];
+        let now_c = if self.cfg.bugs.ack_deadline_wall_clock {
+            // Before the fix: the controller's (skewed) wall clock against a
+            // deadline written with the proposer's clock.
+            (self.now as i64 + self.skew).max(0) as u64
+        } else {
+            // As `Controller::ack_clock`: the pending epoch's `created_at` plus
+            // how long this controller has seen it pending, on its monotonic
+            // clock, so `plan`'s deadline passes after a full ack timeout of
+            // its own whatever the skew.
+            let now = self.now;
+            match route.pending_epoch() {
+                Some(p) => {
+                    self.ack_seen.retain(|n, _| *n == p.n);
+                    let first = *self.ack_seen.entry(p.n).or_insert(now);
+                    p.created_at + (now - first)
+                }
+                None => {
+                    self.ack_seen.clear();
+                    now
+                }
+            }
+        };
         let step = switch::plan(
             route,
             self.truth.producers(),
@@ -1517,7 +1554,8 @@ impl World {
                 !route.epochs.iter().any(|e| {
                     matches!(e.state, EpochState::Open | EpochState::Pending) && e.writes_to(&name)
                 })
-            } else {
+            } else if self.cfg.bugs.stragglers_lost {
+                // Before the fix: the group passed the fences.
                 let clusters = &self.clusters;
                 let consumed = |_topic: &str, epoch: u64, cluster: &str| {
                     let cl = &clusters[cluster_index(cluster) as usize];
@@ -1526,24 +1564,30 @@ impl World {
                         .and_then(|e| e.fence.get(cluster))
                         .is_none_or(|f| f.iter().enumerate().all(|(p, &o)| cl.committed[p] >= o))
                 };
-                let fenced =
-                    switch::may_retire(&name, self.truth.routes.values(), consumed).is_ok();
-                if fenced && self.cfg.straggler_fix {
-                    // Refuse writes first, then wait until the group has read
-                    // everything that landed (stragglers included).
+                switch::may_retire(&name, self.truth.routes.values(), consumed).is_ok()
+            } else {
+                if self.cfg.write_fence
+                    && switch::may_retire(&name, self.truth.routes.values(), |_, _, _| true).is_ok()
+                {
+                    // No live epoch writes to it any more: refuse writes at the
+                    // Kafka level, so a zombie cannot write after the drain check.
                     let cl = &mut self.clusters[cx];
                     if !cl.readonly {
                         cl.readonly = true;
                         tr!(self, "# WRITE-FENCE {name}");
                     }
-                    let cl = &self.clusters[cx];
-                    cl.logs
+                }
+                // As `ControlPlane::check_retirable`: the group has committed
+                // every partition up to the cluster's current end offsets (the
+                // end offsets of an unreachable cluster cannot be read).
+                let cl = &self.clusters[cx];
+                let drained = cl.up
+                    && cl
+                        .logs
                         .iter()
                         .zip(&cl.committed)
-                        .all(|(log, &c)| c >= log.len() as i64)
-                } else {
-                    fenced
-                }
+                        .all(|(log, &c)| log.is_empty() || c >= log.len() as i64);
+                switch::may_retire(&name, self.truth.routes.values(), |_, _, _| drained).is_ok()
             };
             if ok {
                 self.retire(cx);
