@@ -1,0 +1,698 @@
+//! `FleetConsumer` benchmarks on real etcd and real single-node Kafka clusters
+//! (issue 5): consume throughput against a raw rdkafka `StreamConsumer`,
+//! end-to-end produce→consume latency through flotilla against raw rdkafka,
+//! and how long a new cluster's partitions wait behind the fence after a route
+//! switch made under load. Ignored by default; run in release mode:
+//!
+//! ```text
+//! cargo test --release -p flotilla-testkit --test consumer_bench -- --ignored --nocapture
+//! ```
+//!
+//! The three benchmarks take a lock so they never run at the same time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_client::consumer::{FleetConsumeError, FleetConsumer, FleetConsumerConfig};
+use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
+use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
+use flotilla_client::registry::{
+    ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, KvStore, Registry,
+    TopicRoute, WeightedCluster, SCHEMA_VERSION,
+};
+use flotilla_client::{FleetProducer, FleetProducerConfig};
+use flotilla_testkit::etcd::EtcdServer;
+use flotilla_testkit::{create_topic, KafkaFleet};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+const RECORDS: usize = 300_000;
+const KEYS: usize = 10_000;
+const PARTITIONS: u32 = 4;
+const VALUE: usize = 100;
+const ROUNDS: usize = 3;
+/// Latency benchmark: records per second and seconds of measured traffic.
+const LAT_RATE: u64 = 2_000;
+const LAT_SECS: u64 = 15;
+/// Fence benchmark: records per second, number of switches, time between them.
+const FENCE_RATE: u64 = 1_000;
+const SWITCHES: usize = 8;
+const SWITCH_EVERY: Duration = Duration::from_secs(3);
+const PRODUCER_PROPS: [(&str, &str); 3] = [
+    ("linger.ms", "5"),
+    ("enable.idempotence", "true"),
+    ("message.timeout.ms", "60000"),
+];
+
+/// The benchmarks share two cores: never run two at once.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn run<F: std::future::Future<Output = ()>>(f: F) {
+    let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f);
+}
+
+fn keys() -> Vec<String> {
+    (0..KEYS).map(|k| format!("key-{k:06}")).collect()
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary_ms(samples: &mut [f64]) -> String {
+    samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    format!(
+        "n={} p50={:.1} ms p99={:.1} ms max={:.1} ms",
+        samples.len(),
+        pct(samples, 50.0) * 1e3,
+        pct(samples, 99.0) * 1e3,
+        samples.last().copied().unwrap_or(f64::NAN) * 1e3
+    )
+}
+
+/// A 100-byte payload: nanoseconds since `base` when sent, a sequence number
+/// (`u64::MAX` for warm-up records), padding.
+fn payload(base: Instant, seq: u64) -> Vec<u8> {
+    let mut v = vec![b'x'; VALUE];
+    v[..8].copy_from_slice(&(base.elapsed().as_nanos() as u64).to_le_bytes());
+    v[8..16].copy_from_slice(&seq.to_le_bytes());
+    v
+}
+
+fn decode(p: &[u8]) -> (u64, u64) {
+    (
+        u64::from_le_bytes(p[..8].try_into().unwrap()),
+        u64::from_le_bytes(p[8..16].try_into().unwrap()),
+    )
+}
+
+fn write_set(ids: &[&str]) -> Vec<WeightedCluster> {
+    ids.iter()
+        .map(|c| WeightedCluster {
+            cluster: c.to_string(),
+            weight: 100,
+        })
+        .collect()
+}
+
+struct Bench {
+    registry: Registry,
+    admins: BTreeMap<String, ClusterAdmin>,
+    bootstraps: Vec<String>,
+    // Dropped last: the clusters and etcd stop with the bench.
+    _fleet: KafkaFleet,
+    _etcd: EtcdServer,
+}
+
+/// etcd + `n` Kafka clusters registered as "a", "b", ...
+async fn setup(n: usize) -> Bench {
+    let etcd = EtcdServer::start().expect("etcd");
+    let fleet = tokio::task::spawn_blocking(move || KafkaFleet::start(n).expect("kafka"))
+        .await
+        .unwrap();
+    let kv: Arc<dyn KvStore> = Arc::new(
+        EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
+            .await
+            .unwrap(),
+    );
+    let registry = Registry::new(kv, "bench");
+    let mut admins = BTreeMap::new();
+    let mut bootstraps = Vec::new();
+    for i in 0..n {
+        let id = ((b'a' + i as u8) as char).to_string();
+        let spec = ClusterSpec {
+            version: SCHEMA_VERSION,
+            id: id.clone(),
+            bootstrap: fleet.cluster(i).bootstrap(),
+            kafka_cluster_id: fleet.cluster(i).kafka_cluster_id().to_string(),
+            state: ClusterState::Active,
+            role: ClusterRole::Permanent,
+            weight: 100,
+            labels: BTreeMap::new(),
+            security_profile: None,
+            created_at: 0,
+        };
+        registry.create_cluster(&spec).await.unwrap();
+        admins.insert(
+            id,
+            ClusterAdmin::connect(
+                &spec,
+                &KafkaProperties::new(),
+                &SecurityProfiles::empty(),
+                Duration::from_secs(20),
+            )
+            .await
+            .unwrap(),
+        );
+        bootstraps.push(fleet.cluster(i).bootstrap());
+    }
+    Bench {
+        registry,
+        admins,
+        bootstraps,
+        _fleet: fleet,
+        _etcd: etcd,
+    }
+}
+
+impl Bench {
+    /// Creates `topic` on every cluster, routed to `write` (epoch 1, open).
+    async fn topic(&self, topic: &str, write: &[&str]) {
+        for b in &self.bootstraps {
+            create_topic(b, topic, PARTITIONS as i32).await.unwrap();
+        }
+        self.registry
+            .put_route(
+                &TopicRoute {
+                    version: SCHEMA_VERSION,
+                    topic: topic.into(),
+                    partitions: PARTITIONS,
+                    epochs: vec![Epoch {
+                        n: 1,
+                        write: write_set(write),
+                        state: EpochState::Open,
+                        fence: BTreeMap::new(),
+                        created_at: 0,
+                        ack_deadline: None,
+                    }],
+                },
+                Expect::Absent,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn fleet_producer(&self) -> FleetProducer {
+        let mut pc = FleetProducerConfig::new();
+        pc.registry(self.registry.clone());
+        for (k, v) in PRODUCER_PROPS {
+            pc.set(k, v);
+        }
+        FleetProducer::new(pc).await.expect("fleet producer")
+    }
+
+    async fn fleet_consumer(&self, group: &str) -> FleetConsumer {
+        FleetConsumer::new(FleetConsumerConfig::new(self.registry.clone()).set("group.id", group))
+            .await
+            .expect("fleet consumer")
+    }
+
+    /// The controller's switch, by hand (DESIGN "Handoff protocol" 1-3), as in
+    /// `consumer_live_switch.rs`: epoch N+1 pending, every live producer acks
+    /// it, the end offsets of every cluster of N and N+1 become the fence, N is
+    /// sealed and N+1 opened. Returns N+1 and the instant the seal was written.
+    async fn switch(&self, topic: &str, next: &[&str]) -> (u64, Instant) {
+        let (mut route, rev) = self.registry.route(topic).await.unwrap().unwrap();
+        let n = route.last_epoch_n() + 1;
+        route.epochs.push(Epoch {
+            n,
+            write: write_set(next),
+            state: EpochState::Pending,
+            fence: BTreeMap::new(),
+            created_at: 0,
+            ack_deadline: None,
+        });
+        let rev = self
+            .registry
+            .put_route(&route, Expect::ModRevision(rev))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let snap = self.registry.snapshot().await.unwrap();
+            let producers: Vec<_> = snap.producers().collect();
+            if !producers.is_empty()
+                && producers
+                    .iter()
+                    .all(|p| p.acked.get(topic).is_some_and(|&e| e >= n))
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "producers never acked epoch {n}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let open_i = route
+            .epochs
+            .iter()
+            .position(|e| e.state == EpochState::Open)
+            .unwrap();
+        let clusters: BTreeSet<String> = route.epochs[open_i]
+            .clusters()
+            .cloned()
+            .chain(next.iter().map(|c| c.to_string()))
+            .collect();
+        let mut fence = BTreeMap::new();
+        for c in clusters {
+            fence.insert(
+                c.clone(),
+                self.admins[&c]
+                    .end_offsets(topic, PARTITIONS)
+                    .await
+                    .unwrap(),
+            );
+        }
+        route.epochs[open_i].state = EpochState::Sealed;
+        route.epochs[open_i].fence = fence;
+        route.epochs.last_mut().unwrap().state = EpochState::Open;
+        self.registry
+            .put_route(&route, Expect::ModRevision(rev))
+            .await
+            .unwrap();
+        (n, Instant::now())
+    }
+}
+
+fn raw_producer(bootstrap: &str) -> FutureProducer {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap)
+        .set("queue.buffering.max.messages", "1000000");
+    for (k, v) in PRODUCER_PROPS {
+        cfg.set(k, v);
+    }
+    cfg.create().unwrap()
+}
+
+fn raw_consumer(bootstrap: &str, group: &str) -> StreamConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap()
+}
+
+/// (time to the first record, time from the first to the last record).
+type Timing = (Duration, Duration);
+
+async fn consume_raw(bootstrap: &str, topic: &str, group: &str) -> Timing {
+    let started = Instant::now();
+    let c = raw_consumer(bootstrap, group);
+    c.subscribe(&[topic]).unwrap();
+    let mut first = None;
+    let mut bytes = 0usize;
+    for _ in 0..RECORDS {
+        let m = c.recv().await.unwrap();
+        first.get_or_insert_with(Instant::now);
+        bytes += m.payload().map_or(0, |p| p.len());
+    }
+    assert_eq!(bytes, RECORDS * VALUE);
+    let first = first.unwrap();
+    (first - started, first.elapsed())
+}
+
+async fn consume_fleet(b: &Bench, topic: &str, group: &str) -> Timing {
+    let started = Instant::now();
+    let c = b.fleet_consumer(group).await;
+    c.subscribe(&[topic]).unwrap();
+    let mut first = None;
+    let mut bytes = 0usize;
+    let mut n = 0;
+    while n < RECORDS {
+        match c.recv().await {
+            Ok(m) => {
+                first.get_or_insert_with(Instant::now);
+                bytes += m.payload().map_or(0, |p| p.len());
+                n += 1;
+            }
+            Err(e) => eprintln!("fleet consumer: {e}"),
+        }
+    }
+    let first = first.unwrap();
+    let timing = (first - started, first.elapsed());
+    assert_eq!(bytes, RECORDS * VALUE);
+    c.close().await;
+    timing
+}
+
+#[test]
+#[ignore = "benchmark: run with --release -- --ignored --nocapture"]
+fn fleet_consumer_vs_stream_consumer_throughput() {
+    run(async {
+        let b = setup(1).await;
+        let topic = "tput";
+        b.topic(topic, &["a"]).await;
+        // Pre-fill with the raw producer.
+        let p = raw_producer(&b.bootstraps[0]);
+        let keys = keys();
+        let value = vec![b'x'; VALUE];
+        let mut futs = Vec::with_capacity(RECORDS);
+        for i in 0..RECORDS {
+            let rec = FutureRecord::to(topic).key(&keys[i % KEYS]).payload(&value);
+            futs.push(p.send_result(rec).map_err(|(e, _)| e).unwrap());
+        }
+        for f in futs {
+            f.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+        drop(p);
+        let rate = |d: Duration| RECORDS as f64 / d.as_secs_f64();
+        let (mut best_raw, mut best_fleet) = (0f64, 0f64);
+        let (mut tot_raw, mut tot_fleet) = (0f64, 0f64);
+        for round in 0..ROUNDS {
+            // Alternate which one goes first.
+            let (r, f) = if round % 2 == 0 {
+                let r = consume_raw(&b.bootstraps[0], topic, &format!("raw-{round}")).await;
+                let f = consume_fleet(&b, topic, &format!("fleet-{round}")).await;
+                (r, f)
+            } else {
+                let f = consume_fleet(&b, topic, &format!("fleet-{round}")).await;
+                let r = consume_raw(&b.bootstraps[0], topic, &format!("raw-{round}")).await;
+                (r, f)
+            };
+            eprintln!(
+                "round {round}: StreamConsumer {:.0} rec/s ({:?} + {:?} to the first record), \
+                 FleetConsumer {:.0} rec/s ({:?} + {:?} to the first record), ratio {:.2}; \
+                 with start-up: {:.0} vs {:.0} rec/s",
+                rate(r.1),
+                r.1,
+                r.0,
+                rate(f.1),
+                f.1,
+                f.0,
+                rate(f.1) / rate(r.1),
+                rate(r.0 + r.1),
+                rate(f.0 + f.1),
+            );
+            best_raw = best_raw.max(rate(r.1));
+            best_fleet = best_fleet.max(rate(f.1));
+            tot_raw = tot_raw.max(rate(r.0 + r.1));
+            tot_fleet = tot_fleet.max(rate(f.0 + f.1));
+        }
+        eprintln!(
+            "best of {ROUNDS} ({RECORDS} x {VALUE} B, {PARTITIONS} partitions): StreamConsumer \
+             {best_raw:.0} rec/s, FleetConsumer {best_fleet:.0} rec/s, ratio {:.2} \
+             (with start-up: {tot_raw:.0} vs {tot_fleet:.0} rec/s, ratio {:.2})",
+            best_fleet / best_raw,
+            tot_fleet / tot_raw
+        );
+    });
+}
+
+/// Sends `LAT_RATE` records/s: warm-up records until `ready`, then
+/// `LAT_RATE * LAT_SECS` measured ones. `send` enqueues one record (payload,
+/// sequence number) and returns its delivery future.
+async fn paced<S, F>(ready: &AtomicBool, base: Instant, mut send: S) -> Vec<F>
+where
+    S: FnMut(Vec<u8>, u64) -> F,
+{
+    let total = LAT_RATE * LAT_SECS;
+    let per_tick = LAT_RATE / 1000;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let mut futs = Vec::with_capacity(total as usize + 10_000);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ready.load(Ordering::SeqCst) {
+        assert!(Instant::now() < deadline, "consumer never started");
+        tick.tick().await;
+        futs.push(send(payload(base, u64::MAX), 0));
+    }
+    let mut seq = 0;
+    while seq < total {
+        tick.tick().await;
+        for _ in 0..per_tick {
+            futs.push(send(payload(base, seq), seq));
+            seq += 1;
+        }
+    }
+    futs
+}
+
+/// Reads until every measured record arrived; returns latencies in seconds.
+async fn collect_latency<M, R>(ready: &AtomicBool, base: Instant, mut recv: R) -> Vec<f64>
+where
+    R: FnMut() -> M,
+    M: std::future::Future<Output = Option<Vec<u8>>>,
+{
+    let total = LAT_RATE * LAT_SECS;
+    let mut seen = vec![false; total as usize];
+    let mut lat = Vec::with_capacity(total as usize);
+    while (lat.len() as u64) < total {
+        let Some(p) = recv().await else { continue };
+        let now = base.elapsed().as_nanos() as u64;
+        ready.store(true, Ordering::SeqCst);
+        let (sent, seq) = decode(&p);
+        if seq == u64::MAX || seen[seq as usize] {
+            continue;
+        }
+        seen[seq as usize] = true;
+        lat.push(now.saturating_sub(sent) as f64 / 1e9);
+    }
+    lat
+}
+
+#[test]
+#[ignore = "benchmark: run with --release -- --ignored --nocapture"]
+fn end_to_end_latency_fleet_vs_raw() {
+    run(async {
+        let b = Arc::new(setup(1).await);
+        b.topic("lat-raw", &["a"]).await;
+        b.topic("lat-fleet", &["a"]).await;
+        let keys = Arc::new(keys());
+        let base = Instant::now();
+
+        // Raw: FutureProducer -> StreamConsumer.
+        let ready = Arc::new(AtomicBool::new(false));
+        let consumer = {
+            let (b, ready) = (b.clone(), ready.clone());
+            tokio::spawn(async move {
+                let c = raw_consumer(&b.bootstraps[0], "lat-raw");
+                c.subscribe(&["lat-raw"]).unwrap();
+                let c = &c;
+                collect_latency(&ready, base, move || async move {
+                    c.recv()
+                        .await
+                        .ok()
+                        .and_then(|m| m.payload().map(<[u8]>::to_vec))
+                })
+                .await
+            })
+        };
+        let p = raw_producer(&b.bootstraps[0]);
+        let futs = paced(&ready, base, |v, seq| {
+            let k = &keys[seq as usize % KEYS];
+            p.send_result(FutureRecord::to("lat-raw").key(k).payload(&v))
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .await;
+        for f in futs {
+            f.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+        let mut raw = consumer.await.unwrap();
+
+        // Flotilla: FleetProducer -> FleetConsumer.
+        let ready = Arc::new(AtomicBool::new(false));
+        let consumer = {
+            let (b, ready) = (b.clone(), ready.clone());
+            tokio::spawn(async move {
+                let c = b.fleet_consumer("lat-fleet").await;
+                c.subscribe(&["lat-fleet"]).unwrap();
+                let cr = &c;
+                let lat = collect_latency(&ready, base, move || async move {
+                    cr.recv()
+                        .await
+                        .ok()
+                        .and_then(|m| m.payload().map(<[u8]>::to_vec))
+                })
+                .await;
+                c.close().await;
+                lat
+            })
+        };
+        let fp = b.fleet_producer().await;
+        let futs = paced(&ready, base, |v, seq| {
+            let k = &keys[seq as usize % KEYS];
+            fp.send_result(FutureRecord::to("lat-fleet").key(k).payload(&v))
+                .map_err(|(e, _)| e)
+                .unwrap()
+        })
+        .await;
+        for f in futs {
+            f.await.map_err(|(e, _)| e).unwrap();
+        }
+        let mut fleet = consumer.await.unwrap();
+        fp.close(Duration::from_secs(10)).await.unwrap();
+
+        eprintln!(
+            "end-to-end latency at {LAT_RATE} rec/s for {LAT_SECS} s ({VALUE} B, linger.ms=5):\n  \
+             FutureProducer -> StreamConsumer: {}\n  FleetProducer -> FleetConsumer:   {}",
+            summary_ms(&mut raw),
+            summary_ms(&mut fleet)
+        );
+    });
+}
+
+#[test]
+#[ignore = "benchmark: run with --release -- --ignored --nocapture"]
+fn fence_wait_after_switch_under_load() {
+    run(async {
+        let b = setup(2).await;
+        let topic = "fence";
+        b.topic(topic, &["a"]).await;
+        let base = Instant::now();
+
+        // First delivery of each (epoch, partition): (delivered at, sent at),
+        // both in nanoseconds since `base`.
+        type Firsts = HashMap<(u64, i32), (u64, u64)>;
+        let firsts: Arc<Mutex<Firsts>> = Arc::default();
+        let delivered = Arc::new(AtomicU64::new(0));
+        let consumer = {
+            let c = b.fleet_consumer("fence").await;
+            let (firsts, delivered) = (firsts.clone(), delivered.clone());
+            tokio::spawn(async move {
+                c.subscribe(&[topic]).unwrap();
+                let mut seen = BTreeSet::new();
+                loop {
+                    let m = match c.recv().await {
+                        Ok(m) => m,
+                        Err(e) => {
+                            eprintln!("fleet consumer: {e}");
+                            continue;
+                        }
+                    };
+                    let now = base.elapsed().as_nanos() as u64;
+                    let (sent, seq) = decode(m.payload().unwrap());
+                    if let Some(e) = m.epoch() {
+                        firsts
+                            .lock()
+                            .unwrap()
+                            .entry((e, m.partition()))
+                            .or_insert((now, sent));
+                    }
+                    if seen.insert(seq) {
+                        delivered.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Commit after processing, the ported pattern.
+                    match c.commit_message(&m, CommitMode::Async) {
+                        Ok(()) | Err(FleetConsumeError::NotReading { .. }) => {}
+                        Err(e) => eprintln!("commit: {e}"),
+                    }
+                }
+            })
+        };
+
+        let fp = Arc::new(b.fleet_producer().await);
+        let stop = Arc::new(AtomicBool::new(false));
+        let producer = {
+            let (fp, stop) = (fp.clone(), stop.clone());
+            tokio::spawn(async move {
+                let keys = keys();
+                let mut tick = tokio::time::interval(Duration::from_millis(1));
+                let mut futs = Vec::new();
+                let mut seq = 0u64;
+                let mut refused = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    tick.tick().await;
+                    for _ in 0..FENCE_RATE / 1000 {
+                        let v = payload(base, seq);
+                        let k = &keys[seq as usize % KEYS];
+                        match fp.send_result(FutureRecord::to(topic).key(k).payload(&v)) {
+                            Ok(f) => futs.push(f),
+                            Err((e, _)) => {
+                                refused += 1;
+                                if refused < 5 {
+                                    eprintln!("send refused: {e}");
+                                }
+                            }
+                        }
+                        seq += 1;
+                    }
+                }
+                let mut acked = 0u64;
+                for f in futs {
+                    if f.await.is_ok() {
+                        acked += 1;
+                    }
+                }
+                (seq, acked, refused)
+            })
+        };
+
+        // Let the consumer join and the traffic settle, then switch a -> b ->
+        // a -> ... while it flows.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while delivered.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "consumer never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(SWITCH_EVERY).await;
+        let mut seals = Vec::new();
+        for i in 0..SWITCHES {
+            let next = if i % 2 == 0 { "b" } else { "a" };
+            let proposed = Instant::now();
+            let (n, sealed) = b.switch(topic, &[next]).await;
+            seals.push((n, next, sealed, sealed - proposed));
+            tokio::time::sleep(SWITCH_EVERY).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        let (sent, acked, refused) = producer.await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while delivered.load(Ordering::SeqCst) < acked {
+            if Instant::now() > deadline {
+                eprintln!(
+                    "only {} of {acked} acknowledged records delivered",
+                    delivered.load(Ordering::SeqCst)
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        consumer.abort();
+        fp.close(Duration::from_secs(10)).await.unwrap();
+
+        let firsts = firsts.lock().unwrap().clone();
+        let (mut wait, mut hold, mut per_switch, mut switch_time) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut early = 0;
+        for &(n, next, sealed, took) in &seals {
+            let sealed_ns = (sealed - base).as_nanos() as i128;
+            let mut worst = 0f64;
+            for p in 0..PARTITIONS as i32 {
+                let Some(&(at, sent_at)) = firsts.get(&(n, p)) else {
+                    eprintln!("epoch {n} partition {p}: nothing delivered");
+                    continue;
+                };
+                let w = (at as i128 - sealed_ns) as f64 / 1e9;
+                if w < 0.0 {
+                    early += 1;
+                }
+                wait.push(w.max(0.0));
+                hold.push(at.saturating_sub(sent_at) as f64 / 1e9);
+                worst = worst.max(w);
+            }
+            eprintln!(
+                "switch to epoch {n} ({next}): propose->seal {took:?}, slowest partition \
+                 delivered its first epoch-{n} record {:.1} ms after the seal",
+                worst * 1e3
+            );
+            per_switch.push(worst);
+            switch_time.push(took.as_secs_f64());
+        }
+        eprintln!(
+            "fence wait over {SWITCHES} switches at {FENCE_RATE} rec/s ({sent} sent, {acked} acked, \
+             {refused} refused, {} delivered, {early} delivered before the seal was written):\n  \
+             seal -> first new-epoch record, per partition: {}\n  \
+             seal -> first new-epoch record, slowest partition per switch: {}\n  \
+             first new-epoch record sent -> delivered, per partition: {}\n  \
+             propose -> seal (the switch itself): {}",
+            delivered.load(Ordering::SeqCst),
+            summary_ms(&mut wait),
+            summary_ms(&mut per_switch),
+            summary_ms(&mut hold),
+            summary_ms(&mut switch_time),
+        );
+    });
+}
