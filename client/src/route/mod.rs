@@ -39,8 +39,16 @@
 //!    the group has committed `p` on every other epoch-`N` cluster up to its
 //!    boundary; [`FenceGate::classify`] flags stragglers (delivered, counted)
 //!    and records from epochs the consumer has not seen yet (pause).
-//!    [`read_set`] lists the clusters to read; [`may_retire`] says when a
-//!    drained cluster can go.
+//!    [`read_set`] lists the clusters to read: a sealed epoch's cluster stays
+//!    in it until it is retired, so stragglers above the fence are read.
+//! 6. Controller: [`may_retire`] says when a drained cluster can go: no
+//!    open/pending epoch uses it and every registered group has consumed it
+//!    to its current end offsets (not only its fences).
+//!
+//! The ack deadline of step 3 is written with the proposer's clock; the
+//! controller adapter passes [`plan`] a `now` of `created_at` plus how long it
+//! has itself seen the epoch pending (its monotonic clock), so clock skew or a
+//! registry outage never makes it seal early.
 //!
 //! # Seams
 //!
