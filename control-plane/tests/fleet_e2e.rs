@@ -21,6 +21,9 @@
 //! before the kill of C; after it, only records whose commit failed while C
 //! was away may come again), no stragglers, every epoch header names an
 //! epoch that writes to the record's cluster.
+//!
+//! About 5 500 records; the whole test takes 40-50 s on the 2-core
+//! development machine (Kafka start-up and the restart of C included).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -30,7 +33,9 @@ use std::time::{Duration, Instant};
 use flotilla_client::consumer::{FleetConsumeError, FleetConsumer, FleetConsumerConfig};
 use flotilla_client::kafka::{KafkaProperties, SecurityProfiles};
 use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
-use flotilla_client::registry::{ClusterRole, ClusterState, EpochState, Registry, TopicRoute};
+use flotilla_client::registry::{
+    ClusterRole, ClusterSpec, ClusterState, EpochState, Registry, TopicRoute,
+};
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_control::controller::now_millis;
 use flotilla_control::{
@@ -493,6 +498,14 @@ async fn switch_to(cp: &ControlPlane, clusters: &[&str], n: u64) -> Duration {
     started.elapsed()
 }
 
+/// The offsets `group` committed on the cluster `spec`, per partition.
+async fn committed_on(cp: &ControlPlane, spec: &ClusterSpec, group: &str) -> Vec<Option<i64>> {
+    cp.kafka()
+        .committed_offsets(spec, group, TOPIC, PARTITIONS)
+        .await
+        .unwrap()
+}
+
 async fn cluster_state(cp: &ControlPlane, id: &str) -> ClusterState {
     cp.cluster(id).await.unwrap().state
 }
@@ -635,6 +648,36 @@ async fn fleet_switches_members_and_a_cluster_restart_keep_every_record_in_key_o
     })
     .await;
 
+    // a's fences: per partition, the highest boundary recorded on a by a
+    // sealed epoch that wrote to it (epochs 1 and 2).
+    let a_spec = cp.cluster("a").await.unwrap();
+    let a_fence: Vec<i64> = {
+        let route = cp.route(TOPIC).await.unwrap();
+        (0..PARTITIONS as usize)
+            .map(|p| {
+                route
+                    .sealed_epochs()
+                    .filter(|e| e.writes_to("a"))
+                    .map(|e| e.fence["a"][p])
+                    .max()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let g_on_a = committed_on(&cp, &a_spec, "g").await;
+    assert!(
+        g_on_a
+            .iter()
+            .zip(&a_fence)
+            .all(|(c, f)| c.unwrap_or(0) >= *f),
+        "group g is past a's fences {a_fence:?}: {g_on_a:?}"
+    );
+    let late_on_a = committed_on(&cp, &a_spec, "late").await;
+    assert!(
+        late_on_a.iter().all(|c| c.unwrap_or(0) == 0),
+        "group late has committed nothing on a yet: {late_on_a:?}"
+    );
+
     // Drain a. Retiring it now is refused: group late has not consumed it.
     assert_eq!(cp.drain("a").await.unwrap().state, ClusterState::Draining);
     let refused = cp.retire("a").await;
@@ -668,18 +711,21 @@ async fn fleet_switches_members_and_a_cluster_restart_keep_every_record_in_key_o
     let a_records = acks.per_cluster.get("a").copied().unwrap_or(0);
     assert!(a_records > 0);
     let watcher = {
-        let (cp, late) = (cp.clone(), late.clone());
+        let (cp, late, a_spec) = (cp.clone(), late.clone(), a_spec.clone());
         tokio::spawn(async move {
             loop {
                 if cluster_state(&cp, "a").await == ClusterState::Retired {
-                    return late.distinct_on("a");
+                    return (
+                        late.distinct_on("a"),
+                        committed_on(&cp, &a_spec, "late").await,
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
     };
     go_late.send(true).unwrap();
-    let late_had_of_a = tokio::time::timeout(Duration::from_secs(90), watcher)
+    let (late_had_of_a, late_on_a) = tokio::time::timeout(Duration::from_secs(90), watcher)
         .await
         .expect("the controller retires a once the groups are past it")
         .unwrap();
@@ -691,13 +737,19 @@ async fn fleet_switches_members_and_a_cluster_restart_keep_every_record_in_key_o
         late_had_of_a, a_records,
         "a retired before group late consumed it"
     );
+    assert!(
+        late_on_a
+            .iter()
+            .zip(&a_fence)
+            .all(|(c, f)| c.unwrap_or(0) >= *f),
+        "a retired while group late had committed {late_on_a:?}, below a's fences {a_fence:?}"
+    );
     assert_eq!(ctl.retired.lock().unwrap().as_slice(), ["a".to_string()]);
     // Retire by hand now: idempotent.
     assert_eq!(cp.retire("a").await.unwrap().state, ClusterState::Retired);
 
     // Both groups committed a's end offsets (a's fences are below them).
     let route = cp.route(TOPIC).await.unwrap();
-    let a_spec = cp.cluster("a").await.unwrap();
     let a_ends = cp
         .kafka()
         .end_offsets(&a_spec, TOPIC, PARTITIONS)
@@ -709,11 +761,7 @@ async fn fleet_switches_members_and_a_cluster_restart_keep_every_record_in_key_o
         }
     }
     for group in ["g", "late"] {
-        let committed = cp
-            .kafka()
-            .committed_offsets(&a_spec, group, TOPIC, PARTITIONS)
-            .await
-            .unwrap();
+        let committed = committed_on(&cp, &a_spec, group).await;
         for (p, end) in a_ends.iter().enumerate() {
             assert!(
                 *end == 0 || committed[p].is_some_and(|c| c >= *end),
@@ -761,6 +809,12 @@ async fn fleet_switches_members_and_a_cluster_restart_keep_every_record_in_key_o
         g.recv_errors.load(Ordering::SeqCst),
         late_log.len(),
         ctl.errors.lock().unwrap(),
+    );
+    let sealed: Vec<u64> = ctl.sealed.lock().unwrap().iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        sealed,
+        vec![2, 3, 4],
+        "the controller sealed every switch once"
     );
     assert_eq!(late_epochs.len(), g_epochs.len());
     for (n, c) in [(1, "a"), (2, "a"), (2, "b"), (3, "b"), (4, "b"), (4, "c")] {
