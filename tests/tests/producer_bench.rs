@@ -1,26 +1,41 @@
-//! Throughput of `FleetProducer` vs a raw rdkafka `FutureProducer` on the same
-//! real single-node Kafka cluster (100-byte values, 10 000 keys). Ignored by
-//! default; run in release mode:
+//! Producer benchmarks on real etcd and real Kafka. Ignored by default; run in
+//! release mode, one at a time (they share the 2 cores):
+//!
+//! - `fleet_producer_vs_future_producer_throughput`: throughput of
+//!   `FleetProducer` vs a raw rdkafka `FutureProducer` on the same real
+//!   single-node Kafka cluster (100-byte values, 10 000 keys), alternating
+//!   rounds, ratio of the sums.
+//! - `switch_pause_under_load`: several producers under continuous load while
+//!   a topic's route switches N times between two clusters (A → A+B → B →
+//!   A+B → A ...), each switch driven as the controller does it; the hold of
+//!   every producer in every switch (the `flotilla_producer_hold_seconds`
+//!   histogram, captured by a recording `metrics` recorder) as p50/p99/max.
 //!
 //! ```text
-//! cargo test --release -p flotilla-testkit --test producer_bench -- --ignored --nocapture
+//! FLOTILLA_KAFKA_JVM_OPTS='-XX:+UseSerialGC -Xms256m' \
+//!   cargo test --release -p flotilla-testkit --test producer_bench -- --ignored --nocapture --test-threads=1
 //! ```
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
 use flotilla_client::registry::etcd::EtcdKv;
 use flotilla_client::registry::{
     ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, Registry, TopicRoute,
     WeightedCluster, SCHEMA_VERSION,
 };
+use flotilla_client::route::{propose, seal};
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_testkit::{create_topic, EtcdServer, KafkaFleet};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
 const RECORDS: usize = 300_000;
+/// Alternating measured rounds (`FLOTILLA_BENCH_ROUNDS` overrides).
+const ROUNDS: usize = 5;
 const KEYS: usize = 10_000;
 const PARTITIONS: u32 = 4;
 const PROPS: [(&str, &str); 4] = [
@@ -132,16 +147,361 @@ async fn fleet_producer_vs_future_producer_throughput() {
     raw(&bootstrap, &topics[0], &keys[..], &value).await;
     fleet(&fp, &topics[1], &keys[..], &value).await;
     let rate = |d: Duration| RECORDS as f64 / d.as_secs_f64();
-    let mut out = Vec::new();
-    for round in 0..2 {
-        let r = raw(&bootstrap, &topics[2 + round % 2], &keys[..], &value).await;
-        let f = fleet(&fp, &topics[3 - round % 2], &keys[..], &value).await;
-        out.push((rate(r), rate(f)));
+    let rounds = std::env::var("FLOTILLA_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS);
+    let (mut raw_sum, mut fleet_sum) = (0.0, 0.0);
+    for round in 0..rounds {
+        // Alternate which goes first as well as the topics.
+        let (r, f) = if round % 2 == 0 {
+            let r = raw(&bootstrap, &topics[2], &keys[..], &value).await;
+            (r, fleet(&fp, &topics[3], &keys[..], &value).await)
+        } else {
+            let f = fleet(&fp, &topics[2], &keys[..], &value).await;
+            (raw(&bootstrap, &topics[3], &keys[..], &value).await, f)
+        };
+        raw_sum += rate(r);
+        fleet_sum += rate(f);
         eprintln!(
             "round {round}: FutureProducer {:.0} rec/s ({r:?}), FleetProducer {:.0} rec/s ({f:?}) for {RECORDS} x 100 B",
             rate(r),
             rate(f)
         );
     }
+    eprintln!(
+        "{rounds} rounds: sum FutureProducer {raw_sum:.0} rec/s, sum FleetProducer {fleet_sum:.0} rec/s, ratio {:.3}",
+        fleet_sum / raw_sum
+    );
     fp.close(Duration::from_secs(10)).await.unwrap();
+}
+
+// ---- switch pause under load ------------------------------------------------------------
+
+const PAUSE_FLEET: &str = "pausebench";
+const PAUSE_PRODUCERS: usize = 3;
+const PAUSE_KEYS_PER_PRODUCER: usize = 1000;
+/// Switches (`FLOTILLA_BENCH_SWITCHES` overrides).
+const SWITCHES: usize = 20;
+
+/// A global `metrics` recorder keeping every sample of
+/// `flotilla_producer_hold_seconds` (everything else is a no-op).
+mod holds {
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use metrics::{
+        Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString,
+        Unit,
+    };
+
+    pub type Samples = Arc<Mutex<Vec<f64>>>;
+
+    struct Cell(Samples);
+
+    impl HistogramFn for Cell {
+        fn record(&self, v: f64) {
+            self.0.lock().unwrap().push(v);
+        }
+    }
+
+    struct Rec(Samples);
+
+    impl Recorder for Rec {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, _: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::noop()
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            if key.name() == "flotilla_producer_hold_seconds" {
+                Histogram::from_arc(Arc::new(Cell(self.0.clone())))
+            } else {
+                Histogram::noop()
+            }
+        }
+    }
+
+    /// The samples, once this recorder is the global one.
+    pub fn samples() -> Samples {
+        static S: OnceLock<Samples> = OnceLock::new();
+        S.get_or_init(|| {
+            let s: Samples = Default::default();
+            metrics::set_global_recorder(Rec(s.clone())).expect("install the recorder");
+            s
+        })
+        .clone()
+    }
+}
+
+fn wc(c: &str) -> WeightedCluster {
+    WeightedCluster {
+        cluster: c.into(),
+        weight: 100,
+    }
+}
+
+/// Nearest-rank percentile of sorted samples.
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn summary(what: &str, v: &[f64]) -> String {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    format!(
+        "{what}: n={} p50={:.1} ms p99={:.1} ms max={:.1} ms",
+        s.len(),
+        pct(&s, 50.0) * 1e3,
+        pct(&s, 99.0) * 1e3,
+        s[s.len() - 1] * 1e3
+    )
+}
+
+/// Per-switch timings seen by the driver.
+struct Driven {
+    /// Proposal committed → every live producer acked.
+    acked: Duration,
+    /// Proposal committed → sealed (what the controller would call the pause).
+    sealed: Duration,
+    epoch: u64,
+}
+
+/// One switch as the controller does it: pending → every live producer acks →
+/// end offsets of every cluster of both epochs → seal in one CAS.
+async fn drive_switch(
+    reg: &Registry,
+    topic: &str,
+    write: Vec<WeightedCluster>,
+    admins: &HashMap<String, ClusterAdmin>,
+) -> Driven {
+    let snap = reg.snapshot().await.unwrap();
+    let (route, _) = reg
+        .update_route(topic, |r| {
+            Ok(Some(propose(
+                r,
+                topic,
+                PARTITIONS,
+                write.clone(),
+                &snap.clusters,
+                0,
+                60_000,
+            )?))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    let started = Instant::now();
+    let pending = route.pending_epoch().expect("pending").n;
+    let open = route.open_epoch().expect("open").clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let snap = reg.snapshot().await.unwrap();
+        let producers: Vec<_> = snap.producers().collect();
+        assert_eq!(producers.len(), PAUSE_PRODUCERS, "live producers");
+        if producers
+            .iter()
+            .all(|p| p.acked.get(topic) == Some(&pending))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "producers never acked {pending}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let acked = started.elapsed();
+    let clusters: HashSet<&String> = open
+        .clusters()
+        .chain(route.pending_epoch().unwrap().clusters())
+        .collect();
+    let mut boundary = BTreeMap::new();
+    for c in clusters {
+        let offs = admins[c].end_offsets(topic, PARTITIONS).await.unwrap();
+        boundary.insert(c.clone(), offs);
+    }
+    reg.update_route(topic, |r| {
+        Ok(Some(seal(r.unwrap(), pending, boundary.clone())?))
+    })
+    .await
+    .unwrap();
+    Driven {
+        acked,
+        sealed: started.elapsed(),
+        epoch: pending,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --release -- --ignored --nocapture"]
+async fn switch_pause_under_load() {
+    const TOPIC: &str = "pause";
+    let samples = holds::samples();
+    let switches = std::env::var("FLOTILLA_BENCH_SWITCHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(SWITCHES);
+    let etcd = EtcdServer::start().expect("start etcd");
+    let kafka = tokio::task::spawn_blocking(|| KafkaFleet::start(2).expect("start Kafka"))
+        .await
+        .unwrap();
+    let kv = EtcdKv::connect(&[etcd.endpoint()], Default::default())
+        .await
+        .unwrap();
+    let reg = Registry::new(Arc::new(kv), PAUSE_FLEET);
+    let mut admins = HashMap::new();
+    for (i, id) in ["A", "B"].iter().enumerate() {
+        let c = kafka.cluster(i);
+        create_topic(&c.bootstrap(), TOPIC, PARTITIONS as i32)
+            .await
+            .unwrap();
+        let s = ClusterSpec {
+            version: SCHEMA_VERSION,
+            id: id.to_string(),
+            bootstrap: c.bootstrap(),
+            kafka_cluster_id: c.kafka_cluster_id().into(),
+            state: ClusterState::Active,
+            role: ClusterRole::Permanent,
+            weight: 100,
+            labels: BTreeMap::new(),
+            security_profile: None,
+            created_at: 0,
+        };
+        reg.create_cluster(&s).await.unwrap();
+        let admin = ClusterAdmin::connect(
+            &s,
+            &KafkaProperties::new(),
+            &SecurityProfiles::empty(),
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap();
+        // Warm the admin (connection, metadata) as a running controller's is.
+        admin.end_offsets(TOPIC, PARTITIONS).await.unwrap();
+        admins.insert(id.to_string(), admin);
+    }
+    reg.put_route(
+        &TopicRoute {
+            version: SCHEMA_VERSION,
+            topic: TOPIC.into(),
+            partitions: PARTITIONS,
+            epochs: vec![Epoch {
+                n: 1,
+                write: vec![wc("A")],
+                state: EpochState::Open,
+                fence: BTreeMap::new(),
+                created_at: 0,
+                ack_deadline: None,
+            }],
+        },
+        Expect::Absent,
+    )
+    .await
+    .unwrap();
+    let endpoint = etcd.endpoint();
+    let mut producers = Vec::new();
+    for i in 0..PAUSE_PRODUCERS {
+        let mut c = FleetProducerConfig::new();
+        c.client_id(format!("pause-{i}"))
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .lease_ttl(Duration::from_secs(3));
+        producers.push(
+            FleetProducer::connect(&[endpoint.as_str()], PAUSE_FLEET, c)
+                .await
+                .expect("start producer"),
+        );
+    }
+    // Continuous load: each producer sends its keys round after round
+    // (100-byte values), awaiting each round before the next.
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(Mutex::new(0u64));
+    let mut loads = Vec::new();
+    for (pi, p) in producers.iter().enumerate() {
+        let (p, stop, sent) = (p.clone(), stop.clone(), sent.clone());
+        loads.push(tokio::spawn(async move {
+            let keys: Vec<String> = (0..PAUSE_KEYS_PER_PRODUCER)
+                .map(|k| format!("p{pi}-k{k}"))
+                .collect();
+            let value = vec![b'x'; 100];
+            while !stop.load(Ordering::Relaxed) {
+                let futs: Vec<_> = keys
+                    .iter()
+                    .map(|k| {
+                        p.send_result(FutureRecord::to(TOPIC).key(k).payload(&value))
+                            .map_err(|(e, _)| e)
+                            .expect("enqueue")
+                    })
+                    .collect();
+                for f in futs {
+                    f.await.map_err(|(e, _)| e).expect("delivered");
+                }
+                *sent.lock().unwrap() += keys.len() as u64;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let plan = [
+        vec![wc("A"), wc("B")],
+        vec![wc("B")],
+        vec![wc("A"), wc("B")],
+        vec![wc("A")],
+    ];
+    let started = Instant::now();
+    let sent_before = *sent.lock().unwrap();
+    let (mut acked, mut sealed, mut held) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..switches {
+        let before = samples.lock().unwrap().len();
+        let d = drive_switch(&reg, TOPIC, plan[i % plan.len()].clone(), &admins).await;
+        // Every producer routes with the new epoch (and has recorded its hold).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while producers
+            .iter()
+            .any(|p| p.routing_epoch(TOPIC) != Some(d.epoch))
+        {
+            assert!(Instant::now() < deadline, "producers never released");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mine: Vec<f64> = samples.lock().unwrap()[before..].to_vec();
+        eprintln!(
+            "switch {} -> epoch {}: acked after {:.1} ms, sealed after {:.1} ms, holds {:?} ms",
+            i + 1,
+            d.epoch,
+            d.acked.as_secs_f64() * 1e3,
+            d.sealed.as_secs_f64() * 1e3,
+            mine.iter()
+                .map(|h| (h * 1e4).round() / 10.0)
+                .collect::<Vec<_>>()
+        );
+        acked.push(d.acked.as_secs_f64());
+        sealed.push(d.sealed.as_secs_f64());
+        held.extend(mine);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let elapsed = started.elapsed();
+    let rate = (*sent.lock().unwrap() - sent_before) as f64 / elapsed.as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for l in loads {
+        l.await.unwrap();
+    }
+    assert!(
+        held.len() >= switches * PAUSE_PRODUCERS,
+        "{} hold samples for {switches} switches x {PAUSE_PRODUCERS} producers",
+        held.len()
+    );
+    eprintln!(
+        "{switches} switches, {PAUSE_PRODUCERS} producers x {PAUSE_KEYS_PER_PRODUCER} keys, load {rate:.0} rec/s acknowledged during the switches"
+    );
+    eprintln!(
+        "{}",
+        summary("producer hold (flotilla_producer_hold_seconds)", &held)
+    );
+    eprintln!("{}", summary("driver: proposal -> all acked", &acked));
+    eprintln!("{}", summary("driver: proposal -> sealed", &sealed));
+    for p in &producers {
+        p.close(Duration::from_secs(5)).await.unwrap();
+    }
 }
