@@ -67,7 +67,25 @@ pub struct Controller {
     /// When this controller first saw each pending epoch, (topic, epoch) →
     /// instant on the monotonic clock. The ack wait is measured from here.
     first_seen: Arc<Mutex<HashMap<(String, u64), tokio::time::Instant>>>,
+    /// Switches this controller sealed without some producers' acks:
+    /// (topic, sealed epoch) → (the epoch the seal opened, those producers,
+    /// when). Until each of them has acknowledged the opened epoch or a later
+    /// one (so it settled everything older) or is gone, it may still have
+    /// records in flight for the sealed epoch's clusters. (Acknowledging an
+    /// epoch that was then aborted does not count: the producer resumed on
+    /// the old one.)
+    late: Arc<Mutex<HashMap<(String, u64), LateSeal>>>,
+    late_grace: Duration,
 }
+
+/// A switch sealed without some producers' acks: (the epoch it opened, those
+/// producers, when).
+type LateSeal = (u64, Vec<String>, tokio::time::Instant);
+
+/// Default of [`Controller::with_late_grace`]: librdkafka's default
+/// `message.timeout.ms` (300 s), after which a late producer's records have
+/// either landed or failed.
+pub const DEFAULT_LATE_GRACE: Duration = Duration::from_secs(300);
 
 impl Controller {
     /// A controller acting through `cp`; at an ack deadline it proceeds (see [`OnAckDeadline`]).
@@ -76,12 +94,26 @@ impl Controller {
             cp,
             policy: OnAckDeadline::default(),
             first_seen: Arc::default(),
+            late: Arc::default(),
+            late_grace: DEFAULT_LATE_GRACE,
         }
     }
 
     /// What to do when producers miss a switch's ack deadline.
     pub fn with_policy(mut self, policy: OnAckDeadline) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// How long, at most, a cluster of an epoch sealed without some
+    /// producers' acks stays un-retirable while those producers are alive and
+    /// have not acknowledged a later epoch: their records queued for it (e.g.
+    /// while it was down) may still land — acknowledged — above the fence.
+    /// Set it to the producers' `message.timeout.ms` (default
+    /// [`DEFAULT_LATE_GRACE`]). Only this controller's own late seals are
+    /// remembered: a new leader does not know its predecessor's.
+    pub fn with_late_grace(mut self, grace: Duration) -> Self {
+        self.late_grace = grace;
         self
     }
 
@@ -187,6 +219,12 @@ impl Controller {
                     }
                     match self.seal(snap, &route.topic, n, &clusters).await {
                         Ok(()) => {
+                            if !late.is_empty() {
+                                self.late.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                                    (route.topic.clone(), n - 1),
+                                    (n, late.clone(), tokio::time::Instant::now()),
+                                );
+                            }
                             metrics::counter!("flotilla_route_switches_total", "topic" => route.topic.clone())
                             .increment(1);
                             report.sealed.push((route.topic.clone(), n));
@@ -269,6 +307,12 @@ impl Controller {
     ) {
         for spec in snap.clusters.values() {
             let expired = spec.is_expired(now);
+            if spec.state == ClusterState::Draining {
+                if let Some(why) = self.late_writers(snap, &spec.id) {
+                    report.blocked.push((spec.id.clone(), why));
+                    continue;
+                }
+            }
             match spec.state {
                 ClusterState::Provisioning | ClusterState::Active if expired => {
                     match self.cp.drain(&spec.id).await {
@@ -294,6 +338,42 @@ impl Controller {
                 _ => {}
             }
         }
+    }
+
+    /// Why `cluster` must not retire yet because of a switch this controller
+    /// sealed without some producers' acks (see [`Controller::with_late_grace`]):
+    /// those still registered that have not acknowledged an epoch after the
+    /// sealed one may have records in flight for it. Forgets what no longer
+    /// matters.
+    fn late_writers(&self, snap: &FleetSnapshot, cluster: &str) -> Option<String> {
+        let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
+        let mut why = None;
+        late.retain(|(topic, n), (opened, ids, at)| {
+            let Some(route) = snap.route(topic) else {
+                return false;
+            };
+            ids.retain(|id| {
+                snap.producers()
+                    .any(|r| &r.id == id && r.acked.get(topic).is_none_or(|a| a < opened))
+            });
+            if ids.is_empty() || at.elapsed() >= self.late_grace {
+                return false;
+            }
+            let holds = route
+                .epoch(*n)
+                .is_some_and(|e| e.state == flotilla_client::registry::EpochState::Sealed && e.writes_to(cluster));
+            if holds && why.is_none() {
+                why = Some(format!(
+                    "topic {topic}: epoch {n} was sealed without the acks of producer(s) {}, which may still \
+                     have records in flight for cluster {cluster}; waiting until they acknowledge a later \
+                     epoch or leave (at most {:?} after the seal)",
+                    ids.join(", "),
+                    self.late_grace
+                ));
+            }
+            true
+        });
+        why
     }
 
     /// Reconciles until no switch is pending or `deadline` passes (the CLI's `--wait`).
@@ -452,22 +532,22 @@ pub async fn current_leader(cp: &ControlPlane) -> Result<Option<String>, Control
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kafka::FleetKafka;
-    use crate::ops::{AddCluster, SetRoute};
+mod tests_support {
+    pub(super) use super::*;
+    pub(super) use crate::kafka::FleetKafka;
+    pub(super) use crate::ops::{AddCluster, SetRoute};
     use async_trait::async_trait;
     use flotilla_client::kafka::KafkaError;
-    use flotilla_client::registry::memory::MemoryKv;
-    use flotilla_client::registry::{
+    pub(super) use flotilla_client::registry::memory::MemoryKv;
+    pub(super) use flotilla_client::registry::{
         ClientKind, ClientRecord, ClusterRole, ClusterSpec, GroupRecord, Registry, SCHEMA_VERSION,
     };
 
     /// Clusters whose end offsets and committed offsets the test sets.
     #[derive(Default)]
-    struct FakeKafka {
-        ends: Mutex<HashMap<String, Vec<i64>>>,
-        committed: Mutex<HashMap<String, Vec<Option<i64>>>>,
+    pub(super) struct FakeKafka {
+        pub(super) ends: Mutex<HashMap<String, Vec<i64>>>,
+        pub(super) committed: Mutex<HashMap<String, Vec<Option<i64>>>>,
     }
 
     #[async_trait]
@@ -504,7 +584,7 @@ mod tests {
         }
     }
 
-    async fn fleet(kv: &MemoryKv) -> (ControlPlane, Arc<FakeKafka>) {
+    pub(super) async fn fleet(kv: &MemoryKv) -> (ControlPlane, Arc<FakeKafka>) {
         let kafka = Arc::new(FakeKafka::default());
         let cp = ControlPlane::new(Registry::new(Arc::new(kv.clone()), "t"), kafka.clone());
         for id in ["a", "b"] {
@@ -522,7 +602,7 @@ mod tests {
         (cp, kafka)
     }
 
-    fn set(clusters: &[&str], ack_timeout_ms: u64) -> SetRoute {
+    pub(super) fn set(clusters: &[&str], ack_timeout_ms: u64) -> SetRoute {
         SetRoute {
             topic: "t".into(),
             clusters: clusters.iter().map(|c| (c.to_string(), None)).collect(),
@@ -531,7 +611,7 @@ mod tests {
         }
     }
 
-    fn silent_producer() -> ClientRecord {
+    pub(super) fn silent_producer() -> ClientRecord {
         ClientRecord {
             version: SCHEMA_VERSION,
             kind: ClientKind::Producer,
@@ -541,6 +621,11 @@ mod tests {
             started_at: now_millis(),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::*;
 
     /// Bug 2 of docs/simulator.md: the ack deadline is written with the
     /// proposer's clock; a controller whose clock is ahead, or that could not
@@ -652,6 +737,100 @@ mod tests {
             .lock()
             .unwrap()
             .insert("a".into(), vec![Some(12), Some(7)]);
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.retired, vec!["a".to_string()], "{r:?}");
+    }
+}
+
+#[cfg(test)]
+mod late_tests {
+    use super::tests_support::*;
+
+    /// Finding 2's remaining gap for live producers (docs/simulator.md): a
+    /// switch sealed at the ack deadline without a producer leaves that
+    /// producer's queued records for the old cluster in flight; the cluster
+    /// must not retire (even drained to its end offsets) until the producer
+    /// acknowledged a later epoch, left, or the grace passed.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_producer_holds_retirement_until_it_acks_a_later_epoch() {
+        let kv = MemoryKv::new();
+        let (cp, kafka) = fleet(&kv).await;
+        cp.registry()
+            .register_group(&GroupRecord {
+                version: SCHEMA_VERSION,
+                group: "g".into(),
+                topics: vec!["t".into()],
+                created_at: now_millis(),
+            })
+            .await
+            .unwrap();
+        cp.set_route(set(&["a"], 1_000), now_millis())
+            .await
+            .unwrap();
+        let mut late = cp
+            .registry()
+            .register_client(silent_producer(), Duration::from_secs(3_600))
+            .await
+            .unwrap();
+        cp.set_route(set(&["b"], 1_000), now_millis())
+            .await
+            .unwrap();
+        let ctl = Controller::new(cp.clone()).with_late_grace(Duration::from_secs(60));
+        ctl.reconcile_once(now_millis()).await.unwrap();
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.sealed, vec![("t".into(), 2)], "{r:?}");
+        cp.drain("a").await.unwrap();
+        // Nothing to read on a: drained, but the late producer may still write.
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert!(r.retired.is_empty(), "{r:?}");
+        assert!(r.blocked[0].1.contains("silent"), "{r:?}");
+        // Its late records land above the fence; the next switch makes it
+        // settle them and acknowledge epoch 3.
+        kafka.ends.lock().unwrap().insert("a".into(), vec![0, 3]);
+        let mut rec = late.record().clone();
+        rec.acked.insert("t".into(), 3);
+        late.update(rec).await.unwrap();
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert!(r.retired.is_empty(), "stragglers not read yet: {r:?}");
+        assert!(r.blocked[0].1.contains("end offsets"), "{r:?}");
+        kafka
+            .committed
+            .lock()
+            .unwrap()
+            .insert("a".into(), vec![None, Some(3)]);
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.retired, vec!["a".to_string()], "{r:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_producer_holds_retirement_at_most_the_grace() {
+        let kv = MemoryKv::new();
+        let (cp, _) = fleet(&kv).await;
+        cp.set_route(set(&["a"], 1_000), now_millis())
+            .await
+            .unwrap();
+        let _late = cp
+            .registry()
+            .register_client(silent_producer(), Duration::from_secs(3_600))
+            .await
+            .unwrap();
+        cp.set_route(set(&["b"], 1_000), now_millis())
+            .await
+            .unwrap();
+        let ctl = Controller::new(cp.clone()).with_late_grace(Duration::from_secs(60));
+        ctl.reconcile_once(now_millis()).await.unwrap();
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        ctl.reconcile_once(now_millis()).await.unwrap();
+        cp.drain("a").await.unwrap();
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(ctl
+            .reconcile_once(now_millis())
+            .await
+            .unwrap()
+            .retired
+            .is_empty());
+        tokio::time::advance(Duration::from_secs(1)).await;
         let r = ctl.reconcile_once(now_millis()).await.unwrap();
         assert_eq!(r.retired, vec!["a".to_string()], "{r:?}");
     }
