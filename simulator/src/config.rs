@@ -167,6 +167,10 @@ pub struct Bugs {
     /// (proposer's clock) is compared with the controller's own wall clock,
     /// not with how long the controller itself has waited.
     pub ack_deadline_wall_clock: bool,
+    /// The controller retires a drained cluster even while a producer it
+    /// sealed an epoch of that cluster without (late) may still have records
+    /// in flight for it (before `Controller::with_late_grace`).
+    pub retire_ignores_late_producers: bool,
 }
 
 /// What a producer does when it cannot renew its registry lease (DESIGN step 4).

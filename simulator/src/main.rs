@@ -94,6 +94,10 @@ struct Shape {
     /// deadline checked against its own wall clock).
     #[arg(long)]
     bug_ack_wall_clock: bool,
+    /// Broken variant: retire a drained cluster while late producers of its
+    /// last switch may still have records in flight for it.
+    #[arg(long)]
+    bug_retire_ignores_late: bool,
     /// Write-fence a drained cluster at the Kafka level before retiring it
     /// (the part of finding 2's proposed fix the real code does not do).
     #[arg(long, alias = "straggler-fix")]
@@ -131,6 +135,7 @@ impl Shape {
             consumer_ignores_gate: self.bug_ignore_gate,
             stragglers_lost: self.bug_stragglers_lost,
             ack_deadline_wall_clock: self.bug_ack_wall_clock,
+            retire_ignores_late_producers: self.bug_retire_ignores_late,
         };
         Ok(cfg)
     }

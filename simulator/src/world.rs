@@ -30,6 +30,8 @@ pub const GROUP: &str = "readers";
 const BATCH: usize = 16;
 /// A producer gives up on a record after this long (Kafka `delivery.timeout.ms`).
 const DELIVERY_TIMEOUT_MS: u64 = 8_000;
+/// The controller's `with_late_grace`: the producers' delivery timeout.
+const LATE_GRACE_MS: u64 = DELIVERY_TIMEOUT_MS;
 
 /// Counters and measurements of one run.
 #[derive(Debug, Clone, Default)]
@@ -287,6 +289,9 @@ pub struct World {
     /// When the controller first saw each pending epoch (true virtual time,
     /// i.e. its monotonic clock): the ack wait is measured from here.
     ack_seen: BTreeMap<u64, u64>,
+    /// Epochs sealed without some producers' acks: sealed epoch → (the epoch
+    /// the seal opened, those producers, seal time), as `Controller`'s `late` map.
+    late_seals: BTreeMap<u64, (u64, Vec<String>, u64)>,
     proposed_at: BTreeMap<u64, u64>,
     prev_write: Option<Vec<String>>,
     seals: BTreeMap<u64, SealInfo>,
@@ -424,6 +429,7 @@ impl World {
             next_bid: 0,
             skew: 0,
             ack_seen: BTreeMap::new(),
+            late_seals: BTreeMap::new(),
             proposed_at: BTreeMap::new(),
             prev_write: None,
             seals: BTreeMap::new(),
@@ -1521,6 +1527,9 @@ impl World {
                         Ok(next) => {
                             self.truth.routes.insert(TOPIC.to_string(), next);
                             self.seals.insert(sealed, SealInfo { acked_ids });
+                            if !late.is_empty() {
+                                self.late_seals.insert(sealed, (pn, late.clone(), self.now));
+                            }
                             let pause = self.now - self.proposed_at.get(&pn).copied().unwrap_or(0);
                             self.stats.switches.push((pn, pause));
                             tr!(
@@ -1565,6 +1574,8 @@ impl World {
                         .is_none_or(|f| f.iter().enumerate().all(|(p, &o)| cl.committed[p] >= o))
                 };
                 switch::may_retire(&name, self.truth.routes.values(), consumed).is_ok()
+            } else if !self.cfg.bugs.retire_ignores_late_producers && self.late_writers(&name) {
+                false
             } else {
                 if self.cfg.write_fence
                     && switch::may_retire(&name, self.truth.routes.values(), |_, _, _| true).is_ok()
@@ -1619,6 +1630,32 @@ impl World {
             self.commit();
         }
         self.after(200, Ev::ControllerTick);
+    }
+
+    /// As `Controller::late_writers`: whether a producer the controller sealed
+    /// an epoch writing `cluster` without is still registered, has not
+    /// acknowledged a later epoch, and the grace (its delivery timeout) has
+    /// not passed — its records queued for `cluster` may still land.
+    fn late_writers(&mut self, cluster: &str) -> bool {
+        let route = &self.truth.routes[TOPIC];
+        let truth = &self.truth;
+        let now = self.now;
+        let mut holds = false;
+        self.late_seals.retain(|n, (opened, ids, at)| {
+            ids.retain(|id| {
+                truth
+                    .producers()
+                    .any(|r| &r.id == id && r.acked.get(TOPIC).is_none_or(|a| a < opened))
+            });
+            if ids.is_empty() || now >= *at + LATE_GRACE_MS {
+                return false;
+            }
+            holds |= route
+                .epoch(*n)
+                .is_some_and(|e| e.state == EpochState::Sealed && e.writes_to(cluster));
+            true
+        });
+        holds
     }
 
     fn abort_pending(&mut self, n: u64, why: &str) {

@@ -71,3 +71,21 @@ fn bug2_seed_7_registry_outage_restarts_the_ack_wait() {
     old.bugs.ack_deadline_wall_clock = true;
     assert!(run_seed(7, &old).stats.stragglers > 0);
 }
+
+/// Finding 2, the live-producer half of what its first fix left open:
+/// `flotilla-sim replay --seed 3 --faults cluster-loss`. `c17` is lost with
+/// records queued for it; `e34` is sealed when it returns with all four
+/// producers late; `c17` is drained, read to its end and retired 11 ms later —
+/// and the producers' retries land 2 ms after that (25 acknowledged records
+/// lost). The controller now keeps a cluster of an epoch it sealed without
+/// some producers until they acknowledged the opened (or a later) epoch, left,
+/// or their delivery timeout passed.
+#[test]
+fn bug1_seed_3_cluster_loss_late_retries_are_not_retired_away() {
+    let cfg = realistic(Fault::ClusterLoss);
+    let r = run_seed(3, &cfg);
+    assert!(r.anomalies.is_empty(), "{:?}", &r.anomalies.list[..1]);
+    let mut old = cfg.clone();
+    old.bugs.retire_ignores_late_producers = true;
+    assert_eq!(lost(&run_seed(3, &old)), 25);
+}
