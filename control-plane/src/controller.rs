@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use flotilla_client::registry::{
     ClusterState, Expect, FleetSnapshot, LeaseId, RegistryError, UnixMillis,
 };
-use flotilla_client::route::switch::{self, OnAckDeadline, SwitchStep};
+use flotilla_client::route::switch::{self, LateSeals, OnAckDeadline, SwitchStep};
 use serde::Serialize;
 use tokio::sync::watch;
 
@@ -67,20 +67,12 @@ pub struct Controller {
     /// When this controller first saw each pending epoch, (topic, epoch) →
     /// instant on the monotonic clock. The ack wait is measured from here.
     first_seen: Arc<Mutex<HashMap<(String, u64), tokio::time::Instant>>>,
-    /// Switches this controller sealed without some producers' acks:
-    /// (topic, sealed epoch) → (the epoch the seal opened, those producers,
-    /// when). Until each of them has acknowledged the opened epoch or a later
-    /// one (so it settled everything older) or is gone, it may still have
-    /// records in flight for the sealed epoch's clusters. (Acknowledging an
-    /// epoch that was then aborted does not count: the producer resumed on
-    /// the old one.)
-    late: Arc<Mutex<HashMap<(String, u64), LateSeal>>>,
+    /// Switches this controller sealed without some producers' acks (the pure
+    /// rule is [`LateSeals`]); times in ms since `origin` on the monotonic clock.
+    late: Arc<Mutex<LateSeals>>,
+    origin: tokio::time::Instant,
     late_grace: Duration,
 }
-
-/// A switch sealed without some producers' acks: (the epoch it opened, those
-/// producers, when).
-type LateSeal = (u64, Vec<String>, tokio::time::Instant);
 
 /// Default of [`Controller::with_late_grace`]: librdkafka's default
 /// `message.timeout.ms` (300 s), after which a late producer's records have
@@ -95,6 +87,7 @@ impl Controller {
             policy: OnAckDeadline::default(),
             first_seen: Arc::default(),
             late: Arc::default(),
+            origin: tokio::time::Instant::now(),
             late_grace: DEFAULT_LATE_GRACE,
         }
     }
@@ -220,9 +213,12 @@ impl Controller {
                     match self.seal(snap, &route.topic, n, &clusters).await {
                         Ok(()) => {
                             if !late.is_empty() {
-                                self.late.lock().unwrap_or_else(|p| p.into_inner()).insert(
-                                    (route.topic.clone(), n - 1),
-                                    (n, late.clone(), tokio::time::Instant::now()),
+                                self.late.lock().unwrap_or_else(|p| p.into_inner()).record(
+                                    &route.topic,
+                                    n - 1,
+                                    n,
+                                    late.clone(),
+                                    self.monotonic_ms(),
                                 );
                             }
                             metrics::counter!("flotilla_route_switches_total", "topic" => route.topic.clone())
@@ -341,39 +337,20 @@ impl Controller {
     }
 
     /// Why `cluster` must not retire yet because of a switch this controller
-    /// sealed without some producers' acks (see [`Controller::with_late_grace`]):
-    /// those still registered that have not acknowledged an epoch after the
-    /// sealed one may have records in flight for it. Forgets what no longer
-    /// matters.
+    /// sealed without some producers' acks (see [`Controller::with_late_grace`]).
     fn late_writers(&self, snap: &FleetSnapshot, cluster: &str) -> Option<String> {
-        let mut late = self.late.lock().unwrap_or_else(|p| p.into_inner());
-        let mut why = None;
-        late.retain(|(topic, n), (opened, ids, at)| {
-            let Some(route) = snap.route(topic) else {
-                return false;
-            };
-            ids.retain(|id| {
-                snap.producers()
-                    .any(|r| &r.id == id && r.acked.get(topic).is_none_or(|a| a < opened))
-            });
-            if ids.is_empty() || at.elapsed() >= self.late_grace {
-                return false;
-            }
-            let holds = route
-                .epoch(*n)
-                .is_some_and(|e| e.state == flotilla_client::registry::EpochState::Sealed && e.writes_to(cluster));
-            if holds && why.is_none() {
-                why = Some(format!(
-                    "topic {topic}: epoch {n} was sealed without the acks of producer(s) {}, which may still \
-                     have records in flight for cluster {cluster}; waiting until they acknowledge a later \
-                     epoch or leave (at most {:?} after the seal)",
-                    ids.join(", "),
-                    self.late_grace
-                ));
-            }
-            true
-        });
-        why
+        let now = self.monotonic_ms();
+        let grace = self.late_grace.as_millis() as u64;
+        self.late
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .blocking(snap, cluster, now, grace)
+    }
+
+    /// Milliseconds since this controller started, on the monotonic clock
+    /// (immune to wall-clock jumps).
+    fn monotonic_ms(&self) -> UnixMillis {
+        self.origin.elapsed().as_millis() as u64
     }
 
     /// Reconciles until no switch is pending or `deadline` passes (the CLI's `--wait`).

@@ -15,7 +15,7 @@ use flotilla_client::registry::{
 };
 use flotilla_client::route::gate::{read_set, FenceGate, RecordClass};
 use flotilla_client::route::router::{Action, Decision, Router, Settlement};
-use flotilla_client::route::switch::{self, SwitchStep};
+use flotilla_client::route::switch::{self, LateSeals, SwitchStep};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -289,9 +289,9 @@ pub struct World {
     /// When the controller first saw each pending epoch (true virtual time,
     /// i.e. its monotonic clock): the ack wait is measured from here.
     ack_seen: BTreeMap<u64, u64>,
-    /// Epochs sealed without some producers' acks: sealed epoch → (the epoch
-    /// the seal opened, those producers, seal time), as `Controller`'s `late` map.
-    late_seals: BTreeMap<u64, (u64, Vec<String>, u64)>,
+    /// Epochs sealed without some producers' acks, kept with the real
+    /// controller's rule (times in true virtual ms: its monotonic clock).
+    late_seals: LateSeals,
     proposed_at: BTreeMap<u64, u64>,
     prev_write: Option<Vec<String>>,
     seals: BTreeMap<u64, SealInfo>,
@@ -429,7 +429,7 @@ impl World {
             next_bid: 0,
             skew: 0,
             ack_seen: BTreeMap::new(),
-            late_seals: BTreeMap::new(),
+            late_seals: LateSeals::default(),
             proposed_at: BTreeMap::new(),
             prev_write: None,
             seals: BTreeMap::new(),
@@ -1528,7 +1528,8 @@ impl World {
                             self.truth.routes.insert(TOPIC.to_string(), next);
                             self.seals.insert(sealed, SealInfo { acked_ids });
                             if !late.is_empty() {
-                                self.late_seals.insert(sealed, (pn, late.clone(), self.now));
+                                self.late_seals
+                                    .record(TOPIC, sealed, pn, late.clone(), self.now);
                             }
                             let pause = self.now - self.proposed_at.get(&pn).copied().unwrap_or(0);
                             self.stats.switches.push((pn, pause));
@@ -1632,30 +1633,13 @@ impl World {
         self.after(200, Ev::ControllerTick);
     }
 
-    /// As `Controller::late_writers`: whether a producer the controller sealed
-    /// an epoch writing `cluster` without is still registered, has not
-    /// acknowledged a later epoch, and the grace (its delivery timeout) has
-    /// not passed — its records queued for `cluster` may still land.
+    /// The real controller's late-seal rule ([`LateSeals::blocking`]): whether a
+    /// producer the controller sealed an epoch writing `cluster` without may
+    /// still have records in flight for it.
     fn late_writers(&mut self, cluster: &str) -> bool {
-        let route = &self.truth.routes[TOPIC];
-        let truth = &self.truth;
-        let now = self.now;
-        let mut holds = false;
-        self.late_seals.retain(|n, (opened, ids, at)| {
-            ids.retain(|id| {
-                truth
-                    .producers()
-                    .any(|r| &r.id == id && r.acked.get(TOPIC).is_none_or(|a| a < opened))
-            });
-            if ids.is_empty() || now >= *at + LATE_GRACE_MS {
-                return false;
-            }
-            holds |= route
-                .epoch(*n)
-                .is_some_and(|e| e.state == EpochState::Sealed && e.writes_to(cluster));
-            true
-        });
-        holds
+        self.late_seals
+            .blocking(&self.truth, cluster, self.now, LATE_GRACE_MS)
+            .is_some()
     }
 
     fn abort_pending(&mut self, n: u64, why: &str) {

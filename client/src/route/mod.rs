@@ -79,4 +79,4 @@ pub use gate::{read_set, FenceGate, GateAction, RecordClass};
 pub use murmur2::{murmur2, partition_for_key};
 pub use rendezvous::{cluster_for_key, RendezvousTable};
 pub use router::{Action, ClusterStatus, Decision, NoRoute, Router, Settlement};
-pub use switch::{abort, may_retire, plan, propose, seal, OnAckDeadline, SwitchStep};
+pub use switch::{abort, may_retire, plan, propose, seal, LateSeals, OnAckDeadline, SwitchStep};

@@ -17,8 +17,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::registry::{
-    ClientKind, ClientRecord, ClusterId, ClusterSpec, ClusterState, Epoch, EpochState, ModelError,
-    PartitionOffsets, TopicRoute, UnixMillis, WeightedCluster, SCHEMA_VERSION,
+    ClientKind, ClientRecord, ClusterId, ClusterSpec, ClusterState, Epoch, EpochState,
+    FleetSnapshot, ModelError, PartitionOffsets, TopicRoute, UnixMillis, WeightedCluster,
+    SCHEMA_VERSION,
 };
 
 /// What to do when a pending epoch's ack deadline passes with acks missing.
@@ -337,6 +338,85 @@ pub fn propose(
     });
     next.validate()?;
     Ok(next)
+}
+
+/// Switches sealed without some producers' acknowledgements (the ack deadline
+/// passed with them missing). Until each such producer has acknowledged the
+/// epoch the seal opened or a later one (so everything older it sent has
+/// settled), or has left the registry, or `grace_ms` has passed (its delivery
+/// timeout: its records have landed or failed by then), it may still have
+/// records in flight for the sealed epoch's clusters — so those clusters must
+/// not retire yet, or the records would be lost.
+///
+/// The controller records the seals it makes ([`LateSeals::record`]) and asks
+/// [`LateSeals::blocking`] before retiring a cluster; times are milliseconds on
+/// the caller's monotonic clock.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LateSeals {
+    /// (topic, sealed epoch) → (opened epoch, producers, sealed at).
+    seals: BTreeMap<(String, u64), (u64, Vec<String>, UnixMillis)>,
+}
+
+impl LateSeals {
+    /// Records that epoch `sealed` of `topic` was sealed at `at`, opening
+    /// `opened`, without the acks of `producers` (no-op when there are none).
+    pub fn record(
+        &mut self,
+        topic: &str,
+        sealed: u64,
+        opened: u64,
+        producers: Vec<String>,
+        at: UnixMillis,
+    ) {
+        if !producers.is_empty() {
+            self.seals
+                .insert((topic.to_string(), sealed), (opened, producers, at));
+        }
+    }
+
+    /// Whether no late seal is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seals.is_empty()
+    }
+
+    /// Why `cluster` must not retire yet because of a late seal, if any;
+    /// forgets the seals that no longer matter (every late producer acked a
+    /// later epoch or left, the grace passed, or the route is gone).
+    pub fn blocking(
+        &mut self,
+        snapshot: &FleetSnapshot,
+        cluster: &str,
+        now: UnixMillis,
+        grace_ms: u64,
+    ) -> Option<String> {
+        let mut why = None;
+        self.seals.retain(|(topic, n), (opened, ids, at)| {
+            let Some(route) = snapshot.route(topic) else {
+                return false;
+            };
+            ids.retain(|id| {
+                snapshot
+                    .producers()
+                    .any(|r| &r.id == id && r.acked.get(topic).is_none_or(|a| a < opened))
+            });
+            if ids.is_empty() || now >= at.saturating_add(grace_ms) {
+                return false;
+            }
+            let holds = route
+                .epoch(*n)
+                .is_some_and(|e| e.state == EpochState::Sealed && e.writes_to(cluster));
+            if holds && why.is_none() {
+                why = Some(format!(
+                    "topic {topic}: epoch {n} was sealed without the acks of producer(s) {}, which may still \
+                     have records in flight for cluster {cluster}; waiting until they acknowledge a later \
+                     epoch or leave (at most {grace_ms} ms after the seal)",
+                    ids.join(", "),
+                ));
+            }
+            true
+        });
+        why
+    }
 }
 
 /// Whether `cluster` may move to `retired`: it is in no open or pending epoch
@@ -713,5 +793,47 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn late_seals_hold_a_cluster_until_the_late_producer_acks_leaves_or_the_grace_passes() {
+        let r = route(
+            "t",
+            1,
+            vec![epoch(1, &["a"], Sealed), epoch(2, &["b"], Open)],
+        );
+        let with = |acked: &[(&str, u64)]| {
+            let mut s = snapshot(&["a", "b"], vec![r.clone()]);
+            let p = producer("p1", acked);
+            s.clients.insert((p.kind, p.id.clone()), p);
+            s
+        };
+        let mut late = LateSeals::default();
+        late.record("t", 1, 2, vec!["p1".into()], 1_000);
+        // Still registered and behind: a may not retire; b (not in epoch 1) may.
+        let why = late
+            .blocking(&with(&[("t", 1)]), "a", 2_000, 10_000)
+            .expect("held");
+        assert!(why.contains("p1") && why.contains("cluster a"), "{why}");
+        assert!(late
+            .blocking(&with(&[("t", 1)]), "b", 2_000, 10_000)
+            .is_none());
+        // The grace passed: forgotten.
+        let mut l2 = late.clone();
+        assert!(l2
+            .blocking(&with(&[("t", 1)]), "a", 11_000, 10_000)
+            .is_none());
+        assert!(l2.is_empty());
+        // It acknowledged the opened epoch: forgotten.
+        let mut l3 = late.clone();
+        assert!(l3
+            .blocking(&with(&[("t", 2)]), "a", 2_000, 10_000)
+            .is_none());
+        assert!(l3.is_empty());
+        // It left the registry: forgotten.
+        assert!(late
+            .blocking(&snapshot(&["a", "b"], vec![r.clone()]), "a", 2_000, 10_000)
+            .is_none());
+        assert!(late.is_empty());
     }
 }
