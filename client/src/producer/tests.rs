@@ -577,7 +577,9 @@ async fn propose_and_wait(s: &Setup, topic: &str, write: &[&str]) -> TopicRoute 
         .unwrap()
         .unwrap();
     let pending = route.pending_epoch().unwrap().n;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Usually milliseconds; generous because a starved 2-core machine (Kafka
+    // JVMs and builds next to the test) once took over 10 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let snap = s.registry.snapshot().await.unwrap();
         if snap
