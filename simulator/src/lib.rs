@@ -11,10 +11,12 @@
 //! - [`config`]: run shape, faults, broken variants.
 //! - [`world`]: the simulated world and its actors.
 //! - [`history`]: records and anomalies.
+//! - [`checker`]: the history checker's rules, shared with live mode.
 //! - [`report`]: summaries over many seeds.
 
 #![warn(missing_docs)]
 
+pub mod checker;
 pub mod config;
 pub mod history;
 pub mod report;

@@ -19,6 +19,7 @@ use flotilla_client::route::switch::{self, LateSeals, SwitchStep};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
+use crate::checker;
 use crate::config::{Config, Fault, LeasePolicy};
 use crate::history::{Anomalies, AnomalyKind, RecInfo};
 
@@ -1338,43 +1339,21 @@ impl World {
 
     fn deliver(&mut self, ci: usize, c: u16, p: u32, off: i64, rid: u64, class: RecordClass) {
         self.stats.consumed += 1;
-        let r = &mut self.recs[rid as usize];
-        r.consumed += 1;
-        let (key, seq, consumed, straggler) = (r.key, r.seq, r.consumed, r.straggler);
-        let at = (r.cluster, r.partition, r.offset);
+        let r = &self.recs[rid as usize];
+        let (key, seq) = (r.key, r.seq);
         tr!(
             self,
             "cons{ci} got r{rid} key{key}#{seq} from c{c}/{p}@{off} {class:?}"
         );
-        if at != (c, p, Some(off as u64)) {
-            self.anomaly(
-                AnomalyKind::OffsetMismatch,
-                format!("c{c}/{p}@{off} delivered r{rid}, written at {at:?}"),
-            );
+        let found = checker::on_delivery(
+            rid,
+            &mut self.recs[rid as usize],
+            &mut self.key_last[key as usize],
+            (c, p, off),
+        );
+        for (kind, detail) in found {
+            self.anomaly(kind, detail);
         }
-        if consumed > 1 {
-            self.anomaly(
-                AnomalyKind::DuplicateDelivery,
-                format!(
-                    "r{rid} (key{key}#{seq}) delivered {consumed} times, last from c{c}/{p}@{off}"
-                ),
-            );
-            return;
-        }
-        if straggler {
-            return;
-        }
-        let last = self.key_last[key as usize];
-        if last.is_some_and(|l| l >= seq) {
-            self.anomaly(
-                AnomalyKind::OrderViolation,
-                format!(
-                    "key{key}: #{seq} (r{rid}, c{c}/{p}@{off}) consumed after #{}",
-                    last.unwrap_or(0)
-                ),
-            );
-        }
-        self.key_last[key as usize] = Some(last.map_or(seq, |l| l.max(seq)));
     }
 
     // ---------------------------------------------------------------- lifecycle
@@ -1662,8 +1641,7 @@ impl World {
         let mut missing = Vec::new();
         for (p, log) in self.clusters[cx].logs.iter().enumerate() {
             for (o, &rid) in log.iter().enumerate() {
-                let r = &self.recs[rid as usize];
-                if r.consumed == 0 && !r.straggler {
+                if checker::needed_at_retirement(&self.recs[rid as usize]) {
                     missing.push((p, o, rid));
                 }
             }
@@ -1952,19 +1930,12 @@ impl World {
         tr!(self, "# END: checking the history");
         for rid in 0..self.recs.len() {
             let r = &self.recs[rid];
-            if !r.acked || r.consumed > 0 {
-                continue;
-            }
             let cl = &self.clusters[r.cluster as usize];
+            let Some(kind) = checker::unconsumed(r, cl.torn_down) else {
+                continue;
+            };
             let at = format!("{}/{}@{}", cl.name, r.partition, r.offset.unwrap_or(0));
             let what = format!("r{rid} key{}#{} e{} at {at}", r.key, r.seq, r.epoch);
-            let kind = if r.straggler {
-                AnomalyKind::StragglerLost
-            } else if cl.torn_down {
-                AnomalyKind::AckedLost
-            } else {
-                AnomalyKind::NotConsumed
-            };
             self.anomaly(kind, format!("acknowledged {what} never consumed"));
         }
         // Each record id is at exactly one (cluster, partition, offset).
