@@ -5,23 +5,37 @@
 //!
 //! - `Core::state` (one mutex): the [`Router`], one rdkafka
 //!   `ThreadedProducer` per open cluster, and the hold queues (per topic,
-//!   FIFO). Routing a record and handing it to librdkafka happen under the
-//!   lock, so the order records are routed in is the order librdkafka queues
-//!   them in.
+//!   FIFO). A record is *routed* under the lock (the router counts it in
+//!   flight for its epoch at that moment) and handed to librdkafka *after*
+//!   the lock is released, so the lock is held for a hash lookup, not for
+//!   librdkafka's enqueue. That keeps the switch protocol: a record routed
+//!   with epoch N is counted until it settles, so the router cannot
+//!   acknowledge N+1 while it is still on its way into librdkafka. Held
+//!   records are released (routed *and* handed over) under the lock, in
+//!   order, before any newer record of the topic can be routed.
 //! - Every routed record carries a boxed delivery opaque; the producer
 //!   context's delivery callback (librdkafka's polling thread) answers the
-//!   sender and reports the record to the router ([`Router::on_settled`]),
-//!   exactly once per `Send` decision — also for records the caller stopped
-//!   waiting for. Records that never reach librdkafka are settled at once.
-//!   The router's in-flight counts are therefore exact and `Flush` actions are
-//!   only hints.
+//!   sender and settles the record exactly once per `Send` decision — also
+//!   for records the caller stopped waiting for. Records that never reach
+//!   librdkafka are settled at once.
+//! - Settlement is lock-free on the common path: each (topic, epoch) has a
+//!   [`Slot`] whose atomic counter collects settled records that the router
+//!   has not been told about yet. The router only needs them promptly while
+//!   the topic is held for a switch or the epoch is no longer the routing
+//!   one; the slot is then *eager* and every settlement is reported under the
+//!   lock at once (so the ack goes out the moment the last old-epoch record
+//!   settles). Otherwise they are reported in bulk before every snapshot is
+//!   applied and on the driver's tick. The router's in-flight counts are
+//!   therefore never below the truth (never an early ack or close), and
+//!   exact whenever a decision depends on them.
 //! - A driver task applies every new registry snapshot: first it opens (and
 //!   verifies the Kafka cluster id of) every active cluster the routes
 //!   reference, then it calls [`Router::on_snapshot`] and performs the
 //!   actions. `Release` (route the held records again, in order) and `Close`
 //!   (drop the cluster's producer after a flush, off the lock) are performed
-//!   synchronously wherever the router emits them; `Ack` (write the client
-//!   record) is sent to the driver.
+//!   synchronously wherever the router emits them; `Flush` makes librdkafka
+//!   send what it queued at once (ignoring `linger.ms`) on a helper thread;
+//!   `Ack` (write the client record) is sent to the driver.
 //! - A lease task renews the client record's lease (and registers again
 //!   with the acknowledged epochs when it lapsed).
 
@@ -30,7 +44,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -70,6 +84,10 @@ const TICK: Duration = Duration::from_millis(50);
 const VERIFY_RETRY: Duration = Duration::from_secs(2);
 /// How long a closing cluster's producer may take to flush.
 const CLOSE_FLUSH: Duration = Duration::from_secs(30);
+/// How long a switch's `Flush` keeps librdkafka ignoring `linger.ms`: long
+/// enough for its broker threads to wake up and send what is queued, short
+/// enough that other topics of the producer lose batching only briefly.
+const HURRY_MS: i32 = 50;
 
 // ---- records --------------------------------------------------------------------------
 
@@ -170,11 +188,44 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
 
 // ---- rdkafka context ------------------------------------------------------------------
 
+/// The settlement account of one (topic, epoch): records of it that settled
+/// (delivered, failed, or never handed over) but were not yet reported to the
+/// router. See the module docs.
+struct Slot {
+    topic: String,
+    epoch: u64,
+    /// Settled, not yet reported to [`Router::on_settled`].
+    unreported: AtomicU64,
+    /// Report every settlement at once, under the lock (the topic is held
+    /// for a switch, or the epoch is no longer the routing one).
+    eager: AtomicBool,
+}
+
+impl Slot {
+    fn new(topic: &str, epoch: u64) -> Slot {
+        Slot {
+            topic: topic.to_string(),
+            epoch,
+            unreported: AtomicU64::new(0),
+            eager: AtomicBool::new(false),
+        }
+    }
+
+    /// One record settled, lock-free. True when the caller must report it
+    /// now ([`Core::absorb`]).
+    ///
+    /// SeqCst pairs with [`Core::make_eager`] (store `eager`, then swap
+    /// `unreported`): either that swap sees this increment, or this load
+    /// sees `eager` and the caller absorbs it. No settlement is lost.
+    fn settle(&self) -> bool {
+        self.unreported.fetch_add(1, Ordering::SeqCst);
+        self.eager.load(Ordering::SeqCst)
+    }
+}
+
 /// What travels with a record through librdkafka.
 struct Opaque {
-    topic: String,
-    cluster: Arc<str>,
-    epoch: u64,
+    slot: Arc<Slot>,
     bytes: usize,
     tx: Option<Tx>,
 }
@@ -198,7 +249,7 @@ impl ProducerContext for Ctx {
     type DeliveryOpaque = Box<Opaque>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, mut op: Box<Opaque>) {
-        let cluster = op.cluster.clone();
+        let cluster = self.cluster.clone();
         let out = match result {
             Ok(m) => {
                 self.records.increment(1);
@@ -207,7 +258,7 @@ impl ProducerContext for Ctx {
                     cluster,
                     partition: m.partition(),
                     offset: m.offset(),
-                    epoch: op.epoch,
+                    epoch: op.slot.epoch,
                 })
             }
             Err((e, m)) => {
@@ -222,8 +273,10 @@ impl ProducerContext for Ctx {
         if let Some(tx) = op.tx.take() {
             let _ = tx.send(out);
         }
-        if let Some(core) = self.core.upgrade() {
-            core.settled(&op.topic, op.epoch);
+        if op.slot.settle() {
+            if let Some(core) = self.core.upgrade() {
+                core.absorb(&op.slot);
+            }
         }
     }
 }
@@ -256,6 +309,11 @@ struct State {
     held_since: HashMap<String, Instant>,
     /// The epoch each topic was last released with.
     released: HashMap<String, u64>,
+    /// The settlement slot of the epoch each topic last routed a record with.
+    slots: HashMap<String, Arc<Slot>>,
+    /// Slots of older epochs that records in librdkafka still point to
+    /// (always eager).
+    old_slots: Vec<Arc<Slot>>,
 }
 
 enum Cmd {
@@ -267,6 +325,14 @@ enum Why {
     Hold,
     QueueFull(Arc<str>),
     Failed(FleetSendError),
+}
+
+/// A routed record's destination, taken from under the lock.
+struct Routed {
+    producer: Arc<Kafka>,
+    slot: Arc<Slot>,
+    cluster: Arc<str>,
+    partition: u32,
 }
 
 enum Attempt {
@@ -318,38 +384,120 @@ impl Core {
         self.outage == OutageMode::Hold && self.registry_down.load(Ordering::Relaxed)
     }
 
-    /// One record of `topic`/`epoch` settled (delivery callback).
-    fn settled(&self, topic: &str, epoch: u64) {
+    /// Reports the settlements collected in an eager `slot` (delivery
+    /// callback or a failed hand-over, off the lock).
+    fn absorb(&self, slot: &Slot) {
         let mut st = self.lock();
-        let acts = st.router.on_settled(topic, epoch);
-        if !acts.is_empty() {
-            self.perform(&mut st, acts);
+        let mut acts = Vec::new();
+        let n = slot.unreported.swap(0, Ordering::SeqCst);
+        Self::report(&mut st.router, slot, n, &mut acts);
+        self.perform(&mut st, acts);
+    }
+
+    /// One record of `slot` settled without reaching the delivery callback,
+    /// off the lock.
+    fn settle(&self, slot: &Slot) {
+        if slot.settle() {
+            self.absorb(slot);
         }
     }
 
-    /// Routes `rec` and hands it to librdkafka. On anything but success the
-    /// record's in-flight count has been settled and `tx` comes back.
-    fn try_send(
+    /// Tells the router that `n` records of `slot` settled.
+    fn report(router: &mut Router, slot: &Slot, n: u64, acts: &mut Vec<Action>) {
+        for _ in 0..n {
+            acts.extend(router.on_settled(&slot.topic, slot.epoch));
+        }
+    }
+
+    /// Makes `slot` eager and reports what it collected so far.
+    fn make_eager(router: &mut Router, slot: &Slot, acts: &mut Vec<Action>) {
+        // SeqCst: see `Slot::settle`.
+        slot.eager.store(true, Ordering::SeqCst);
+        let n = slot.unreported.swap(0, Ordering::SeqCst);
+        Self::report(router, slot, n, acts);
+    }
+
+    /// Reports every slot's collected settlements (before a snapshot is
+    /// applied, so the router acknowledges a pending epoch at once when
+    /// nothing is really in flight; and on the driver's tick, so idle
+    /// clusters can close).
+    fn absorb_all(st: &mut State, acts: &mut Vec<Action>) {
+        let State {
+            router,
+            slots,
+            old_slots,
+            ..
+        } = st;
+        for s in slots.values().chain(old_slots.iter()) {
+            let n = s.unreported.swap(0, Ordering::SeqCst);
+            Self::report(router, s, n, acts);
+        }
+    }
+
+    /// Makes the slots eager whose settlements the router now needs at once
+    /// (held topic, or not the routing epoch any more) and lazy again once
+    /// it does not; forgets old slots no record points to. Returns the
+    /// actions the reports produced.
+    fn sync_slots(st: &mut State) -> Vec<Action> {
+        let mut acts = Vec::new();
+        let State {
+            router,
+            slots,
+            old_slots,
+            ..
+        } = st;
+        let held: Vec<String> = router.held_topics().map(str::to_string).collect();
+        for (topic, s) in slots.iter() {
+            let want =
+                held.iter().any(|h| h == topic) || router.routing_epoch(topic) != Some(s.epoch);
+            let is = s.eager.load(Ordering::Relaxed);
+            if want && !is {
+                Self::make_eager(router, s, &mut acts);
+            } else if !want && is {
+                // Safe at any time: the router only needs prompt reports
+                // while the topic is held or the epoch is old.
+                s.eager.store(false, Ordering::SeqCst);
+            }
+        }
+        old_slots.retain(|s| Arc::strong_count(s) > 1 || s.unreported.load(Ordering::SeqCst) > 0);
+        acts
+    }
+
+    /// The slot for records of `topic` routed with `epoch`; the previous
+    /// epoch's slot becomes eager and old.
+    fn slot_for(st: &mut State, topic: &str, epoch: u64, acts: &mut Vec<Action>) -> Arc<Slot> {
+        if let Some(s) = st.slots.get(topic) {
+            if s.epoch == epoch {
+                return s.clone();
+            }
+        }
+        let s = Arc::new(Slot::new(topic, epoch));
+        if let Some(old) = st.slots.insert(topic.to_string(), s.clone()) {
+            Self::make_eager(&mut st.router, &old, acts);
+            st.old_slots.push(old);
+        }
+        s
+    }
+
+    /// Routes `rec` (under the lock): where to hand it over. On anything but
+    /// `Ok` the record's in-flight count has been settled.
+    fn route_locked(
         &self,
         st: &mut State,
         rec: &RecordRef<'_>,
-        tx: Tx,
         acts: &mut Vec<Action>,
-    ) -> Result<(), (Tx, Why)> {
-        let State {
-            router, clusters, ..
-        } = st;
-        let (cluster, partition, epoch) = match router.route(rec.topic, rec.key) {
-            Decision::Hold => return Err((tx, Why::Hold)),
-            Decision::NoRoute(e) => return Err((tx, Why::Failed(e.into()))),
+    ) -> Result<Routed, Why> {
+        let (cluster, partition, epoch) = match st.router.route(rec.topic, rec.key) {
+            Decision::Hold => return Err(Why::Hold),
+            Decision::NoRoute(e) => return Err(Why::Failed(e.into())),
             Decision::Send {
                 cluster,
                 partition,
                 epoch,
             } => (cluster, partition, epoch),
         };
-        let p = match clusters.get(&*cluster) {
-            Some(Conn::Ready(p)) => p,
+        let producer = match st.clusters.get(&*cluster) {
+            Some(Conn::Ready(p)) => p.clone(),
             other => {
                 let error = match other {
                     Some(Conn::Refused(e)) | Some(Conn::Unverified(e)) => e.clone(),
@@ -358,19 +506,36 @@ impl Core {
                         detail: "no producer open for the cluster yet".into(),
                     },
                 };
-                acts.extend(router.on_settled(rec.topic, epoch));
+                acts.extend(st.router.on_settled(rec.topic, epoch));
                 metrics::counter!("flotilla_producer_delivery_errors_total", "cluster" => cluster.clone())
                     .increment(1);
-                return Err((
-                    tx,
-                    Why::Failed(FleetSendError::ClusterUnavailable { cluster, error }),
-                ));
+                return Err(Why::Failed(FleetSendError::ClusterUnavailable {
+                    cluster,
+                    error,
+                }));
             }
         };
+        let slot = Self::slot_for(st, rec.topic, epoch, acts);
+        Ok(Routed {
+            producer,
+            slot,
+            cluster,
+            partition,
+        })
+    }
+
+    /// Hands a routed record to librdkafka (with or without the lock). On
+    /// failure `tx` comes back and the caller must settle the record.
+    fn hand_over(r: Routed, rec: &RecordRef<'_>, tx: Tx) -> Result<(), (Tx, Why)> {
+        let Routed {
+            producer,
+            slot,
+            cluster,
+            partition,
+        } = r;
+        let epoch = slot.epoch;
         let opaque = Box::new(Opaque {
-            topic: rec.topic.to_string(),
-            cluster: cluster.clone(),
-            epoch,
+            slot,
             bytes: rec.size(),
             tx: Some(tx),
         });
@@ -386,7 +551,7 @@ impl Core {
         if let Some(ts) = rec.timestamp {
             br = br.timestamp(ts);
         }
-        match p.send(br) {
+        match producer.send(br) {
             Ok(()) => Ok(()),
             Err((e, mut br)) => {
                 let tx = br
@@ -394,7 +559,6 @@ impl Core {
                     .tx
                     .take()
                     .expect("opaque keeps its sender");
-                acts.extend(router.on_settled(rec.topic, epoch));
                 if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
                     Err((tx, Why::QueueFull(cluster)))
                 } else {
@@ -407,6 +571,26 @@ impl Core {
         }
     }
 
+    /// Routes and hands over `rec` under the lock (releasing held records).
+    /// On anything but success the record's in-flight count has been
+    /// settled and `tx` comes back.
+    fn try_send(
+        &self,
+        st: &mut State,
+        rec: &RecordRef<'_>,
+        tx: Tx,
+        acts: &mut Vec<Action>,
+    ) -> Result<(), (Tx, Why)> {
+        let r = match self.route_locked(st, rec, acts) {
+            Ok(r) => r,
+            Err(why) => return Err((tx, why)),
+        };
+        let (topic, epoch) = (r.slot.topic.clone(), r.slot.epoch);
+        Self::hand_over(r, rec, tx).inspect_err(|_| {
+            acts.extend(st.router.on_settled(&topic, epoch));
+        })
+    }
+
     /// One attempt to send (or hold) a record; see [`Attempt`].
     fn attempt(&self, rec: &RecordRef<'_>, tx: Tx) -> Attempt {
         if self.shut.load(Ordering::Relaxed) {
@@ -416,13 +600,42 @@ impl Core {
         let mut acts = Vec::new();
         let queued = st.held.get(rec.topic).is_some_and(|q| !q.is_empty());
         let res = if queued || self.outage_hold() {
-            Err((tx, Why::Hold))
+            Err(Why::Hold)
         } else {
-            self.try_send(&mut st, rec, tx, &mut acts)
+            self.route_locked(&mut st, rec, &mut acts)
         };
-        let out = match res {
-            Ok(()) => Attempt::Sent,
-            Err((tx, Why::Hold)) => {
+        let routed = match res {
+            Ok(r) => Ok((r, tx)),
+            Err(why) => Err(self.hold_or_fail(&mut st, rec, tx, why)),
+        };
+        if !acts.is_empty() {
+            self.perform(&mut st, acts);
+        }
+        drop(st);
+        match routed {
+            Err(out) => out,
+            // Off the lock: routed (and counted in flight) already.
+            Ok((r, tx)) => {
+                let slot = r.slot.clone();
+                match Self::hand_over(r, rec, tx) {
+                    Ok(()) => Attempt::Sent,
+                    Err((tx, why)) => {
+                        self.settle(&slot);
+                        match why {
+                            Why::QueueFull(c) => Attempt::QueueFull(tx, c),
+                            Why::Failed(e) => Attempt::Failed(e),
+                            Why::Hold => unreachable!("hand_over never holds"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A record that was not routed: held (if there is room) or failed.
+    fn hold_or_fail(&self, st: &mut State, rec: &RecordRef<'_>, tx: Tx, why: Why) -> Attempt {
+        match why {
+            Why::Hold => {
                 if st.held_total < self.hold_capacity {
                     let id = st.next_id;
                     st.next_id += 1;
@@ -444,13 +657,9 @@ impl Core {
                     Attempt::Full(tx)
                 }
             }
-            Err((tx, Why::QueueFull(c))) => Attempt::QueueFull(tx, c),
-            Err((_, Why::Failed(e))) => Attempt::Failed(e),
-        };
-        if !acts.is_empty() {
-            self.perform(&mut st, acts);
+            Why::QueueFull(c) => Attempt::QueueFull(tx, c),
+            Why::Failed(e) => Attempt::Failed(e),
         }
-        out
     }
 
     /// Takes a held record back (its sender timed out). None: already sent.
@@ -472,57 +681,112 @@ impl Core {
     /// Performs router actions in order (Release and Close here, Ack via the driver).
     fn perform(&self, st: &mut State, acts: Vec<Action>) {
         let mut work: VecDeque<Action> = acts.into();
-        while let Some(a) = work.pop_front() {
-            match a {
-                Action::Open(c) => {
-                    if !st.clusters.contains_key(&c) {
-                        // Normally opened before the snapshot is applied; if not, verify now.
-                        st.clusters.insert(
-                            c.clone(),
-                            Conn::Unverified(KafkaError::Other {
-                                cluster: c,
-                                detail: "not verified yet".into(),
-                            }),
-                        );
-                        let _ = self.cmds.send(Cmd::Verify);
+        let mut hurry = false;
+        loop {
+            while let Some(a) = work.pop_front() {
+                match a {
+                    Action::Open(c) => {
+                        if !st.clusters.contains_key(&c) {
+                            // Normally opened before the snapshot is applied; if not, verify now.
+                            st.clusters.insert(
+                                c.clone(),
+                                Conn::Unverified(KafkaError::Other {
+                                    cluster: c,
+                                    detail: "not verified yet".into(),
+                                }),
+                            );
+                            let _ = self.cmds.send(Cmd::Verify);
+                        }
                     }
-                }
-                Action::Flush { topic, epoch } => {
-                    // In-flight counts are exact (delivery callbacks): nothing to do
-                    // but wait; librdkafka sends within linger.ms.
-                    tracing::debug!(topic, epoch, "switch: waiting for in-flight records");
-                }
-                Action::Ack { topic, epoch } => {
-                    tracing::debug!(topic, epoch, "switch: acknowledging pending epoch");
-                    let _ = self.cmds.send(Cmd::SyncAcks);
-                }
-                Action::Release { topic, epoch } => {
-                    if let Some(since) = st.held_since.remove(&topic) {
-                        metrics::histogram!("flotilla_producer_hold_seconds")
-                            .record(since.elapsed().as_secs_f64());
+                    Action::Flush { topic, epoch } => {
+                        // The counts are exact while the topic is held (its
+                        // slots are eager); the ack follows the last delivery
+                        // by itself. Only make librdkafka send at once.
+                        tracing::debug!(topic, epoch, "switch: waiting for in-flight records");
+                        hurry = true;
                     }
-                    let prev = st.released.insert(topic.clone(), epoch);
-                    if prev.is_some_and(|p| p != epoch) {
-                        metrics::counter!("flotilla_producer_epoch_switches_total").increment(1);
-                        tracing::info!(topic, epoch, "switch: routing with the new epoch");
+                    Action::Ack { topic, epoch } => {
+                        tracing::debug!(topic, epoch, "switch: acknowledging pending epoch");
+                        let _ = self.cmds.send(Cmd::SyncAcks);
                     }
-                    let mut more = Vec::new();
-                    self.drain(st, &topic, &mut more);
-                    work.extend(more);
-                }
-                Action::Close(c) => {
-                    if let Some(Conn::Ready(p)) = st.clusters.remove(&c) {
-                        tracing::info!(cluster = %c, "closing the producer of a cluster no route needs");
-                        let _ = std::thread::Builder::new()
-                            .name("flotilla-producer-close".into())
-                            .spawn(move || {
-                                let _ = p.flush(CLOSE_FLUSH);
-                                drop(p);
-                            });
+                    Action::Release { topic, epoch } => {
+                        if let Some(since) = st.held_since.remove(&topic) {
+                            metrics::histogram!("flotilla_producer_hold_seconds")
+                                .record(since.elapsed().as_secs_f64());
+                        }
+                        let prev = st.released.insert(topic.clone(), epoch);
+                        if prev.is_some_and(|p| p != epoch) {
+                            metrics::counter!("flotilla_producer_epoch_switches_total")
+                                .increment(1);
+                            tracing::info!(topic, epoch, "switch: routing with the new epoch");
+                        }
+                        let mut more = Vec::new();
+                        self.drain(st, &topic, &mut more);
+                        work.extend(more);
+                    }
+                    Action::Close(c) => {
+                        if let Some(Conn::Ready(p)) = st.clusters.remove(&c) {
+                            tracing::info!(cluster = %c, "closing the producer of a cluster no route needs");
+                            let _ = std::thread::Builder::new()
+                                .name("flotilla-producer-close".into())
+                                .spawn(move || {
+                                    let _ = p.flush(CLOSE_FLUSH);
+                                    drop(p);
+                                });
+                        }
                     }
                 }
             }
+            // What the router just decided may change which slots must
+            // report at once; their reports may decide more.
+            work.extend(Self::sync_slots(st));
+            if work.is_empty() {
+                break;
+            }
         }
+        if hurry {
+            self.hurry(st);
+        }
+    }
+
+    /// Makes every open producer send what it has queued now instead of
+    /// after `linger.ms`, so a switch's old-epoch records (and with them the
+    /// ack) are not delayed by batching. `rd_kafka_flush` ignores
+    /// `linger.ms` while it runs; rdkafka's own `flush` calls it with a zero
+    /// timeout, too briefly for the broker threads to notice, hence the
+    /// direct call with [`HURRY_MS`]. It blocks, so it runs on a thread of
+    /// its own; its result does not matter (the delivery callbacks count).
+    fn hurry(&self, st: &State) {
+        let producers: Vec<Arc<Kafka>> = st
+            .clusters
+            .values()
+            .filter_map(|c| match c {
+                Conn::Ready(p) => Some(p.clone()),
+                _ => None,
+            })
+            .collect();
+        if producers.is_empty() {
+            return;
+        }
+        let _ = std::thread::Builder::new()
+            .name("flotilla-producer-hurry".into())
+            .spawn(move || {
+                let flushes: Vec<_> = producers
+                    .into_iter()
+                    .map(|p| {
+                        std::thread::spawn(move || {
+                            // SAFETY: `p` keeps the librdkafka handle alive for
+                            // the call; rd_kafka_flush is thread-safe.
+                            unsafe {
+                                rdkafka::bindings::rd_kafka_flush(p.client().native_ptr(), HURRY_MS)
+                            };
+                        })
+                    })
+                    .collect();
+                for f in flushes {
+                    let _ = f.join();
+                }
+            });
     }
 
     /// Routes the held records of `topic` again, in order, until one is held again.
@@ -573,19 +837,16 @@ impl Core {
     }
 
     /// Retries held records whose release was deferred (queue full, outage over).
+    /// Also reports the settlements the slots collected (see [`Self::absorb_all`]).
     fn drain_all(&self) {
         let mut st = self.lock();
-        if st.held.is_empty() {
-            return;
-        }
-        let topics: Vec<String> = st.held.keys().cloned().collect();
         let mut acts = Vec::new();
+        Self::absorb_all(&mut st, &mut acts);
+        let topics: Vec<String> = st.held.keys().cloned().collect();
         for t in topics {
             self.drain(&mut st, &t, &mut acts);
         }
-        if !acts.is_empty() {
-            self.perform(&mut st, acts);
-        }
+        self.perform(&mut st, acts);
     }
 
     /// Opens every active cluster the snapshot's open and pending epochs
@@ -671,7 +932,9 @@ impl Core {
                 st.released.entry(t.clone()).or_insert(e);
             }
         }
-        let acts = st.router.on_snapshot(snap);
+        let mut acts = Vec::new();
+        Self::absorb_all(&mut st, &mut acts);
+        acts.extend(st.router.on_snapshot(snap));
         let held: Vec<String> = st.router.held_topics().map(str::to_string).collect();
         for t in held {
             st.held_since.entry(t).or_insert_with(Instant::now);
