@@ -553,6 +553,30 @@ async fn switch_to(s: &Setup, topic: &str, write: &[&str]) {
 
 /// Proposes `write` as the pending epoch and waits for every live producer's ack.
 async fn propose_and_wait(s: &Setup, topic: &str, write: &[&str]) -> TopicRoute {
+    let route = propose(s, topic, write).await;
+    let pending = route.pending_epoch().unwrap().n;
+    // Usually milliseconds; generous because a starved 2-core machine (Kafka
+    // JVMs and builds next to the test) once took over 10 s.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let snap = s.registry.snapshot().await.unwrap();
+        if snap
+            .producers()
+            .all(|p| p.acked.get(topic) == Some(&pending))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no ack of {pending}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    route
+}
+
+/// Proposes `write` as the pending epoch of `topic`.
+async fn propose(s: &Setup, topic: &str, write: &[&str]) -> TopicRoute {
     let snap = s.registry.snapshot().await.unwrap();
     let (route, _) = s
         .registry
@@ -576,24 +600,6 @@ async fn propose_and_wait(s: &Setup, topic: &str, write: &[&str]) -> TopicRoute 
         .await
         .unwrap()
         .unwrap();
-    let pending = route.pending_epoch().unwrap().n;
-    // Usually milliseconds; generous because a starved 2-core machine (Kafka
-    // JVMs and builds next to the test) once took over 10 s.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let snap = s.registry.snapshot().await.unwrap();
-        if snap
-            .producers()
-            .all(|p| p.acked.get(topic) == Some(&pending))
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no ack of {pending}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
     route
 }
 
@@ -891,4 +897,80 @@ async fn a_producer_starting_during_a_switch_holds_and_acks_at_once() {
     let d = held.await.map_err(|(e, _)| e).unwrap();
     assert_eq!((&*d.cluster, d.epoch), ("mock-1", 2));
     drop(first);
+}
+
+/// The ack of a pending epoch waits for every record routed with the old
+/// epoch, also those still on their way when the switch began (here the
+/// broker is down), and follows their delivery. Records delivered before the
+/// switch (settled, but not yet reported to the router on the lock-free
+/// path) must not delay it, and records in flight must not be forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_waits_for_records_in_flight_then_follows_their_delivery() {
+    let s = setup("inflight").await;
+    let mut c = config(&s.registry);
+    c.set("message.timeout.ms", "30000")
+        .set("reconnect.backoff.ms", "10")
+        .set("reconnect.backoff.max.ms", "100");
+    let p = FleetProducer::new(c).await.unwrap();
+    for i in 0..50 {
+        let d = p
+            .send(
+                FutureRecord::to("inflight")
+                    .key(&format!("k{i}"))
+                    .payload("before"),
+                Duration::from_secs(5),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        assert_eq!(d.epoch, 1);
+    }
+    s.mocks.cluster(0).broker_down(1).unwrap();
+    let stuck: Vec<_> = (0..20)
+        .map(|i| {
+            p.send_result(
+                FutureRecord::to("inflight")
+                    .key(&format!("k{i}"))
+                    .payload("stuck"),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap()
+        })
+        .collect();
+    propose(&s, "inflight", &["mock-1"]).await;
+    // The producer must not acknowledge the pending epoch while 20 records
+    // of epoch 1 are in flight. (A bounded observation window for a property
+    // that must hold throughout, not a wait for something to happen.)
+    let window = tokio::time::Instant::now() + Duration::from_millis(500);
+    while tokio::time::Instant::now() < window {
+        assert_ne!(
+            p.acked().get("inflight"),
+            Some(&2),
+            "acked with records in flight"
+        );
+        let rec = s
+            .registry
+            .client(ClientKind::Producer, p.client_id())
+            .await
+            .unwrap();
+        assert_ne!(
+            rec.as_ref().and_then(|(r, _)| r.acked.get("inflight")),
+            Some(&2),
+            "ack written with records in flight"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It did see the pending epoch: a new send is held.
+    let held = p
+        .send_result(FutureRecord::to("inflight").key("k0").payload("held"))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    assert_eq!(p.held_records(), 1);
+    s.mocks.cluster(0).broker_up(1).unwrap();
+    for f in stuck {
+        let d = f.await.map_err(|(e, _)| e).unwrap();
+        assert_eq!((&*d.cluster, d.epoch), ("mock-0", 1));
+    }
+    wait_acked(&s.registry, p.client_id(), "inflight", 2).await;
+    drop(held);
 }
