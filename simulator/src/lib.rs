@@ -13,12 +13,14 @@
 //! - [`history`]: records and anomalies.
 //! - [`checker`]: the history checker's rules, shared with live mode.
 //! - [`report`]: summaries over many seeds.
+//! - [`live`]: live mode, the same workload and checker against a real fleet.
 
 #![warn(missing_docs)]
 
 pub mod checker;
 pub mod config;
 pub mod history;
+pub mod live;
 pub mod report;
 pub mod world;
 

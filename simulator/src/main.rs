@@ -36,6 +36,10 @@ enum Cmd {
         #[command(flatten)]
         shape: Shape,
     },
+    /// Live mode: the same workload and checker against real etcd and real
+    /// Kafka clusters started by the test harness, killing and restarting
+    /// clusters and etcd on a schedule from the seed (real time: not deterministic).
+    Live(LiveArgs),
     /// Rerun one seed and print its full trace.
     Replay {
         /// The seed.
@@ -47,6 +51,99 @@ enum Cmd {
         #[command(flatten)]
         shape: Shape,
     },
+}
+
+/// Options of `flotilla-sim live`.
+#[derive(Args, Clone)]
+struct LiveArgs {
+    /// Kafka clusters to start (single-node KRaft each).
+    #[arg(long, default_value_t = 3)]
+    clusters: usize,
+    /// FleetProducers.
+    #[arg(long, default_value_t = 2)]
+    producers: usize,
+    /// FleetConsumers in the group.
+    #[arg(long, default_value_t = 2)]
+    consumers: usize,
+    /// Minutes of traffic, switches and faults (default 2).
+    #[arg(long, conflicts_with = "seconds")]
+    minutes: Option<f64>,
+    /// Seconds of traffic, switches and faults.
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Route switches (A → A+B → B → …; at most 2 × (clusters − 1)).
+    #[arg(long)]
+    switches: Option<usize>,
+    /// Comma-separated faults: kill-cluster, kill-etcd, or `all` / `none`;
+    /// each strikes once per started minute.
+    #[arg(long, default_value = "kill-cluster,kill-etcd")]
+    faults: String,
+    /// Seed of the schedule.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Keys per producer (each sends a record every --pace-ms after its previous ack).
+    #[arg(long, default_value_t = 25)]
+    keys: u32,
+    /// Pause of each key between an acknowledgement and its next record.
+    #[arg(long, default_value_t = 500)]
+    pace_ms: u64,
+    /// After healing, wait at most this long for the group to catch up.
+    #[arg(long, default_value_t = 90)]
+    catch_up_secs: u64,
+    /// Write a Markdown report (summary and the run's log) here.
+    #[arg(long)]
+    report: Option<std::path::PathBuf>,
+}
+
+impl LiveArgs {
+    fn config(&self) -> anyhow::Result<flotilla_sim::live::LiveConfig> {
+        use std::time::Duration;
+        let active = match (self.seconds, self.minutes) {
+            (Some(s), _) => Duration::from_secs(s),
+            (None, Some(m)) if m.is_nan() || m <= 0.0 => bail!("--minutes must be positive"),
+            (None, Some(m)) => Duration::from_secs_f64(m * 60.0),
+            (None, None) => Duration::from_secs(120),
+        };
+        if active.is_zero() {
+            bail!("the active phase must be longer than zero");
+        }
+        let max = flotilla_sim::live::schedule::max_switches(self.clusters);
+        Ok(flotilla_sim::live::LiveConfig {
+            clusters: self.clusters,
+            producers: self.producers,
+            consumers: self.consumers,
+            keys_per_producer: self.keys,
+            pace: Duration::from_millis(self.pace_ms),
+            active,
+            switches: self.switches.unwrap_or(max),
+            faults: flotilla_sim::live::parse_faults(&self.faults).map_err(anyhow::Error::msg)?,
+            seed: self.seed,
+            catch_up: Duration::from_secs(self.catch_up_secs),
+            verbose: true,
+            ..Default::default()
+        })
+    }
+}
+
+fn live(args: &LiveArgs) -> anyhow::Result<()> {
+    let cfg = args.config()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let r = rt.block_on(flotilla_sim::live::run(&cfg))?;
+    print!("{}", r.summary());
+    if let Some(path) = &args.report {
+        std::fs::write(path, r.markdown())
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("report written to {}", path.display());
+    }
+    drop(rt);
+    if !r.ok() {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 #[derive(Args, Clone)]
@@ -240,6 +337,7 @@ fn main() -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Cmd::Live(args) => live(&args)?,
         Cmd::Replay { seed, full, shape } => {
             let mut cfg = shape.config()?;
             cfg.keep_trace = true;
