@@ -98,6 +98,7 @@ pub struct FleetConsumerConfig {
     pub(crate) lease_ttl: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) poll_interval: Duration,
+    pub(crate) commit_timeout: Duration,
     pub(crate) on_rebalance: Option<RebalanceCallback>,
 }
 
@@ -111,6 +112,7 @@ impl fmt::Debug for FleetConsumerConfig {
             .field("lease_ttl", &self.lease_ttl)
             .field("connect_timeout", &self.connect_timeout)
             .field("poll_interval", &self.poll_interval)
+            .field("commit_timeout", &self.commit_timeout)
             .field("on_rebalance", &self.on_rebalance.is_some())
             .finish()
     }
@@ -119,7 +121,8 @@ impl fmt::Debug for FleetConsumerConfig {
 impl FleetConsumerConfig {
     /// A configuration reading the fleet in `registry`, with no rdkafka
     /// properties yet (`group.id` must still be set), no security profiles,
-    /// a 5 s client lease, 10 s connect timeout and a 250 ms gate poll.
+    /// a 5 s client lease, 10 s connect timeout, a 250 ms gate poll and a
+    /// 5 s commit timeout.
     pub fn new(registry: Registry) -> Self {
         FleetConsumerConfig {
             properties: KafkaProperties::new(),
@@ -130,6 +133,7 @@ impl FleetConsumerConfig {
             lease_ttl: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(250),
+            commit_timeout: Duration::from_secs(5),
             on_rebalance: None,
         }
     }
@@ -212,6 +216,19 @@ impl FleetConsumerConfig {
     /// (fences other members pass) and the read set is reconciled.
     pub fn poll_interval(mut self, every: Duration) -> Self {
         self.poll_interval = every;
+        self
+    }
+
+    /// How long a synchronous commit (`commit_message(.., CommitMode::Sync)`,
+    /// `commit(CommitMode::Sync)`) waits for the cluster's confirmation
+    /// before it returns
+    /// [`FleetConsumeError::CommitPending`](super::FleetConsumeError::CommitPending)
+    /// and leaves the commit to the cluster's committer, which retries it
+    /// until the cluster answers. While a cluster is known to be unreachable
+    /// (an earlier commit is still unconfirmed past this timeout, or is being
+    /// retried), synchronous commits on it return at once.
+    pub fn commit_timeout(mut self, timeout: Duration) -> Self {
+        self.commit_timeout = timeout;
         self
     }
 

@@ -1,10 +1,11 @@
 //! [`FleetContext`]: the rdkafka `ConsumerContext` of every per-cluster consumer.
 //!
 //! It forwards rebalances to the user's callback (with the cluster they
-//! happened on), drops records parked for partitions this member loses,
-//! feeds the fence gate with the offsets this member commits (including
-//! asynchronous and automatic commits), and turns librdkafka's errors and
-//! statistics into logs and metrics.
+//! happened on), drops records parked or ready for partitions this member
+//! loses (and their queued commits), stores delivered offsets before a
+//! revoke, feeds the fence gate with the offsets librdkafka commits by itself
+//! (automatic commits; the committer feeds it with the others), and turns
+//! librdkafka's errors and statistics into logs and metrics.
 
 use std::sync::Weak;
 
@@ -107,7 +108,17 @@ impl ClientContext for FleetContext {
 }
 
 impl ConsumerContext for FleetContext {
-    fn pre_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let (Rebalance::Revoke(_), Some(shared)) = (rebalance, self.shared.upgrade()) {
+            // Offsets of delivered records are handed to librdkafka in
+            // batches: store the latest before a revoke commits what is
+            // stored (auto-commit), so the next owner does not read them again.
+            if let Some(tpl) = shared.take_stores(&self.cluster) {
+                if let Err(e) = base.store_offsets(&tpl) {
+                    tracing::debug!(cluster = %self.cluster, error = %e, "cannot store offsets before a revoke");
+                }
+            }
+        }
         self.forward(RebalancePhase::Before, rebalance);
     }
 

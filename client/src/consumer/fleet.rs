@@ -1,21 +1,22 @@
 //! The [`FleetConsumer`] adapter: per-cluster rdkafka consumers around the
 //! sans-IO fence gate. See the [module docs](super).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::future::{join_all, select_all};
-use futures::{FutureExt, Stream};
+use futures::future::join_all;
+use futures::{FutureExt, Stream, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
+use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
+use super::committer::{CommitWait, Committer};
 use super::config::{FleetConsumerConfig, RebalanceCallback};
 use super::context::FleetContext;
 use super::epoch_of;
@@ -56,6 +57,22 @@ pub enum FleetConsumeError {
         #[source]
         source: RdKafkaError,
     },
+    /// A commit on `cluster` was not confirmed within the commit timeout
+    /// ([`FleetConsumerConfig::commit_timeout`]), or the cluster is already
+    /// known to be unreachable (returned at once then). The offset stays
+    /// queued and the consumer keeps committing it in the background until
+    /// the cluster answers (a later commit of a higher offset supersedes it),
+    /// so fences it completes are passed then. Carry on reading: the other
+    /// clusters keep flowing. If this member loses the partition meanwhile
+    /// (its group session on the cluster expired), the commit is dropped and
+    /// the record may be delivered again (at least once).
+    #[error("commit on cluster {cluster} not confirmed after {waited:?}; queued and retried until the cluster answers")]
+    CommitPending {
+        /// Registry id of the cluster.
+        cluster: ClusterId,
+        /// How long the call waited.
+        waited: Duration,
+    },
     /// The consumer is not (or no longer) reading `cluster`: it left the read
     /// set, or never connected.
     #[error("not reading cluster {cluster}")]
@@ -71,7 +88,7 @@ pub enum FleetConsumeError {
 #[derive(Debug, Clone)]
 pub struct FleetMessage {
     message: OwnedMessage,
-    cluster: ClusterId,
+    cluster: Arc<ClusterTag>,
     epoch: Option<u64>,
     straggler: bool,
 }
@@ -79,7 +96,7 @@ pub struct FleetMessage {
 impl FleetMessage {
     /// Registry id of the cluster the record was read from.
     pub fn cluster(&self) -> &str {
-        &self.cluster
+        &self.cluster.id
     }
 
     /// The route epoch the record was produced with (its `flotilla-epoch`
@@ -112,10 +129,83 @@ impl Deref for FleetMessage {
     }
 }
 
+/// What every record of one cluster shares: its id, and handles obtained
+/// once instead of per record (the records counter, the offsets delivered
+/// but not yet stored).
+pub(crate) struct ClusterTag {
+    id: ClusterId,
+    records: metrics::Counter,
+    errors: metrics::Counter,
+    /// Next offset to store per topic and partition (-1: nothing new), set
+    /// when a record is delivered and handed to librdkafka in one call per
+    /// batch ([`Shared::flush_stores`]) rather than one per record.
+    to_store: Mutex<HashMap<String, Vec<i64>>>,
+    dirty: AtomicBool,
+    /// Bumped by [`FleetConsumer::seek`]: a batch read before a seek of a
+    /// partition must not deliver that partition's records.
+    seeks: AtomicU64,
+}
+
+impl ClusterTag {
+    fn new(id: ClusterId) -> Arc<ClusterTag> {
+        Arc::new(ClusterTag {
+            records: metrics::counter!("flotilla_consumer_records_total", "cluster" => id.clone()),
+            errors: metrics::counter!("flotilla_consumer_errors_total", "cluster" => id.clone()),
+            id,
+            to_store: Mutex::new(HashMap::new()),
+            dirty: AtomicBool::new(false),
+            seeks: AtomicU64::new(0),
+        })
+    }
+
+    fn store_later(&self, topic: &str, partition: i32, next: i64) {
+        let Ok(p) = usize::try_from(partition) else {
+            return;
+        };
+        let mut m = self.to_store.lock().unwrap_or_else(|e| e.into_inner());
+        let v = match m.get_mut(topic) {
+            Some(v) => v,
+            None => m.entry(topic.to_string()).or_default(),
+        };
+        if v.len() <= p {
+            v.resize(p + 1, -1);
+        }
+        v[p] = next;
+        self.dirty.store(true, Ordering::Release);
+    }
+
+    /// The offsets to store since the last call, if any.
+    fn take_stores(&self) -> Option<TopicPartitionList> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let mut m = self.to_store.lock().unwrap_or_else(|e| e.into_inner());
+        let mut tpl = TopicPartitionList::new();
+        for (t, v) in m.iter_mut() {
+            for (p, o) in v.iter_mut().enumerate() {
+                if *o >= 0 {
+                    let _ = tpl.add_partition_offset(t, p as i32, Offset::Offset(*o));
+                    *o = -1;
+                }
+            }
+        }
+        (tpl.count() > 0).then_some(tpl)
+    }
+}
+
+impl std::fmt::Debug for ClusterTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
 struct Reader {
     consumer: Arc<ClusterConsumer>,
     admin: ClusterAdmin,
     topics: BTreeSet<String>,
+    tag: Arc<ClusterTag>,
+    committer: Arc<Committer>,
+    pump: JoinHandle<()>,
 }
 
 struct Parked {
@@ -132,8 +222,9 @@ struct State {
     readers: BTreeMap<ClusterId, Reader>,
     parked: BTreeMap<Slot, Parked>,
     user_paused: BTreeSet<Slot>,
-    ready: VecDeque<FleetMessage>,
-    errors: VecDeque<FleetConsumeError>,
+    /// Partitions sought by the application: the [`ClusterTag::seeks`] count
+    /// at the seek, and where to.
+    sought: BTreeMap<Slot, (u64, Offset)>,
     cluster_errors: BTreeMap<ClusterId, String>,
     retry_at: BTreeMap<ClusterId, Instant>,
     /// This member's partitions per cluster, from the rebalance callbacks
@@ -142,14 +233,37 @@ struct State {
     assigned: BTreeMap<ClusterId, BTreeSet<(String, i32)>>,
 }
 
-/// State shared by the consumer handle, its driver task and the rdkafka contexts.
+/// Records the gate let through, waiting for `recv`, and errors for it.
+#[derive(Default)]
+struct Ready {
+    q: VecDeque<FleetMessage>,
+    errors: VecDeque<FleetConsumeError>,
+    /// A pump waits for room (`q` reached [`READY_CAP`]).
+    space_wanted: bool,
+}
+
+/// Records a pump reads from librdkafka's queue per batch (one lock of the
+/// state and of the ready queue per batch).
+const BATCH: usize = 512;
+/// Pumps stop reading while this many records wait for `recv`: the rest
+/// stays in librdkafka, bounded by its `queued.max.messages.kbytes`.
+const READY_CAP: usize = 4 * BATCH;
+
+/// State shared by the consumer handle, its tasks and the rdkafka contexts.
 pub(crate) struct Shared {
     group: String,
     client_id: String,
     config: FleetConsumerConfig,
+    /// `enable.auto.offset.store` and `enable.auto.commit`, read once.
+    auto_store: bool,
+    auto_commit: bool,
     state: Mutex<State>,
-    /// Wakes `recv` (records became ready, readers changed).
+    /// Lock order: `state` before `ready`.
+    ready: Mutex<Ready>,
+    /// Wakes `recv` (records or errors became ready).
     notify: Notify,
+    /// Wakes pumps waiting for room in the ready queue.
+    space: Notify,
     /// Wakes the driver (subscription changed).
     wake: Notify,
     group_registered: AtomicBool,
@@ -179,6 +293,10 @@ impl Shared {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn ready(&self) -> MutexGuard<'_, Ready> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub(crate) fn rebalance_callback(&self) -> Option<RebalanceCallback> {
         self.config.on_rebalance.clone()
     }
@@ -189,8 +307,67 @@ impl Shared {
             .insert(cluster.to_string(), error);
     }
 
+    /// Wakes every `recv` waiting (each re-checks the ready queue).
+    fn wake_recv(&self) {
+        self.notify.notify_waiters();
+    }
+
+    /// Pushes an error for `recv` to return.
+    fn push_error(&self, e: FleetConsumeError) {
+        self.ready().errors.push_back(e);
+        self.wake_recv();
+    }
+
+    /// Pops the next ready record (or error) for `recv`.
+    fn pop_ready(&self) -> Option<Result<FleetMessage, FleetConsumeError>> {
+        let mut r = self.ready();
+        let Some(m) = r.q.pop_front() else {
+            return r.errors.pop_front().map(Err);
+        };
+        if r.space_wanted && r.q.len() <= READY_CAP / 2 {
+            r.space_wanted = false;
+            self.space.notify_waiters();
+        }
+        Some(Ok(m))
+    }
+
+    /// Waits until the ready queue has room for another batch.
+    async fn wait_for_space(&self) {
+        loop {
+            let room = self.space.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut r = self.ready();
+                if r.q.len() < READY_CAP {
+                    return;
+                }
+                r.space_wanted = true;
+            }
+            room.await;
+        }
+    }
+
+    /// Hands the offsets delivered since the last call to librdkafka's offset
+    /// store (one call per batch instead of one per record).
+    fn flush_stores(&self, tag: &ClusterTag, consumer: &ClusterConsumer) {
+        if let Some(tpl) = tag.take_stores() {
+            if let Err(e) = consumer.store_offsets(&tpl) {
+                tracing::debug!(cluster = %tag.id, error = %e, "cannot store offsets (partitions revoked?)");
+            }
+        }
+    }
+
+    /// The offsets delivered on `cluster` and not yet stored, taken (for the
+    /// rebalance callback, which stores them before a revoke commits them).
+    pub(crate) fn take_stores(&self, cluster: &str) -> Option<TopicPartitionList> {
+        let tag = self.lock().readers.get(cluster)?.tag.clone();
+        tag.take_stores()
+    }
+
     /// A rebalance assigned (`assigned`) or revoked these partitions of
-    /// `cluster`: what was parked for them is re-read by whoever owns them now.
+    /// `cluster`: what was parked or ready for them is re-read by whoever
+    /// owns them now, and their pending commits are dropped.
     pub(crate) fn on_assignment(
         &self,
         cluster: &str,
@@ -206,14 +383,25 @@ impl Shared {
                 set.remove(tp);
             }
         }
+        if !assigned {
+            if let Some(r) = st.readers.get(cluster) {
+                r.committer.forget(partitions);
+            }
+        }
         for (t, p) in partitions {
             let slot = (cluster.to_string(), t.clone(), *p);
             st.parked.remove(&slot);
             st.user_paused.remove(&slot);
-            // Released by a fence but not yet handed out: the partition's next
-            // owner reads them from the committed offset.
-            st.ready
-                .retain(|m| !(m.cluster == cluster && m.topic() == t && m.partition() == *p));
+        }
+        // Released by a fence (or read) but not yet handed out: the
+        // partition's next owner reads them from the committed offset.
+        let revoked: BTreeSet<(&str, i32)> =
+            partitions.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+        let mut r = self.ready();
+        r.q.retain(|m| !(m.cluster() == cluster && revoked.contains(&(m.topic(), m.partition()))));
+        if r.space_wanted && r.q.len() <= READY_CAP / 2 {
+            r.space_wanted = false;
+            self.space.notify_waiters();
         }
     }
 
@@ -225,41 +413,53 @@ impl Shared {
             return;
         };
         let actions = gate.on_committed(cluster, partition, offset);
-        let before = st.ready.len();
-        self.apply(&mut st, topic, actions);
-        if st.ready.len() > before {
-            self.notify.notify_one();
+        if self.apply(&mut st, topic, actions) {
+            drop(st);
+            self.wake_recv();
         }
     }
 
-    fn apply(&self, st: &mut State, topic: &str, actions: Vec<GateAction>) {
+    /// Applies the gate's decisions; true if records became ready.
+    fn apply(&self, st: &mut State, topic: &str, actions: Vec<GateAction>) -> bool {
+        let mut released = false;
         for GateAction::Unblock { cluster, partition } in actions {
             if let Ok(p) = i32::try_from(partition) {
-                self.drain(st, &(cluster, topic.to_string(), p));
+                released |= self.drain(st, &(cluster, topic.to_string(), p));
             }
         }
+        released
     }
 
     /// Moves what the gate now allows from the parked records of `slot` to
-    /// the ready queue; resumes the partition once nothing is parked.
-    fn drain(&self, st: &mut State, slot: &Slot) {
+    /// the ready queue; resumes the partition once nothing is parked. True if
+    /// records became ready.
+    fn drain(&self, st: &mut State, slot: &Slot) -> bool {
         let (cluster, topic, p) = slot;
-        let Some(mut parked) = st.parked.remove(slot) else {
-            return;
+        let Some(tag) = st.readers.get(cluster).map(|r| r.tag.clone()) else {
+            st.parked.remove(slot);
+            return false;
         };
+        let Some(mut parked) = st.parked.remove(slot) else {
+            return false;
+        };
+        let mut out = Vec::new();
         while let Some(m) = parked.msgs.front() {
             match self.admit(st, cluster, m) {
                 Some((epoch, straggler)) => {
                     let m = parked.msgs.pop_front().expect("front exists");
-                    st.ready.push_back(FleetMessage {
+                    out.push(FleetMessage {
                         message: m,
-                        cluster: cluster.clone(),
+                        cluster: tag.clone(),
                         epoch,
                         straggler,
                     });
                 }
                 None => break,
             }
+        }
+        let released = !out.is_empty();
+        if released {
+            self.ready().q.extend(out);
         }
         if parked.msgs.is_empty() {
             metrics::histogram!(
@@ -279,6 +479,7 @@ impl Shared {
         } else {
             st.parked.insert(slot.clone(), parked);
         }
+        released
     }
 
     /// Whether the gate lets `m` (of `cluster`) be delivered now: `Some((epoch,
@@ -322,87 +523,130 @@ impl Shared {
         }
     }
 
-    /// A record fresh from `cluster`'s consumer: deliver it (returned), or
-    /// park it and pause its partition.
-    fn process(&self, cluster: &str, m: OwnedMessage) -> Option<FleetMessage> {
+    /// A batch of records fresh from `tag`'s consumer, read after its seek
+    /// count was `seeks`: each is made ready, or parked (its partition
+    /// paused) while the gate holds it back. Returns the partitions to seek
+    /// again (a seek landed while the batch was read: its records of those
+    /// partitions may be from before the seek, so they are dropped and read
+    /// again from the sought offset).
+    fn admit_batch(
+        &self,
+        tag: &Arc<ClusterTag>,
+        seeks: u64,
+        batch: &mut Vec<OwnedMessage>,
+    ) -> Vec<(String, i32, Offset)> {
+        let cluster = tag.id.as_str();
         let mut st = self.lock();
-        let slot: Slot = (cluster.to_string(), m.topic().to_string(), m.partition());
-        if let Some(parked) = st.parked.get_mut(&slot) {
-            if parked.msgs.back().is_some_and(|b| m.offset() <= b.offset()) {
-                // The partition was rewound (re-fetch after a resume, offset
-                // reset): what is parked will be read again.
-                parked.msgs.clear();
-            }
-            parked.msgs.push_back(m);
-            return None;
-        }
-        match self.admit(&mut st, cluster, &m) {
-            Some((epoch, straggler)) => {
-                let msg = FleetMessage {
-                    message: m,
-                    cluster: cluster.to_string(),
-                    epoch,
-                    straggler,
-                };
-                if st.ready.is_empty() {
-                    Some(msg)
-                } else {
-                    // Keep partition order behind records a fence just released.
-                    st.ready.push_back(msg);
-                    st.ready.pop_front()
+        let mut reseek = Vec::new();
+        let mut out = Vec::with_capacity(batch.len());
+        let mut paused = Vec::new();
+        for m in batch.drain(..) {
+            if !st.sought.is_empty() || !st.parked.is_empty() {
+                let slot: Slot = (cluster.to_string(), m.topic().to_string(), m.partition());
+                if let Some((n, to)) = st.sought.get(&slot).copied() {
+                    if n > seeks {
+                        if !reseek.iter().any(|(t, p, _)| t == &slot.1 && *p == slot.2) {
+                            reseek.push((slot.1.clone(), slot.2, to));
+                        }
+                        continue;
+                    }
+                }
+                if let Some(parked) = st.parked.get_mut(&slot) {
+                    if parked.msgs.back().is_some_and(|b| m.offset() <= b.offset()) {
+                        // The partition was rewound (re-fetch after a resume,
+                        // offset reset): what is parked will be read again.
+                        parked.msgs.clear();
+                    }
+                    parked.msgs.push_back(m);
+                    continue;
                 }
             }
-            None => {
-                tracing::debug!(
-                    cluster,
-                    topic = m.topic(),
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    "record held back by a fence; pausing the partition"
-                );
-                if let Some(r) = st.readers.get(cluster) {
-                    if let Err(e) = r.consumer.pause(&tpl_of(m.topic(), m.partition())) {
+            match self.admit(&mut st, cluster, &m) {
+                Some((epoch, straggler)) => out.push(FleetMessage {
+                    message: m,
+                    cluster: tag.clone(),
+                    epoch,
+                    straggler,
+                }),
+                None => {
+                    tracing::debug!(
+                        cluster,
+                        topic = m.topic(),
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        "record held back by a fence; pausing the partition"
+                    );
+                    paused.push(tpl_of(m.topic(), m.partition()));
+                    st.parked.insert(
+                        (cluster.to_string(), m.topic().to_string(), m.partition()),
+                        Parked {
+                            msgs: VecDeque::from([m]),
+                            since: Instant::now(),
+                        },
+                    );
+                }
+            }
+        }
+        // Seeks this batch started after are done with.
+        st.sought.retain(|s, (n, _)| s.0 != cluster || *n > seeks);
+        if !paused.is_empty() {
+            if let Some(r) = st.readers.get(cluster) {
+                for tpl in &paused {
+                    if let Err(e) = r.consumer.pause(tpl) {
                         tracing::warn!(cluster, error = %e, "cannot pause partition");
                     }
                 }
-                st.parked.insert(
-                    slot,
-                    Parked {
-                        msgs: VecDeque::from([m]),
-                        since: Instant::now(),
-                    },
-                );
-                None
             }
+        }
+        if !out.is_empty() {
+            self.ready().q.extend(out);
+            drop(st);
+            self.wake_recv();
+        }
+        reseek
+    }
+
+    /// An error from `tag`'s consumer: transient ones (cluster down or
+    /// flapping: librdkafka reconnects and resumes where it was) are logged
+    /// and counted; others are returned from `recv`.
+    fn pump_error(&self, tag: &ClusterTag, source: RdKafkaError) {
+        tag.errors.increment(1);
+        self.cluster_error(&tag.id, source.to_string());
+        if classify(&source) == ErrorClass::Transient {
+            tracing::debug!(cluster = %tag.id, error = %source, "transient consumer error");
+        } else {
+            self.push_error(FleetConsumeError::Kafka {
+                cluster: tag.id.clone(),
+                source,
+            });
         }
     }
 
     /// Bookkeeping of a record handed to the application.
     fn delivered(&self, msg: FleetMessage) -> FleetMessage {
-        metrics::counter!("flotilla_consumer_records_total", "cluster" => msg.cluster.clone())
-            .increment(1);
-        if self.config.auto_store() {
-            let (consumer, at_fence) = {
-                let st = self.lock();
-                let next = msg.offset() + 1;
+        msg.cluster.records.increment(1);
+        if self.auto_store {
+            let next = msg.offset() + 1;
+            msg.cluster.store_later(msg.topic(), msg.partition(), next);
+            if self.auto_commit {
                 let p = msg.partition() as usize;
+                let cluster = msg.cluster();
+                let st = self.lock();
                 let at_fence = st.routes.get(msg.topic()).is_some_and(|r| {
                     r.sealed_epochs().any(|e| {
-                        e.writes_to(&msg.cluster)
-                            && e.fence.get(&msg.cluster).and_then(|f| f.get(p)) == Some(&next)
+                        e.writes_to(cluster)
+                            && e.fence.get(cluster).and_then(|f| f.get(p)) == Some(&next)
                     })
                 });
-                let consumer = st.readers.get(&msg.cluster).map(|r| r.consumer.clone());
-                (consumer, at_fence)
-            };
-            if let Some(c) = consumer {
-                if let Err(e) = c.store_offsets(&next_offset_tpl(&msg)) {
-                    tracing::debug!(cluster = %msg.cluster, error = %e, "cannot store offset (partition revoked?)");
-                } else if at_fence && self.config.auto_commit() {
-                    // This member reached a fence: commit now rather than at the
-                    // next auto-commit tick, so the next epoch's records wait less.
+                let consumer = st.readers.get(cluster).map(|r| r.consumer.clone());
+                drop(st);
+                if let (true, Some(c)) = (at_fence, consumer) {
+                    // This member reached a fence: commit now rather than at
+                    // the next auto-commit tick, so the next epoch's records
+                    // wait less.
+                    self.flush_stores(&msg.cluster, &c);
                     if let Err(e) = c.commit_consumer_state(CommitMode::Async) {
-                        tracing::debug!(cluster = %msg.cluster, error = %e, "cannot commit at a fence");
+                        tracing::debug!(%cluster, error = %e, "cannot commit at a fence");
                     }
                 }
             }
@@ -420,10 +664,21 @@ impl Shared {
         if !self.group_registered.load(Ordering::SeqCst) {
             self.register_group(&topics).await;
         }
+        // 0. Offsets delivered since a pump last ran go to librdkafka's store
+        // (auto-commit commits what is stored).
+        let stores: Vec<(Arc<ClusterTag>, Arc<ClusterConsumer>)> = self
+            .lock()
+            .readers
+            .values()
+            .map(|r| (r.tag.clone(), r.consumer.clone()))
+            .collect();
+        for (tag, consumer) in stores {
+            self.flush_stores(&tag, &consumer);
+        }
         // 1. Routes into the gates.
         {
             let mut st = self.lock();
-            let before = st.ready.len();
+            let mut released = false;
             for t in &topics {
                 let Some(route) = snap.route(t) else {
                     continue;
@@ -455,18 +710,19 @@ impl Shared {
                 if changed {
                     st.routes.insert(t.clone(), route.clone());
                 }
-                self.apply(&mut st, t, actions);
+                released |= self.apply(&mut st, t, actions);
                 if changed {
                     // Records parked as `Ahead` wait for a route, not for a limit.
                     let slots: Vec<Slot> =
                         st.parked.keys().filter(|s| &s.1 == t).cloned().collect();
                     for s in slots {
-                        self.drain(&mut st, &s);
+                        released |= self.drain(&mut st, &s);
                     }
                 }
             }
-            if st.ready.len() > before {
-                self.notify.notify_one();
+            drop(st);
+            if released {
+                self.wake_recv();
             }
         }
         // 2. The group's committed offsets on clusters of sealed epochs not yet consumed.
@@ -602,7 +858,9 @@ impl Shared {
                 }
                 st.parked.retain(|s, _| s.0 != c);
                 st.user_paused.retain(|s| s.0 != c);
+                st.sought.retain(|s, _| s.0 != c);
                 st.assigned.remove(&c);
+                self.ready().q.retain(|m| m.cluster() != c);
             }
             let now = Instant::now();
             for (c, topics) in &desired {
@@ -644,22 +902,29 @@ impl Shared {
         }))
         .await;
         let mut st = self.lock();
-        let mut changed = false;
+        let mut refused = Vec::new();
         for (c, topics, r) in opened {
             match r {
                 Ok((consumer, admin)) => {
                     tracing::info!(cluster = %c, ?topics, "reading cluster");
                     st.retry_at.remove(&c);
                     st.cluster_errors.remove(&c);
+                    let consumer = Arc::new(consumer);
+                    let tag = ClusterTag::new(c.clone());
+                    let committer =
+                        Committer::start(c.clone(), consumer.clone(), Arc::downgrade(self));
+                    let pump = tokio::spawn(pump(self.clone(), tag.clone(), consumer.clone()));
                     st.readers.insert(
                         c,
                         Reader {
-                            consumer: Arc::new(consumer),
+                            consumer,
                             admin,
                             topics,
+                            tag,
+                            committer,
+                            pump,
                         },
                     );
-                    changed = true;
                 }
                 Err(e) => {
                     let backoff = self.config.poll_interval.max(Duration::from_secs(2));
@@ -670,8 +935,7 @@ impl Shared {
                         FleetConsumeError::Cluster(KafkaError::ClusterIdMismatch { .. })
                     ) {
                         tracing::error!(cluster = %c, error = %e, "REFUSING cluster: Kafka cluster id mismatch");
-                        st.errors.push_back(e);
-                        changed = true;
+                        refused.push(e);
                     } else {
                         tracing::warn!(cluster = %c, error = %e, "cannot read cluster yet; retrying");
                     }
@@ -679,8 +943,8 @@ impl Shared {
             }
         }
         drop(st);
-        if changed {
-            self.notify.notify_one();
+        for e in refused {
+            self.push_error(e);
         }
     }
 
@@ -717,6 +981,18 @@ impl Shared {
     }
 }
 
+/// Runs a blocking wait; on a multi-thread tokio runtime in
+/// `block_in_place`, so the worker's other tasks (the pumps among them) move
+/// to another thread meanwhile.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// How long [`FleetConsumer::close`] waits for the per-cluster consumers to leave their groups.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -728,7 +1004,37 @@ fn close_readers(readers: Vec<Reader>) -> tokio::sync::oneshot::Receiver<()> {
     let spawned = std::thread::Builder::new()
         .name("flotilla-consumer-close".into())
         .spawn(move || {
-            drop(readers);
+            let mut consumers = Vec::new();
+            for r in readers {
+                r.pump.abort();
+                r.committer.stop();
+                consumers.push(r.consumer);
+            }
+            // The aborted pumps release their handles as soon as the runtime
+            // drops them; closing must happen here, not on a runtime thread
+            // (it blocks while leaving the group). A committer still blocked
+            // on a dead cluster releases its handle when that call returns,
+            // and closes the consumer then.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            for c in consumers {
+                let mut c = c;
+                loop {
+                    match Arc::try_unwrap(c) {
+                        Ok(c) => {
+                            drop(c);
+                            break;
+                        }
+                        Err(back) if Instant::now() < deadline => {
+                            c = back;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err(back) => {
+                            drop(back);
+                            break;
+                        }
+                    }
+                }
+            }
             let _ = tx.send(());
         });
     if let Err(e) = spawned {
@@ -843,9 +1149,13 @@ impl FleetConsumer {
         let shared = Arc::new(Shared {
             group,
             client_id,
+            auto_store: config.auto_store(),
+            auto_commit: config.auto_commit(),
             config,
             state: Mutex::new(State::default()),
+            ready: Mutex::new(Ready::default()),
             notify: Notify::new(),
+            space: Notify::new(),
             wake: Notify::new(),
             group_registered: AtomicBool::new(false),
             stragglers: AtomicU64::new(0),
@@ -896,56 +1206,17 @@ impl FleetConsumer {
     /// An `Err` concerns one cluster (or a refused one); the others keep
     /// flowing: call `recv` again.
     pub async fn recv(&self) -> Result<FleetMessage, FleetConsumeError> {
-        let mut rotate = 0usize;
         loop {
+            if let Some(r) = self.shared.pop_ready() {
+                return r.map(|m| self.shared.delivered(m));
+            }
             let notified = self.shared.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let mut consumers: Vec<(ClusterId, Arc<ClusterConsumer>)> = {
-                let mut st = self.shared.lock();
-                if let Some(m) = st.ready.pop_front() {
-                    drop(st);
-                    return Ok(self.shared.delivered(m));
-                }
-                if let Some(e) = st.errors.pop_front() {
-                    return Err(e);
-                }
-                st.readers
-                    .iter()
-                    .map(|(c, r)| (c.clone(), r.consumer.clone()))
-                    .collect()
-            };
-            if consumers.is_empty() {
-                notified.await;
-                continue;
+            if let Some(r) = self.shared.pop_ready() {
+                return r.map(|m| self.shared.delivered(m));
             }
-            rotate = rotate.wrapping_add(1);
-            let n = consumers.len();
-            consumers.rotate_left(rotate % n);
-            let futs = consumers.iter().map(|(c, k)| {
-                async move { (c.clone(), k.recv().await.map(|m| m.detach())) }.boxed()
-            });
-            tokio::select! {
-                _ = &mut notified => continue,
-                ((cluster, res), _, _) = select_all(futs) => match res {
-                    Ok(m) => {
-                        if let Some(msg) = self.shared.process(&cluster, m) {
-                            return Ok(self.shared.delivered(msg));
-                        }
-                    }
-                    Err(source) => {
-                        metrics::counter!("flotilla_consumer_errors_total", "cluster" => cluster.clone()).increment(1);
-                        self.shared.cluster_error(&cluster, source.to_string());
-                        if classify(&source) == ErrorClass::Transient {
-                            // A cluster down or flapping: librdkafka reconnects and
-                            // resumes where it was; the other clusters keep flowing.
-                            tracing::debug!(%cluster, error = %source, "transient consumer error");
-                            continue;
-                        }
-                        return Err(FleetConsumeError::Kafka { cluster, source });
-                    }
-                },
-            }
+            notified.await;
         }
     }
 
@@ -954,34 +1225,65 @@ impl FleetConsumer {
         futures::stream::unfold(self, |c| async move { Some((c.recv().await, c)) })
     }
 
-    fn consumer_of(&self, cluster: &str) -> Result<Arc<ClusterConsumer>, FleetConsumeError> {
+    fn reader_of(
+        &self,
+        cluster: &str,
+    ) -> Result<(Arc<ClusterConsumer>, Arc<Committer>, Arc<ClusterTag>), FleetConsumeError> {
         self.shared
             .lock()
             .readers
             .get(cluster)
-            .map(|r| r.consumer.clone())
+            .map(|r| (r.consumer.clone(), r.committer.clone(), r.tag.clone()))
             .ok_or_else(|| FleetConsumeError::NotReading {
                 cluster: cluster.to_string(),
             })
     }
 
+    fn consumer_of(&self, cluster: &str) -> Result<Arc<ClusterConsumer>, FleetConsumeError> {
+        self.reader_of(cluster).map(|(c, _, _)| c)
+    }
+
+    /// Maps a commit that did not complete to the consumer's error.
+    fn commit_err(&self, cluster: &str, w: CommitWait) -> FleetConsumeError {
+        match w {
+            CommitWait::Pending(waited) => FleetConsumeError::CommitPending {
+                cluster: cluster.to_string(),
+                waited,
+            },
+            CommitWait::Failed(source) => self.kafka_err(cluster, source),
+        }
+    }
+
     /// Commits `msg` (its offset + 1) to the cluster it came from, like
-    /// rdkafka's `commit_message`. A synchronous commit feeds the fence gate
-    /// at once, so records waiting for this fence flow without a poll delay.
+    /// rdkafka's `commit_message`, through that cluster's committer thread.
+    ///
+    /// `CommitMode::Sync` waits for the cluster's confirmation at most the
+    /// commit timeout ([`FleetConsumerConfig::commit_timeout`], 5 s by
+    /// default), and not at all if the cluster is already known to be
+    /// unreachable: then it returns [`FleetConsumeError::CommitPending`], the
+    /// commit stays queued and is retried until the cluster answers. A
+    /// confirmed commit feeds the fence gate before this returns, so records
+    /// waiting for this fence flow without a poll delay. `CommitMode::Async`
+    /// only queues the commit (never blocks); the fence gate learns of it
+    /// when the cluster confirms it.
+    ///
+    /// The wait blocks the calling thread, like rdkafka's; on a multi-thread
+    /// tokio runtime it is done in `block_in_place`, so the worker's other
+    /// tasks move on meanwhile.
     pub fn commit_message(
         &self,
         msg: &FleetMessage,
         mode: CommitMode,
     ) -> Result<(), FleetConsumeError> {
         let next = msg.offset() + 1;
-        let consumer = match self.consumer_of(&msg.cluster) {
-            Ok(c) => c,
+        let committer = match self.reader_of(msg.cluster()) {
+            Ok((_, c, _)) => c,
             // The cluster left the read set because the group committed past
             // its fences: a record from before that needs no commit.
             Err(e) => {
                 let done = u32::try_from(msg.partition())
                     .ok()
-                    .and_then(|p| self.gate_committed(&msg.cluster, msg.topic(), p));
+                    .and_then(|p| self.gate_committed(msg.cluster(), msg.topic(), p));
                 return if done.is_some_and(|c| c >= next) {
                     Ok(())
                 } else {
@@ -989,16 +1291,15 @@ impl FleetConsumer {
                 };
             }
         };
-        let tpl = next_offset_tpl(msg);
-        consumer
-            .commit(&tpl, mode)
-            .map_err(|source| self.kafka_err(&msg.cluster, source))?;
-        if matches!(mode, CommitMode::Sync) {
-            if let Ok(p) = u32::try_from(msg.partition()) {
-                self.shared.on_committed(&msg.cluster, msg.topic(), p, next);
+        let offsets = [((msg.topic().to_string(), msg.partition()), next)];
+        let r = match mode {
+            CommitMode::Async => committer.commit(&offsets, None),
+            CommitMode::Sync => {
+                let timeout = self.shared.config.commit_timeout;
+                blocking(|| committer.commit(&offsets, Some(timeout)))
             }
-        }
-        Ok(())
+        };
+        r.map_err(|w| self.commit_err(msg.cluster(), w))
     }
 
     /// Stores `msg`'s offset (+1) for the next commit ([`FleetConsumer::commit`]
@@ -1006,32 +1307,58 @@ impl FleetConsumer {
     /// needed with `enable.auto.offset.store=false`: otherwise every
     /// delivered record is stored.
     pub fn store_offset(&self, msg: &FleetMessage) -> Result<(), FleetConsumeError> {
-        self.consumer_of(&msg.cluster)?
+        self.consumer_of(msg.cluster())?
             .store_offsets(&next_offset_tpl(msg))
-            .map_err(|source| self.kafka_err(&msg.cluster, source))
+            .map_err(|source| self.kafka_err(msg.cluster(), source))
     }
 
     /// Commits the stored offsets on every cluster, like rdkafka's
-    /// `commit_consumer_state`. A cluster with nothing to commit is not an error.
+    /// `commit_consumer_state`, through each cluster's committer. A cluster
+    /// with nothing to commit is not an error. `CommitMode::Sync` waits at
+    /// most the commit timeout in all (a cluster that does not confirm in
+    /// time gives [`FleetConsumeError::CommitPending`]; its commit is retried
+    /// in the background); the first error is returned, after every
+    /// cluster's commit was queued.
     pub fn commit(&self, mode: CommitMode) -> Result<(), FleetConsumeError> {
-        let consumers: Vec<(ClusterId, Arc<ClusterConsumer>)> = self
+        let readers: Vec<(Arc<ClusterTag>, Arc<ClusterConsumer>, Arc<Committer>)> = self
             .shared
             .lock()
             .readers
-            .iter()
-            .map(|(c, r)| (c.clone(), r.consumer.clone()))
+            .values()
+            .map(|r| (r.tag.clone(), r.consumer.clone(), r.committer.clone()))
             .collect();
+        for (tag, consumer, _) in &readers {
+            self.shared.flush_stores(tag, consumer);
+        }
+        let sync = matches!(mode, CommitMode::Sync);
+        let deadline = Instant::now() + self.shared.config.commit_timeout;
         let mut first = None;
-        for (c, k) in consumers {
-            match k.commit_consumer_state(mode) {
-                Ok(()) => {}
-                Err(RdKafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-                Err(source) => {
-                    first.get_or_insert(self.kafka_err(&c, source));
-                }
+        let tickets: Vec<_> = readers
+            .iter()
+            .map(|(tag, _, committer)| (tag, committer, committer.ask_state()))
+            .collect();
+        if !sync {
+            return Ok(());
+        }
+        for (tag, committer, ticket) in tickets {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Err(w) = blocking(|| committer.wait_state(ticket, left)) {
+                first.get_or_insert(self.commit_err(&tag.id, w));
             }
         }
         first.map_or(Ok(()), Err)
+    }
+
+    /// Offsets queued for commit and not yet confirmed, per cluster and
+    /// (topic, partition): non-empty while a cluster does not answer.
+    pub fn pending_commits(&self) -> BTreeMap<ClusterId, BTreeMap<(String, i32), i64>> {
+        self.shared
+            .lock()
+            .readers
+            .iter()
+            .map(|(c, r)| (c.clone(), r.committer.pending()))
+            .filter(|(_, p)| !p.is_empty())
+            .collect()
     }
 
     fn kafka_err(&self, cluster: &str, source: RdKafkaError) -> FleetConsumeError {
@@ -1060,23 +1387,54 @@ impl FleetConsumer {
 
     /// Pauses `partitions` on `cluster` (rdkafka `pause`). The fence gate's
     /// own pauses are separate: [`FleetConsumer::resume`] never releases a
-    /// partition the gate holds.
+    /// partition the gate holds. Records of these partitions already read
+    /// and waiting for `recv` are put back (the partition is sought to the
+    /// first of them), so nothing of a paused partition is delivered after
+    /// this returns — except a batch being read at this very moment.
     pub fn pause(
         &self,
         cluster: &str,
         partitions: &TopicPartitionList,
     ) -> Result<(), FleetConsumeError> {
-        let consumer = self.consumer_of(cluster)?;
+        let (consumer, _, tag) = self.reader_of(cluster)?;
+        let mut rewind: Vec<(String, i32, i64)> = Vec::new();
         {
             let mut st = self.shared.lock();
+            let mut slots = BTreeSet::new();
             for e in partitions.elements() {
                 st.user_paused
                     .insert((cluster.to_string(), e.topic().to_string(), e.partition()));
+                slots.insert((e.topic().to_string(), e.partition()));
+            }
+            let mut r = self.shared.ready();
+            r.q.retain(|m| {
+                let key = (m.topic().to_string(), m.partition());
+                if m.cluster() != cluster || !slots.contains(&key) {
+                    return true;
+                }
+                if !rewind.iter().any(|(t, p, _)| *t == key.0 && *p == key.1) {
+                    rewind.push((key.0, key.1, m.offset()));
+                }
+                false
+            });
+            drop(r);
+            for (t, p, o) in &rewind {
+                let n = tag.seeks.fetch_add(1, Ordering::AcqRel) + 1;
+                st.sought.insert(
+                    (cluster.to_string(), t.clone(), *p),
+                    (n, Offset::Offset(*o)),
+                );
             }
         }
         consumer
             .pause(partitions)
-            .map_err(|s| self.kafka_err(cluster, s))
+            .map_err(|s| self.kafka_err(cluster, s))?;
+        for (t, p, o) in rewind {
+            consumer
+                .seek(&t, p, Offset::Offset(o), Duration::ZERO)
+                .map_err(|s| self.kafka_err(cluster, s))?;
+        }
+        Ok(())
     }
 
     /// Resumes `partitions` on `cluster` that [`FleetConsumer::pause`] paused,
@@ -1104,8 +1462,9 @@ impl FleetConsumer {
     }
 
     /// Moves `cluster/topic/partition` to `offset` (rdkafka `seek`; the
-    /// partition must be assigned to this member). Records parked for it are
-    /// dropped (they are read again); fences still apply.
+    /// partition must be assigned to this member). Records parked or already
+    /// read for it are dropped (a batch read while the seek happens is read
+    /// again from `offset`); fences still apply.
     pub fn seek(
         &self,
         cluster: &str,
@@ -1114,9 +1473,17 @@ impl FleetConsumer {
         offset: Offset,
         timeout: Duration,
     ) -> Result<(), FleetConsumeError> {
-        let consumer = self.consumer_of(cluster)?;
+        let (consumer, _, tag) = self.reader_of(cluster)?;
         let slot = (cluster.to_string(), topic.to_string(), partition);
-        let was_parked = self.shared.lock().parked.remove(&slot).is_some();
+        let was_parked = {
+            let mut st = self.shared.lock();
+            let n = tag.seeks.fetch_add(1, Ordering::AcqRel) + 1;
+            st.sought.insert(slot.clone(), (n, offset));
+            self.shared.ready().q.retain(|m| {
+                !(m.cluster() == cluster && m.topic() == topic && m.partition() == partition)
+            });
+            st.parked.remove(&slot).is_some()
+        };
         consumer
             .seek(topic, partition, offset, timeout)
             .map_err(|s| self.kafka_err(cluster, s))?;
@@ -1209,6 +1576,46 @@ impl FleetConsumer {
                 tracing::debug!(error = %e, "cannot revoke the consumer's lease");
             }
         }
+    }
+}
+
+/// Reads one cluster's consumer: pulls what librdkafka has in batches,
+/// detaches the records and hands them to the gate and the ready queue that
+/// `recv` pops from. It polls the consumer on its own (rebalances and commit
+/// callbacks are served while the application processes a record) and stops
+/// reading while the ready queue is full, leaving the rest in librdkafka.
+async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>, consumer: Arc<ClusterConsumer>) {
+    let mut stream = consumer.stream();
+    let mut batch: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
+    loop {
+        shared.wait_for_space().await;
+        let seeks = tag.seeks.load(Ordering::Acquire);
+        let mut next = stream.next().await;
+        loop {
+            match next {
+                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Err(e)) => shared.pump_error(&tag, e),
+                None => return,
+            }
+            if batch.len() >= BATCH {
+                break;
+            }
+            match stream.next().now_or_never() {
+                Some(r) => next = r,
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            for (t, p, to) in shared.admit_batch(&tag, seeks, &mut batch) {
+                if let Err(e) = consumer.seek(&t, p, to, Duration::ZERO) {
+                    tracing::warn!(cluster = %tag.id, topic = %t, partition = p, error = %e, "cannot seek again after a seek during a read");
+                }
+            }
+        }
+        shared.flush_stores(&tag, &consumer);
+        // librdkafka's stream is always ready while records are buffered:
+        // let the other tasks of this worker run between batches.
+        tokio::task::yield_now().await;
     }
 }
 

@@ -35,6 +35,7 @@
 //!
 //! See `docs/consumer.md` for porting from `StreamConsumer`.
 
+mod committer;
 mod config;
 mod context;
 mod fleet;
