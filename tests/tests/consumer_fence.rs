@@ -228,6 +228,11 @@ fn spawn_member(
                     // The cluster left the read set: the group is past it.
                     break;
                 }
+                if let FleetConsumeError::CommitPending { .. } = e {
+                    // The cluster does not answer: its committer keeps
+                    // committing this offset in the background; read on.
+                    break;
+                }
                 if started.elapsed() > Duration::from_secs(5) {
                     // E.g. the member lost its group membership while the
                     // cluster was down: keep polling (which rejoins); the
