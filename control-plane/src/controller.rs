@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use crate::error::ControlError;
-use crate::ops::ControlPlane;
+use crate::ops::{ControlPlane, FenceOutcome};
 
 /// Milliseconds since the Unix epoch, read from the system clock (adapters only).
 pub fn now_millis() -> UnixMillis {
@@ -42,6 +42,9 @@ pub struct ReconcileReport {
     pub waiting: Vec<(String, u64, Vec<String>)>,
     /// Temporary clusters moved to draining because they expired.
     pub drained: Vec<String>,
+    /// Draining clusters whose writes were fenced in this pass: (cluster,
+    /// topics). Their drained check follows on a later pass.
+    pub fenced: Vec<(String, Vec<String>)>,
     /// Clusters retired.
     pub retired: Vec<String>,
     /// Clusters that would retire but something still needs them: (cluster, why).
@@ -318,20 +321,67 @@ impl Controller {
                             .push((spec.id.clone(), format!("expired but not drained: {e}"))),
                     }
                 }
-                ClusterState::Draining => match self.cp.check_retirable(snap, spec).await {
-                    Ok(()) => match self
-                        .cp
-                        .registry()
-                        .set_cluster_state(&spec.id, ClusterState::Retired)
-                        .await
-                    {
-                        Ok(_) => report.retired.push(spec.id.clone()),
-                        Err(e) => report.errors.push(format!("retiring {}: {e}", spec.id)),
-                    },
-                    Err(ControlError::Refused(why)) => report.blocked.push((spec.id.clone(), why)),
-                    Err(e) => report.errors.push(format!("checking {}: {e}", spec.id)),
-                },
+                ClusterState::Draining => {
+                    if !self.fence_writes(snap, spec, report).await {
+                        continue;
+                    }
+                    match self.cp.check_retirable(snap, spec).await {
+                        Ok(()) => match self
+                            .cp
+                            .registry()
+                            .set_cluster_state(&spec.id, ClusterState::Retired)
+                            .await
+                        {
+                            Ok(_) => report.retired.push(spec.id.clone()),
+                            Err(e) => report.errors.push(format!("retiring {}: {e}", spec.id)),
+                        },
+                        Err(ControlError::Refused(why)) => {
+                            report.blocked.push((spec.id.clone(), why))
+                        }
+                        Err(e) => report.errors.push(format!("checking {}: {e}", spec.id)),
+                    }
+                }
                 _ => {}
+            }
+        }
+    }
+
+    /// The write fence before the drained check of a draining cluster
+    /// (docs/handoff.md, "The write fence"): sets it on every topic the
+    /// cluster held, or finds it in place. Only a fence found already in place
+    /// lets the drained check run in this pass (`true`): one set just now
+    /// gets until the next pass to reach every broker and to let produce
+    /// requests validated before it finish, so the end offsets the check
+    /// reads are final. Level-triggered: the fence lives in the topics'
+    /// configs, so a new leader finds what its predecessor set.
+    async fn fence_writes(
+        &self,
+        snap: &FleetSnapshot,
+        spec: &flotilla_client::registry::ClusterSpec,
+        report: &mut ReconcileReport,
+    ) -> bool {
+        match self.cp.fence_writes(snap, spec).await {
+            Ok(FenceOutcome::InPlace) => true,
+            Ok(FenceOutcome::SetNow { topics }) => {
+                report.blocked.push((
+                    spec.id.clone(),
+                    format!(
+                        "writes to {} fenced just now; the drained check follows on the next pass",
+                        topics.join(", ")
+                    ),
+                ));
+                report.fenced.push((spec.id.clone(), topics));
+                false
+            }
+            Err(ControlError::Refused(why)) => {
+                report.blocked.push((spec.id.clone(), why));
+                false
+            }
+            Err(e) => {
+                report
+                    .errors
+                    .push(format!("fencing writes to {}: {e}", spec.id));
+                false
             }
         }
     }
@@ -367,6 +417,7 @@ impl Controller {
             total.sealed.extend(r.sealed);
             total.aborted.extend(r.aborted);
             total.drained.extend(r.drained);
+            total.fenced.extend(r.fenced);
             total.retired.extend(r.retired);
             total.errors.extend(r.errors);
             total.blocked = r.blocked;
@@ -511,7 +562,7 @@ pub async fn current_leader(cp: &ControlPlane) -> Result<Option<String>, Control
 #[cfg(test)]
 mod tests_support {
     pub(super) use super::*;
-    pub(super) use crate::kafka::FleetKafka;
+    pub(super) use crate::kafka::{FleetKafka, WriteFenceStatus};
     pub(super) use crate::ops::{AddCluster, SetRoute};
     use async_trait::async_trait;
     use flotilla_client::kafka::KafkaError;
@@ -525,6 +576,10 @@ mod tests_support {
     pub(super) struct FakeKafka {
         pub(super) ends: Mutex<HashMap<String, Vec<i64>>>,
         pub(super) committed: Mutex<HashMap<String, Vec<Option<i64>>>>,
+        /// (cluster, topic) pairs whose writes are fenced.
+        pub(super) fenced: Mutex<std::collections::BTreeSet<(String, String)>>,
+        /// "fence <cluster>" and "ends <cluster>", in call order.
+        pub(super) calls: Mutex<Vec<String>>,
     }
 
     #[async_trait]
@@ -541,6 +596,7 @@ mod tests_support {
             _: &str,
             partitions: u32,
         ) -> Result<Vec<i64>, KafkaError> {
+            self.calls.lock().unwrap().push(format!("ends {}", spec.id));
             let ends = self.ends.lock().unwrap();
             Ok(ends
                 .get(&spec.id)
@@ -558,6 +614,26 @@ mod tests_support {
             Ok(c.get(&spec.id)
                 .cloned()
                 .unwrap_or_else(|| vec![None; partitions as usize]))
+        }
+        async fn fence_writes(
+            &self,
+            spec: &ClusterSpec,
+            topic: &str,
+        ) -> Result<WriteFenceStatus, KafkaError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("fence {}", spec.id));
+            let new = self
+                .fenced
+                .lock()
+                .unwrap()
+                .insert((spec.id.clone(), topic.to_string()));
+            Ok(if new {
+                WriteFenceStatus::Fenced
+            } else {
+                WriteFenceStatus::AlreadyFenced
+            })
         }
     }
 
@@ -694,7 +770,13 @@ mod tests {
         let route = cp.route("t").await.unwrap();
         assert_eq!(route.epochs[0].fence["a"], vec![10, 7]);
         cp.drain("a").await.unwrap();
-        // A straggler landed on a above its fence; the group is at the fence.
+        // The first pass after the drain fences a's writes; the drained check
+        // waits for the next pass.
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.fenced, vec![("a".into(), vec!["t".into()])], "{r:?}");
+        assert!(r.retired.is_empty(), "{r:?}");
+        // A straggler landed on a above its fence (before the write fence);
+        // the group is at the fence.
         kafka.ends.lock().unwrap().insert("a".into(), vec![12, 7]);
         kafka
             .committed
@@ -770,6 +852,11 @@ mod late_tests {
         late.update(rec).await.unwrap();
         let r = ctl.reconcile_once(now_millis()).await.unwrap();
         assert!(r.retired.is_empty(), "stragglers not read yet: {r:?}");
+        // No late writer holds a any more: its writes are fenced now, the
+        // drained check comes next.
+        assert_eq!(r.fenced, vec![("a".into(), vec!["t".into()])], "{r:?}");
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert!(r.retired.is_empty(), "stragglers not read yet: {r:?}");
         assert!(r.blocked[0].1.contains("end offsets"), "{r:?}");
         kafka
             .committed
@@ -809,6 +896,97 @@ mod late_tests {
             .is_empty());
         tokio::time::advance(Duration::from_secs(1)).await;
         let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.fenced.len(), 1, "the grace passed: a is fenced: {r:?}");
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
         assert_eq!(r.retired, vec!["a".to_string()], "{r:?}");
+    }
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::tests_support::*;
+
+    /// Finding 2's last gap (docs/simulator.md): the drained check must read
+    /// end offsets that no later write can move. The controller fences the
+    /// draining cluster's topics first and does the check only on a later
+    /// pass that finds the fence in place; a fresh controller (a new leader)
+    /// finds the fence its predecessor set and never checks without it.
+    #[tokio::test]
+    async fn writes_are_fenced_before_the_drained_check_and_the_fence_is_level_triggered() {
+        let kv = MemoryKv::new();
+        let (cp, kafka) = fleet(&kv).await;
+        cp.set_route(set(&["a"], 1_000), now_millis())
+            .await
+            .unwrap();
+        cp.set_route(set(&["b"], 1_000), now_millis())
+            .await
+            .unwrap();
+        let ctl = Controller::new(cp.clone());
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.sealed, vec![("t".into(), 2)], "{r:?}");
+        // Not draining: never fenced (b is live, a could still be routed to).
+        assert!(kafka.fenced.lock().unwrap().is_empty());
+        // An active cluster that held topics cannot be retired (nor fenced) directly.
+        let e = cp.retire("a").await.unwrap_err();
+        assert!(e.to_string().contains("drain it first"), "{e}");
+        cp.drain("a").await.unwrap();
+        kafka.calls.lock().unwrap().clear();
+        let r = ctl.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.fenced, vec![("a".into(), vec!["t".into()])], "{r:?}");
+        assert!(
+            r.retired.is_empty(),
+            "checked in the pass that set the fence: {r:?}"
+        );
+        let calls = kafka.calls.lock().unwrap().clone();
+        assert!(
+            !calls.iter().any(|c| c == "ends a"),
+            "end offsets of a read before the fence settled: {calls:?}"
+        );
+        // A new leader: the fence is found in place, the check runs, a retires.
+        let fresh = Controller::new(cp.clone());
+        let r = fresh.reconcile_once(now_millis()).await.unwrap();
+        assert!(r.fenced.is_empty(), "{r:?}");
+        assert_eq!(r.retired, vec!["a".to_string()], "{r:?}");
+        let calls = kafka.calls.lock().unwrap().clone();
+        let fence = calls.iter().position(|c| c == "fence a").unwrap();
+        assert!(
+            calls.iter().skip(fence).any(|c| c == "ends a"),
+            "no drained check after the fence: {calls:?}"
+        );
+        assert!(
+            kafka.fenced.lock().unwrap().iter().all(|(c, _)| c == "a"),
+            "only the retiring cluster is fenced"
+        );
+    }
+
+    /// The one-shot `flotilla cluster retire` fences too, and refuses before
+    /// touching Kafka while an open epoch writes to the cluster.
+    #[tokio::test(start_paused = true)]
+    async fn one_shot_retire_fences_first() {
+        let kv = MemoryKv::new();
+        let (cp, kafka) = fleet(&kv).await;
+        cp.set_route(set(&["a"], 1_000), now_millis())
+            .await
+            .unwrap();
+        let e = cp.retire("a").await.unwrap_err();
+        assert!(e.to_string().contains("open epoch"), "{e}");
+        assert!(kafka.fenced.lock().unwrap().is_empty());
+        cp.set_route(set(&["b"], 1_000), now_millis())
+            .await
+            .unwrap();
+        Controller::new(cp.clone())
+            .reconcile_once(now_millis())
+            .await
+            .unwrap();
+        cp.drain("a").await.unwrap();
+        kafka.calls.lock().unwrap().clear();
+        let spec = cp.retire("a").await.unwrap();
+        assert_eq!(spec.state, ClusterState::Retired);
+        let calls = kafka.calls.lock().unwrap().clone();
+        assert_eq!(
+            calls.first().map(String::as_str),
+            Some("fence a"),
+            "{calls:?}"
+        );
     }
 }

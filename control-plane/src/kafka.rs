@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
+pub use flotilla_client::kafka::admin::{WriteFenceStatus, WRITE_FENCE_CONFIG};
 use flotilla_client::kafka::{ClusterAdmin, KafkaError, KafkaProperties, SecurityProfiles};
 use flotilla_client::registry::ClusterSpec;
 
@@ -37,6 +38,26 @@ pub trait FleetKafka: Send + Sync {
         topic: &str,
         partitions: u32,
     ) -> Result<Vec<Option<i64>>, KafkaError>;
+    /// Fences writes to `topic` on the cluster before it retires: once this
+    /// returns, no produce request can be acknowledged any more (late records
+    /// fail at their producer instead of landing after the drained check),
+    /// while reads and offset commits keep working. Idempotent; says whether
+    /// the fence was already in place. See docs/handoff.md, "The write fence".
+    ///
+    /// The default refuses: a [`FleetKafka`] that cannot fence must not let a
+    /// cluster retire, or records acknowledged after the check would be lost.
+    async fn fence_writes(
+        &self,
+        spec: &ClusterSpec,
+        topic: &str,
+    ) -> Result<WriteFenceStatus, KafkaError> {
+        Err(KafkaError::Other {
+            cluster: spec.id.clone(),
+            detail: format!(
+                "cannot fence writes to topic {topic}: not supported by this FleetKafka"
+            ),
+        })
+    }
 }
 
 /// [`FleetKafka`] over real clusters through rdkafka: one cached
@@ -46,6 +67,7 @@ pub struct RdKafkaFleet {
     profiles: SecurityProfiles,
     timeout: Duration,
     admins: Mutex<HashMap<String, ClusterAdmin>>,
+    fence: bool,
 }
 
 impl RdKafkaFleet {
@@ -56,7 +78,18 @@ impl RdKafkaFleet {
             profiles,
             timeout,
             admins: Mutex::new(HashMap::new()),
+            fence: true,
         }
+    }
+
+    /// Does not fence writes before retirement: [`FleetKafka::fence_writes`]
+    /// reports [`WriteFenceStatus::AlreadyFenced`] without touching the
+    /// cluster. Only for clusters that cannot alter topic configs (librdkafka's
+    /// mock clusters in the demo); a record acknowledged after the drained
+    /// check is then lost with the cluster.
+    pub fn without_write_fence(mut self) -> Self {
+        self.fence = false;
+        self
     }
 
     async fn admin(&self, spec: &ClusterSpec) -> Result<ClusterAdmin, KafkaError> {
@@ -134,5 +167,17 @@ impl FleetKafka for RdKafkaFleet {
             a.committed_offsets(group, topic, partitions).await
         })
         .await
+    }
+
+    async fn fence_writes(
+        &self,
+        spec: &ClusterSpec,
+        topic: &str,
+    ) -> Result<WriteFenceStatus, KafkaError> {
+        if !self.fence {
+            return Ok(WriteFenceStatus::AlreadyFenced);
+        }
+        self.with_admin(spec, |a| async move { a.fence_writes(topic).await })
+            .await
     }
 }

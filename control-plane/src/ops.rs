@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use flotilla_client::registry::{
     ClientRecord, ClusterRole, ClusterSpec, ClusterState, Expect, FleetSnapshot, Registry,
@@ -17,7 +18,28 @@ use flotilla_client::route::switch;
 use serde::Serialize;
 
 use crate::error::ControlError;
-use crate::kafka::FleetKafka;
+use crate::kafka::{FleetKafka, WriteFenceStatus};
+
+/// How long the one-shot [`ControlPlane::retire`] waits after it set a write
+/// fence before reading the end offsets for the drained check: long enough
+/// for every broker of the cluster to apply the new topic config and for a
+/// produce request validated just before the change to be appended (both
+/// take milliseconds). The controller instead leaves the drained check to its
+/// next pass.
+pub const FENCE_SETTLE: Duration = Duration::from_secs(1);
+
+/// What [`ControlPlane::fence_writes`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum FenceOutcome {
+    /// Every topic of the cluster was already fenced (or the cluster holds none).
+    InPlace,
+    /// The fence was set just now on these topics.
+    SetNow {
+        /// Topics fenced by this call.
+        topics: Vec<String>,
+    },
+}
 
 /// A request to register a cluster.
 #[derive(Debug, Clone)]
@@ -271,6 +293,12 @@ impl ControlPlane {
     /// registered group of a topic it held has not consumed it up to its
     /// current end offsets (stragglers above the fence included).
     /// Idempotent.
+    ///
+    /// Writes to the cluster's topics are fenced first ([`ControlPlane::fence_writes`];
+    /// a cluster that holds topics must be `draining`), then — after
+    /// [`FENCE_SETTLE`] when the fence is new — the end offsets are read for
+    /// the drained check: a record written later cannot be acknowledged, so
+    /// nothing acknowledged is lost with the cluster.
     pub async fn retire(&self, id: &str) -> Result<ClusterSpec, ControlError> {
         let snap = self.registry.snapshot().await?;
         let spec = snap
@@ -280,11 +308,65 @@ impl ControlPlane {
         if spec.state == ClusterState::Retired {
             return Ok(spec);
         }
+        if let FenceOutcome::SetNow { .. } = self.fence_writes(&snap, &spec).await? {
+            tokio::time::sleep(FENCE_SETTLE).await;
+        }
         self.check_retirable(&snap, &spec).await?;
         self.move_state_from(&spec, ClusterState::Retired).await
     }
 
-    /// Why `spec` may not retire yet, if anything stops it.
+    /// Fences writes to every topic `spec` held (every route with an epoch
+    /// that wrote to it) at the Kafka level, so that no record can be
+    /// acknowledged on the cluster any more: the step before the drained
+    /// check of retirement. Level-triggered and idempotent: the fence lives
+    /// in the topics' configs on the cluster, so a new leader (or a one-shot
+    /// command) finds it in place; there is nothing to record in the registry.
+    ///
+    /// Refused while an open or pending epoch still writes to the cluster
+    /// (fencing it would fail live producers), and for a cluster that holds
+    /// topics but is not `draining` (a route could be proposed to an active
+    /// cluster meanwhile): drain it first.
+    pub async fn fence_writes(
+        &self,
+        snap: &FleetSnapshot,
+        spec: &ClusterSpec,
+    ) -> Result<FenceOutcome, ControlError> {
+        // The structural refusals of retirement, before Kafka is touched.
+        switch::may_retire(&spec.id, snap.routes.values(), |_, _, _| true)
+            .map_err(ControlError::Refused)?;
+        let topics: Vec<&TopicRoute> = snap
+            .routes
+            .values()
+            .filter(|r| r.epochs.iter().any(|e| e.writes_to(&spec.id)))
+            .collect();
+        if topics.is_empty() {
+            return Ok(FenceOutcome::InPlace);
+        }
+        if spec.state != ClusterState::Draining {
+            return Err(ControlError::Refused(format!(
+                "cluster {} is {}: drain it first (`flotilla cluster drain {}`); its writes are fenced before it retires",
+                spec.id, spec.state, spec.id
+            )));
+        }
+        let mut set_now = Vec::new();
+        for route in topics {
+            match self.kafka.fence_writes(spec, &route.topic).await? {
+                WriteFenceStatus::Fenced => set_now.push(route.topic.clone()),
+                WriteFenceStatus::AlreadyFenced | WriteFenceStatus::NoSuchTopic => {}
+            }
+        }
+        if set_now.is_empty() {
+            Ok(FenceOutcome::InPlace)
+        } else {
+            tracing::info!(cluster = %spec.id, topics = ?set_now, "writes fenced before retirement");
+            Ok(FenceOutcome::SetNow { topics: set_now })
+        }
+    }
+
+    /// Why `spec` may not retire yet, if anything stops it. Call it after
+    /// [`ControlPlane::fence_writes`] found the fence in place: without the
+    /// fence, a record written after the check could be acknowledged and then
+    /// lost with the cluster.
     pub async fn check_retirable(
         &self,
         snap: &FleetSnapshot,
@@ -315,9 +397,10 @@ impl ControlPlane {
     /// (stragglers: producers the controller stopped waiting for at the ack
     /// deadline, or that lost their lease); they must be consumed before the
     /// cluster may go. The cluster is `draining` when the controller asks, so
-    /// live producers no longer write to it and the end offsets only move
-    /// while late retries land. A writer the registry no longer reaches can
-    /// still write after the check: see docs/handoff.md, "Stragglers".
+    /// live producers no longer write to it, and its writes are fenced
+    /// ([`ControlPlane::fence_writes`]), so the end offsets read here are final:
+    /// a writer the registry no longer reaches (a zombie, late retries) can
+    /// no longer land anything after the check (docs/handoff.md, "The write fence").
     async fn group_progress(
         &self,
         snap: &FleetSnapshot,

@@ -9,7 +9,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, ConfigSource, NewTopic, ResourceSpecifier,
+    TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
@@ -35,6 +38,28 @@ pub enum TopicStatus {
     Created,
     /// The topic already existed with the expected partition count.
     Existed,
+}
+
+/// The topic config that fences writes: `max.message.bytes` = 0.
+///
+/// Every produce request carries at least one record batch (61 bytes of
+/// header alone), and the broker rejects a batch larger than the topic's
+/// `max.message.bytes` with `MESSAGE_TOO_LARGE` *before* appending it, whatever
+/// the producer's `acks`; fetches and offset commits are not affected. Verified
+/// on Apache Kafka 4.4.0. (`min.insync.replicas` above the replication factor
+/// does **not** fence: Kafka caps the effective value at the replica count,
+/// `Partition.effectiveMinIsr`, so `acks=all` writes keep succeeding.)
+pub const WRITE_FENCE_CONFIG: (&str, &str) = ("max.message.bytes", "0");
+
+/// What [`ClusterAdmin::fence_writes`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFenceStatus {
+    /// The fence was already in place before this call.
+    AlreadyFenced,
+    /// The fence has been set by this call (and is visible in the topic's config).
+    Fenced,
+    /// The topic does not exist on the cluster: nothing can be written to it.
+    NoSuchTopic,
 }
 
 /// Administration of one Kafka cluster. Cheap to clone (shared handles).
@@ -569,6 +594,129 @@ impl ClusterAdmin {
         .await
     }
 
+    /// The topic configs of `topic` as the brokers report them (`None`: the
+    /// topic does not exist).
+    async fn topic_configs(
+        &self,
+        topic: &str,
+    ) -> Result<Option<rdkafka::admin::ConfigResource>, KafkaError> {
+        let what = format!("describe configs of topic {topic}");
+        let opts = AdminOptions::new().request_timeout(Some(self.inner.timeout));
+        let spec = ResourceSpecifier::Topic(topic);
+        let fut = self.inner.admin().describe_configs([&spec], &opts);
+        let res = match tokio::time::timeout(self.inner.timeout + GRACE, fut).await {
+            Ok(r) => r.map_err(|e| self.inner.err(&what, &e))?,
+            Err(_) => {
+                return Err(KafkaError::Transient {
+                    cluster: self.inner.cluster.clone(),
+                    detail: format!("{what}: no answer within {:?}", self.inner.timeout),
+                })
+            }
+        };
+        match res.into_iter().next() {
+            Some(Ok(r)) => Ok(Some(r)),
+            Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) => Ok(None),
+            Some(Err(code)) => Err(from_code(&self.inner.cluster, code, &what)),
+            None => Err(KafkaError::Other {
+                cluster: self.inner.cluster.clone(),
+                detail: format!("{what}: empty result"),
+            }),
+        }
+    }
+
+    /// Whether writes to `topic` are fenced ([`WRITE_FENCE_CONFIG`] is set on
+    /// it); `None` when the topic does not exist.
+    pub async fn is_write_fenced(&self, topic: &str) -> Result<Option<bool>, KafkaError> {
+        Ok(self.topic_configs(topic).await?.map(|r| is_fenced(&r)))
+    }
+
+    /// Fences writes to `topic`: sets [`WRITE_FENCE_CONFIG`] on it, so every
+    /// later produce request fails (`MESSAGE_TOO_LARGE`, never acknowledged)
+    /// while reads and offset commits keep working. Idempotent; returns once
+    /// the brokers report the new value. There is no way back: the fence is
+    /// meant for a cluster that is about to be retired.
+    ///
+    /// rdkafka 0.39 only offers the legacy (non-incremental) AlterConfigs,
+    /// which replaces the topic's whole dynamic config; the other dynamic
+    /// topic configs (retention, cleanup policy, …) are therefore read first
+    /// and written back unchanged. A config change by someone else between
+    /// the read and the write would be undone.
+    pub async fn fence_writes(&self, topic: &str) -> Result<WriteFenceStatus, KafkaError> {
+        let what = format!("fence writes to topic {topic}");
+        let Some(current) = self.topic_configs(topic).await? else {
+            return Ok(WriteFenceStatus::NoSuchTopic);
+        };
+        if is_fenced(&current) {
+            return Ok(WriteFenceStatus::AlreadyFenced);
+        }
+        let mut keep = Vec::new();
+        for e in &current.entries {
+            if e.source != ConfigSource::DynamicTopic || e.name == WRITE_FENCE_CONFIG.0 {
+                continue;
+            }
+            // A dynamic value the brokers do not show cannot be written back:
+            // refuse rather than reset it.
+            let Some(v) = &e.value else {
+                return Err(KafkaError::Other {
+                    cluster: self.inner.cluster.clone(),
+                    detail: format!(
+                        "{what}: dynamic topic config {} is hidden (sensitive); it would be reset",
+                        e.name
+                    ),
+                });
+            };
+            keep.push((e.name.clone(), v.clone()));
+        }
+        let mut alter = AlterConfig::new(ResourceSpecifier::Topic(topic))
+            .set(WRITE_FENCE_CONFIG.0, WRITE_FENCE_CONFIG.1);
+        for (k, v) in &keep {
+            alter = alter.set(k, v);
+        }
+        let opts = AdminOptions::new().request_timeout(Some(self.inner.timeout));
+        let fut = self.inner.admin().alter_configs([&alter], &opts);
+        let res = match tokio::time::timeout(self.inner.timeout + GRACE, fut).await {
+            Ok(r) => r.map_err(|e| self.inner.err(&what, &e))?,
+            Err(_) => {
+                return Err(KafkaError::Transient {
+                    cluster: self.inner.cluster.clone(),
+                    detail: format!("{what}: no answer within {:?}", self.inner.timeout),
+                })
+            }
+        };
+        match res.into_iter().next() {
+            Some(Ok(_)) => {}
+            Some(Err((_, RDKafkaErrorCode::UnknownTopicOrPartition))) => {
+                return Ok(WriteFenceStatus::NoSuchTopic)
+            }
+            Some(Err((_, code))) => return Err(from_code(&self.inner.cluster, code, &what)),
+            None => {
+                return Err(KafkaError::Other {
+                    cluster: self.inner.cluster.clone(),
+                    detail: format!("{what}: empty result"),
+                })
+            }
+        }
+        // The controller quorum has committed the change; wait until the
+        // brokers serve it, so the caller's next step sees the fence.
+        let deadline = Instant::now() + self.inner.timeout;
+        loop {
+            match self.is_write_fenced(topic).await? {
+                Some(true) => return Ok(WriteFenceStatus::Fenced),
+                None => return Ok(WriteFenceStatus::NoSuchTopic),
+                Some(false) if Instant::now() >= deadline => {
+                    return Err(KafkaError::Transient {
+                        cluster: self.inner.cluster.clone(),
+                        detail: format!(
+                            "{what}: set, but not reported by the brokers within {:?}",
+                            self.inner.timeout
+                        ),
+                    })
+                }
+                Some(false) => tokio::time::sleep(POLL_INTERVAL).await,
+            }
+        }
+    }
+
     /// Deletes `topic` (for tests and cleanup) and waits until it is gone.
     /// Returns `false` when it did not exist.
     pub async fn delete_topic(&self, topic: &str) -> Result<bool, KafkaError> {
@@ -604,4 +752,10 @@ impl ClusterAdmin {
         }
         Ok(true)
     }
+}
+
+/// Whether the described topic config carries the write fence.
+fn is_fenced(r: &rdkafka::admin::ConfigResource) -> bool {
+    r.get(WRITE_FENCE_CONFIG.0)
+        .is_some_and(|e| e.value.as_deref() == Some(WRITE_FENCE_CONFIG.1))
 }
