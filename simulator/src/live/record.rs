@@ -13,7 +13,9 @@
 //! - The group commits after processing (at least once). A record delivered
 //!   again after a delivery whose commit did not succeed (cluster killed,
 //!   rebalance) is an *allowed redelivery*: counted, not fed to the rules.
-//!   One delivered again after a successful commit is a duplicate.
+//!   One delivered again after a successful commit is a duplicate; one
+//!   delivered from a second place landed twice (`duplicate-append`), and
+//!   two acknowledgements naming one offset are an `offset-mismatch`.
 //! - Where an unacknowledged record landed is unknown: its first delivery
 //!   says so (the offset rule only holds for acknowledged records).
 //! - A retired cluster is never read again, so it counts as torn down for
@@ -270,6 +272,25 @@ impl Recorder {
                 ack_index[*rid as usize] = Some(i);
             }
         }
+        // Each (cluster, partition, offset) holds one record: no two
+        // acknowledgements name the same place.
+        let mut places: BTreeMap<(u16, u32, u64), u64> = BTreeMap::new();
+        let mut shared_places = Vec::new();
+        for (rid, r) in recs.iter().enumerate() {
+            if let (true, Some(o)) = (r.acked, r.offset) {
+                if let Some(other) = places.insert((r.cluster, r.partition, o), rid as u64) {
+                    shared_places.push(format!(
+                        "r{other} and r{rid} both acknowledged at c{}/{}@{o}",
+                        r.cluster, r.partition
+                    ));
+                }
+            }
+        }
+        for detail in shared_places {
+            out.anomalies.push(AnomalyKind::OffsetMismatch, 0, detail);
+        }
+        // Where each record was first delivered from.
+        let mut first_at: BTreeMap<u64, (u16, u32, i64)> = BTreeMap::new();
         let mut key_last: BTreeMap<u32, Option<u64>> = BTreeMap::new();
         // Whether the last delivery of each record was committed.
         let mut last_settled: BTreeMap<u64, bool> = BTreeMap::new();
@@ -291,11 +312,24 @@ impl Recorder {
                         continue;
                     };
                     let rec = &mut recs[rid as usize];
-                    if let Some(prev) = last_settled.insert(rid, *settled) {
-                        if !prev {
-                            out.redelivered += 1;
-                            continue;
-                        }
+                    let here = (d.cluster, d.partition, d.offset);
+                    let first = *first_at.entry(rid).or_insert(here);
+                    let prev_settled = last_settled.insert(rid, *settled);
+                    if first != here {
+                        // The same record at two places: it landed twice
+                        // (idempotence failed), not a redelivery.
+                        a.push(
+                            AnomalyKind::DuplicateAppend,
+                            *at,
+                            format!(
+                                "r{rid} key{}#{} delivered from c{}/{}@{} and from c{}/{}@{}",
+                                d.key, d.seq, first.0, first.1, first.2, here.0, here.1, here.2
+                            ),
+                        );
+                    } else if prev_settled == Some(false) {
+                        // Same place again after an unconfirmed commit: at least once.
+                        out.redelivered += 1;
+                        continue;
                     }
                     if !rec.acked && rec.offset.is_none() {
                         rec.cluster = d.cluster;
@@ -480,6 +514,22 @@ mod tests {
             kinds(&r.check(&EndState::default())),
             [AnomalyKind::DuplicateDelivery]
         );
+        // The same record from a second place (landed twice), even after an
+        // unconfirmed commit: a duplicate append, not a redelivery.
+        let r2 = clean();
+        let rid = r2.created(5, 3, 0);
+        r2.acked(rid, 0, 1, 3, 1);
+        deliver(&r2, 5, 3, 3);
+        r2.settled(deliver(&r2, 5, 3, 4));
+        let k = kinds(&r2.check(&EndState::default()));
+        assert_eq!(k[0], AnomalyKind::DuplicateAppend, "{k:?}");
+        // Two acknowledgements at one offset.
+        let r3 = clean();
+        let rid = r3.created(6, 0, 0);
+        r3.acked(rid, 0, 1, 2, 1);
+        r3.settled(deliver(&r3, 6, 0, 2));
+        let k = kinds(&r3.check(&EndState::default()));
+        assert!(k.contains(&AnomalyKind::OffsetMismatch), "{k:?}");
         // Out of order and at the wrong offset.
         let r = Recorder::new();
         for seq in 0..2 {
