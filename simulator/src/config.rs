@@ -218,12 +218,12 @@ pub struct Config {
     pub lease_policy: LeasePolicy,
     /// What the controller does when the ack deadline passes with acks missing.
     pub on_ack_deadline: OnAckDeadline,
-    /// The part of the proposed fix for finding 2 that the real code does not
-    /// have: the controller refuses writes to a drained cluster (a Kafka-level
-    /// write fence, e.g. a deny-write ACL) before retiring it, so a zombie
-    /// producer cut from the registry cannot write after the drain check.
-    /// (Reading sealed clusters until retired and retiring only once the group
-    /// read up to the end offsets are the real code's behaviour now.)
+    /// The controller fences writes to a drained cluster at the Kafka level
+    /// before the drained check of retirement (as the real controller does:
+    /// `max.message.bytes=0` on its topics), so a zombie producer cut from the
+    /// registry, or late retries, cannot land records after the check: they
+    /// fail instead. On by default; `false` (`--no-write-fence`) is the
+    /// control plane before the fence, which loses them (finding 2).
     pub write_fence: bool,
     /// Keep the readable trace lines (the hash of the trace is always computed).
     pub keep_trace: bool,
@@ -250,7 +250,7 @@ impl Default for Config {
             bugs: Bugs::default(),
             lease_policy: LeasePolicy::KeepWriting,
             on_ack_deadline: OnAckDeadline::Proceed,
-            write_fence: false,
+            write_fence: true,
             keep_trace: false,
         }
     }

@@ -30,7 +30,8 @@ enum Cmd {
         /// Worker threads (each runs whole seeds; results do not depend on it).
         #[arg(long, default_value_t = 2)]
         threads: usize,
-        /// Write a Markdown report (switch pause histogram, failing seeds) here.
+        /// Write a Markdown report (switch pause histogram, failing seeds) here,
+        /// and its plots next to it (`<stem>-pause.svg`, `<stem>-lag.svg`).
         #[arg(long)]
         report: Option<std::path::PathBuf>,
         #[command(flatten)]
@@ -195,10 +196,10 @@ struct Shape {
     /// last switch may still have records in flight for it.
     #[arg(long)]
     bug_retire_ignores_late: bool,
-    /// Write-fence a drained cluster at the Kafka level before retiring it
-    /// (the part of finding 2's proposed fix the real code does not do).
-    #[arg(long, alias = "straggler-fix")]
-    write_fence: bool,
+    /// Broken variant: no Kafka-level write fence before retirement (the
+    /// control plane before it; zombie writes after the drained check are lost).
+    #[arg(long, alias = "bug-no-write-fence")]
+    no_write_fence: bool,
 }
 
 impl Shape {
@@ -220,7 +221,7 @@ impl Shape {
         if self.hold_without_lease {
             cfg.lease_policy = LeasePolicy::Hold;
         }
-        cfg.write_fence = self.write_fence;
+        cfg.write_fence = !self.no_write_fence;
         if self.abort_on_deadline {
             cfg.on_ack_deadline = OnAckDeadline::Abort;
         }
@@ -315,9 +316,13 @@ fn main() -> anyhow::Result<()> {
                 seeds as f64 * 3600.0 / wall.max(1e-9)
             );
             if let Some(path) = report {
-                std::fs::write(&path, sum.markdown(&cfg, wall))
+                let plots = sum
+                    .write_report(&path, &cfg, wall)
                     .with_context(|| format!("writing {}", path.display()))?;
                 println!("report written to {}", path.display());
+                for p in plots {
+                    println!("plot written to {}", p.display());
+                }
             }
             if let Some((seed, _)) = sum.failing.first() {
                 let mut c = cfg.clone();

@@ -1,7 +1,11 @@
-//! Summaries over many seeded runs: text for the terminal, Markdown for a report file.
+//! Summaries over many seeded runs: text for the terminal, Markdown for a
+//! report file, and two SVG plots next to it (the switch pause distribution
+//! and the group's lag over time in the worst seed), drawn by hand — a few
+//! rectangles, a polyline and text, no plotting dependency.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::history::AnomalyKind;
@@ -36,6 +40,9 @@ pub struct Summary {
     pub events: u64,
     /// Faults injected by kind.
     pub faults: BTreeMap<String, u64>,
+    /// The lag series of the seed with the highest peak group lag: (seed,
+    /// samples of (virtual ms, records not yet committed)).
+    pub worst_lag: Option<(u64, Vec<(u64, u64)>)>,
 }
 
 impl Summary {
@@ -66,6 +73,15 @@ impl Summary {
         self.events += r.stats.events;
         for (f, n) in &r.stats.faults {
             *self.faults.entry(f.to_string()).or_insert(0) += n;
+        }
+        let peak = |l: &[(u64, u64)]| l.iter().map(|&(_, v)| v).max().unwrap_or(0);
+        if !r.stats.lag.is_empty()
+            && self
+                .worst_lag
+                .as_ref()
+                .is_none_or(|(_, l)| peak(&r.stats.lag) > peak(l))
+        {
+            self.worst_lag = Some((r.seed, r.stats.lag.clone()));
         }
     }
 
@@ -149,8 +165,76 @@ impl Summary {
 
     /// A Markdown report.
     pub fn markdown(&self, cfg: &Config, wall_secs: f64) -> String {
-        markdown(self, cfg, wall_secs)
+        markdown(self, cfg, wall_secs, None)
     }
+
+    /// The switch pause distribution as an SVG histogram (power-of-two
+    /// buckets, as [`histogram`]; proposal → seal and producer holds side by
+    /// side).
+    pub fn pause_svg(&self) -> String {
+        pause_svg(&self.pauses, &self.holds)
+    }
+
+    /// The group's lag over time in the worst seed as an SVG line plot
+    /// (`None` without any sample).
+    pub fn lag_svg(&self) -> Option<String> {
+        self.worst_lag
+            .as_ref()
+            .map(|(seed, lag)| lag_svg(*seed, lag))
+    }
+
+    /// Writes the Markdown report to `path` and the plots next to it:
+    /// `<stem>-pause.svg` and `<stem>-lag.svg` (`sim-report.md` →
+    /// `sim-report-pause.svg`), linked from the Markdown. Returns the SVG paths.
+    pub fn write_report(
+        &self,
+        path: &Path,
+        cfg: &Config,
+        wall_secs: f64,
+    ) -> std::io::Result<Vec<PathBuf>> {
+        let (pause, lag) = plot_paths(path);
+        let name = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        std::fs::write(&pause, self.pause_svg())?;
+        let mut written = vec![pause.clone()];
+        let lag_name = match self.lag_svg() {
+            Some(svg) => {
+                std::fs::write(&lag, svg)?;
+                written.push(lag.clone());
+                Some(name(&lag))
+            }
+            None => None,
+        };
+        let plots = Plots {
+            pause: name(&pause),
+            lag: lag_name,
+        };
+        std::fs::write(path, markdown(self, cfg, wall_secs, Some(&plots)))?;
+        Ok(written)
+    }
+}
+
+/// Where [`Summary::write_report`] puts the plots of the report at `path`:
+/// (`<stem>-pause.svg`, `<stem>-lag.svg`) in the same folder.
+pub fn plot_paths(path: &Path) -> (PathBuf, PathBuf) {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "report".into());
+    let dir = path.parent().unwrap_or(Path::new(""));
+    (
+        dir.join(format!("{stem}-pause.svg")),
+        dir.join(format!("{stem}-lag.svg")),
+    )
+}
+
+/// File names of the plots, for the Markdown links.
+struct Plots {
+    pause: String,
+    lag: Option<String>,
 }
 
 /// A text histogram of `values` (ms) in power-of-two buckets.
@@ -198,7 +282,7 @@ fn distribution(s: &mut String, title: &str, values: &[u64]) {
     let _ = writeln!(s, "```text\n{}```\n", histogram(values));
 }
 
-fn markdown(sum: &Summary, cfg: &Config, wall_secs: f64) -> String {
+fn markdown(sum: &Summary, cfg: &Config, wall_secs: f64, plots: Option<&Plots>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "# flotilla-sim report\n");
     let _ = writeln!(
@@ -215,6 +299,20 @@ fn markdown(sum: &Summary, cfg: &Config, wall_secs: f64) -> String {
         sum.seeds as f64 * 3600.0 / wall_secs.max(1e-9)
     );
     let _ = writeln!(s, "## Summary\n\n```text\n{}```\n", sum.text());
+    if let Some(p) = plots {
+        let _ = writeln!(s, "## Plots\n");
+        let _ = writeln!(
+            s,
+            "![switch pause and producer hold distribution]({})\n",
+            p.pause
+        );
+        if let (Some(lag), Some((seed, _))) = (&p.lag, &sum.worst_lag) {
+            let _ = writeln!(
+                s,
+                "![group lag over time, seed {seed} (highest peak lag)]({lag})\n"
+            );
+        }
+    }
     distribution(&mut s, "Switch pause (proposal → seal)", &sum.pauses);
     distribution(
         &mut s,
@@ -235,5 +333,245 @@ fn markdown(sum: &Summary, cfg: &Config, wall_secs: f64) -> String {
             "\nReplay one with `flotilla-sim replay --seed <seed>` and the same flags."
         );
     }
+    s
+}
+
+// ------------------------------------------------------------------ SVG
+
+/// Plot area: width, height and margins (left, right, top, bottom) in px.
+const W: f64 = 720.0;
+const H: f64 = 360.0;
+const ML: f64 = 70.0;
+const MR: f64 = 20.0;
+const MT: f64 = 40.0;
+const MB: f64 = 60.0;
+
+fn svg_open(s: &mut String, title: &str) {
+    let _ = writeln!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"##
+    );
+    let _ = writeln!(s, r##"<rect width="100%" height="100%" fill="#ffffff"/>"##);
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="22" text-anchor="middle" font-size="15">{}</text>"##,
+        W / 2.0,
+        xml(title)
+    );
+}
+
+fn axes(s: &mut String, x_label: &str, y_label: &str) {
+    let _ = writeln!(
+        s,
+        r##"<path d="M{ML},{MT} V{} H{}" fill="none" stroke="#333333"/>"##,
+        H - MB,
+        W - MR
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="{}" y="{}" text-anchor="middle">{}</text>"##,
+        ML + (W - ML - MR) / 2.0,
+        H - 12.0,
+        xml(x_label)
+    );
+    let _ = writeln!(
+        s,
+        r##"<text x="16" y="{}" text-anchor="middle" transform="rotate(-90 16 {})">{}</text>"##,
+        MT + (H - MT - MB) / 2.0,
+        MT + (H - MT - MB) / 2.0,
+        xml(y_label)
+    );
+}
+
+/// Y ticks at 0, max/4, …, max, with horizontal grid lines.
+fn y_ticks(s: &mut String, max: f64, fmt: impl Fn(f64) -> String) {
+    for i in 0..=4 {
+        let v = max * i as f64 / 4.0;
+        let y = H - MB - (H - MT - MB) * i as f64 / 4.0;
+        let _ = writeln!(
+            s,
+            r##"<line x1="{ML}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#dddddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            W - MR,
+            ML - 6.0,
+            y + 4.0,
+            fmt(v)
+        );
+    }
+}
+
+fn xml(t: &str) -> String {
+    t.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// Power-of-two bucket of a value in ms (as [`histogram`]): bucket `b` holds
+/// `2^(b-1) ..= 2^b - 1` (bucket 1 also holds 0).
+fn bucket(v: u64) -> u32 {
+    64 - v.max(1).leading_zeros()
+}
+
+fn bucket_label(b: u32) -> String {
+    let lo = if b == 1 { 0 } else { 1u64 << (b - 1) };
+    if lo >= 1_000 {
+        format!("{}s", lo as f64 / 1_000.0)
+    } else {
+        format!("{lo}")
+    }
+}
+
+/// Histogram of switch pauses and producer holds (ms) in power-of-two
+/// buckets, two bars per bucket, as a share of each series (the two have very
+/// different counts). Every bar carries its bucket and count as `data-*`
+/// attributes, and a `<title>` tooltip.
+fn pause_svg(pauses: &[u64], holds: &[u64]) -> String {
+    let series: [(&str, &str, &[u64]); 2] = [
+        ("switch pause (proposal → seal)", "#3b6fb6", pauses),
+        ("producer hold", "#e08a2c", holds),
+    ];
+    let counts: Vec<BTreeMap<u32, u64>> = series
+        .iter()
+        .map(|(_, _, v)| {
+            let mut m = BTreeMap::new();
+            for &x in v.iter() {
+                *m.entry(bucket(x)).or_insert(0u64) += 1;
+            }
+            m
+        })
+        .collect();
+    let lo = counts
+        .iter()
+        .flat_map(|m| m.keys().next().copied())
+        .min()
+        .unwrap_or(1);
+    let hi = counts
+        .iter()
+        .flat_map(|m| m.keys().next_back().copied())
+        .max()
+        .unwrap_or(1);
+    let share = |i: usize, b: u32| {
+        let n = counts[i].get(&b).copied().unwrap_or(0);
+        (n, n as f64 / series[i].2.len().max(1) as f64)
+    };
+    let max_share = (lo..=hi)
+        .flat_map(|b| [share(0, b).1, share(1, b).1])
+        .fold(0.0f64, f64::max)
+        .max(1e-9);
+    let mut s = String::new();
+    svg_open(
+        &mut s,
+        &format!(
+            "Switch pause distribution ({} switches, {} producer holds)",
+            pauses.len(),
+            holds.len()
+        ),
+    );
+    y_ticks(&mut s, max_share * 100.0, |v| format!("{v:.0}%"));
+    let slots = (hi - lo + 1) as f64;
+    let slot = (W - ML - MR) / slots;
+    let bar = slot * 0.38;
+    for b in lo..=hi {
+        let x0 = ML + slot * (b - lo) as f64;
+        for (i, (name, color, _)) in series.iter().enumerate() {
+            let (n, sh) = share(i, b);
+            let h = (H - MT - MB) * sh / max_share;
+            let x = x0 + slot * 0.1 + bar * i as f64;
+            let _ = writeln!(
+                s,
+                r##"<rect class="bar" data-series="{}" data-bucket-ms="{}" data-count="{n}" x="{x:.1}" y="{:.1}" width="{bar:.1}" height="{h:.1}" fill="{color}"><title>{}: {n} in {} ms</title></rect>"##,
+                if i == 0 { "pause" } else { "hold" },
+                bucket_label(b),
+                H - MB - h,
+                xml(name),
+                bucket_label(b)
+            );
+        }
+        let _ = writeln!(
+            s,
+            r##"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"##,
+            x0 + slot / 2.0,
+            H - MB + 16.0,
+            bucket_label(b)
+        );
+    }
+    axes(
+        &mut s,
+        "ms (power-of-two buckets: lower bound)",
+        "share of the series",
+    );
+    for (i, (name, color, v)) in series.iter().enumerate() {
+        let y = MT + 8.0 + 18.0 * i as f64;
+        let stats = match (percentile(v, 50), percentile(v, 99), percentile(v, 100)) {
+            (Some(a), Some(b), Some(c)) => format!(" — p50 {a} ms, p99 {b} ms, max {c} ms"),
+            _ => " — no samples".into(),
+        };
+        let _ = writeln!(
+            s,
+            r##"<rect x="{}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{}">{}{}</text>"##,
+            W - MR - 330.0,
+            y - 10.0,
+            W - MR - 312.0,
+            y,
+            xml(name),
+            xml(&stats)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The group lag of one seed over virtual time, as a polyline whose points
+/// are the samples (x: seconds, y: records).
+fn lag_svg(seed: u64, lag: &[(u64, u64)]) -> String {
+    let t_max = lag.last().map_or(1, |&(t, _)| t).max(1) as f64;
+    let v_max = lag.iter().map(|&(_, v)| v).max().unwrap_or(0).max(1) as f64;
+    let peak = lag
+        .iter()
+        .max_by_key(|&&(_, v)| v)
+        .copied()
+        .unwrap_or((0, 0));
+    let mut s = String::new();
+    svg_open(
+        &mut s,
+        &format!(
+            "Group lag over time, seed {seed} (peak {} records at {:.1} s)",
+            peak.1,
+            peak.0 as f64 / 1_000.0
+        ),
+    );
+    y_ticks(&mut s, v_max, |v| format!("{v:.0}"));
+    for i in 0..=5 {
+        let t = t_max * i as f64 / 5.0;
+        let x = ML + (W - ML - MR) * i as f64 / 5.0;
+        let _ = writeln!(
+            s,
+            r##"<text x="{x:.1}" y="{}" text-anchor="middle">{:.0}</text>"##,
+            H - MB + 16.0,
+            t / 1_000.0
+        );
+    }
+    let points: Vec<String> = lag
+        .iter()
+        .map(|&(t, v)| {
+            format!(
+                "{:.1},{:.1}",
+                ML + (W - ML - MR) * t as f64 / t_max,
+                H - MB - (H - MT - MB) * v as f64 / v_max
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        s,
+        r##"<polyline class="lag" data-samples="{}" fill="none" stroke="#3b6fb6" stroke-width="1.5" points="{}"/>"##,
+        lag.len(),
+        points.join(" ")
+    );
+    axes(
+        &mut s,
+        "virtual time (s)",
+        "records not yet committed by the group",
+    );
+    s.push_str("</svg>\n");
     s
 }

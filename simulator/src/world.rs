@@ -64,7 +64,15 @@ pub struct Stats {
     pub retired: u64,
     /// Faults injected, by kind.
     pub faults: BTreeMap<Fault, u64>,
+    /// The group's lag over time: (virtual ms, records on clusters that are
+    /// not torn down that the group has not committed yet), one sample every
+    /// [`LAG_SAMPLE_MS`] (taken by the controller's tick, so sampling adds no
+    /// event and leaves the trace unchanged).
+    pub lag: Vec<(u64, u64)>,
 }
+
+/// Interval of the [`Stats::lag`] samples, in virtual ms.
+pub const LAG_SAMPLE_MS: u64 = 500;
 
 /// The outcome of one seeded run.
 #[derive(Debug, Clone)]
@@ -183,7 +191,8 @@ struct SimCluster {
     logs: Vec<Vec<u64>>,
     committed: Vec<i64>,
     has_commit: Vec<bool>,
-    /// Writes refused at the Kafka level (the proposed straggler fix).
+    /// Writes refused at the Kafka level (the write fence before retirement,
+    /// as the real controller sets it).
     readonly: bool,
 }
 
@@ -298,6 +307,7 @@ pub struct World {
     seals: BTreeMap<u64, SealInfo>,
     active_end: u64,
     healed: bool,
+    next_lag_sample: u64,
     // History
     recs: Vec<RecInfo>,
     anomalies: Anomalies,
@@ -436,6 +446,7 @@ impl World {
             seals: BTreeMap::new(),
             active_end,
             healed: false,
+            next_lag_sample: 0,
             recs: Vec::new(),
             anomalies: Anomalies::default(),
             stats: Stats::default(),
@@ -1434,6 +1445,9 @@ impl World {
     // ---------------------------------------------------------------- controller
 
     fn on_controller_tick(&mut self) {
+        if self.now >= self.next_lag_sample {
+            self.sample_lag();
+        }
         if !self.reg_up {
             // As `Controller::reconcile_once`: a pass that cannot read the
             // registry forgets the ack waits, so they restart after the outage.
@@ -1557,22 +1571,32 @@ impl World {
             } else if !self.cfg.bugs.retire_ignores_late_producers && self.late_writers(&name) {
                 false
             } else {
-                if self.cfg.write_fence
-                    && switch::may_retire(&name, self.truth.routes.values(), |_, _, _| true).is_ok()
-                {
-                    // No live epoch writes to it any more: refuse writes at the
-                    // Kafka level, so a zombie cannot write after the drain check.
+                // As the real controller (`Controller::fence_writes`): no live
+                // epoch writes to the cluster any more, so its writes are
+                // fenced at the Kafka level first, and the drained check runs
+                // only on a later pass that finds the fence in place — then no
+                // record (a zombie's, a late retry) can land after the check.
+                // An unreachable cluster cannot be fenced (nor checked).
+                let structural =
+                    switch::may_retire(&name, self.truth.routes.values(), |_, _, _| true).is_ok();
+                let fenced = if self.cfg.write_fence && structural {
                     let cl = &mut self.clusters[cx];
-                    if !cl.readonly {
+                    if !cl.readonly && cl.up {
                         cl.readonly = true;
                         tr!(self, "# WRITE-FENCE {name}");
+                        false
+                    } else {
+                        cl.readonly
                     }
-                }
+                } else {
+                    !self.cfg.write_fence
+                };
                 // As `ControlPlane::check_retirable`: the group has committed
                 // every partition up to the cluster's current end offsets (the
                 // end offsets of an unreachable cluster cannot be read).
                 let cl = &self.clusters[cx];
-                let drained = cl.up
+                let drained = fenced
+                    && cl.up
                     && cl
                         .logs
                         .iter()
@@ -1610,6 +1634,25 @@ impl World {
             self.commit();
         }
         self.after(200, Ev::ControllerTick);
+    }
+
+    /// Records one [`Stats::lag`] sample: what the group still has to read on
+    /// every cluster that still holds data.
+    fn sample_lag(&mut self) {
+        let lag: u64 = self
+            .clusters
+            .iter()
+            .filter(|c| !c.torn_down)
+            .map(|c| {
+                c.logs
+                    .iter()
+                    .zip(&c.committed)
+                    .map(|(log, &done)| (log.len() as i64 - done.max(0)).max(0) as u64)
+                    .sum::<u64>()
+            })
+            .sum();
+        self.stats.lag.push((self.now, lag));
+        self.next_lag_sample = self.now - self.now % LAG_SAMPLE_MS + LAG_SAMPLE_MS;
     }
 
     /// The real controller's late-seal rule ([`LateSeals::blocking`]): whether a

@@ -1,6 +1,7 @@
 //! The repro seeds of the bugs the simulator found (docs/simulator.md,
 //! "Findings"), kept as regression tests against the fixed real code. Each
-//! also runs the pre-fix rules (`Bugs`) to show the seed still exposes them.
+//! also runs the pre-fix rules (`Bugs`, or `write_fence: false`) to show the
+//! seed still exposes them.
 
 use flotilla_sim::{run_seed, AnomalyKind, Config, Fault, Faults, RunResult};
 
@@ -87,5 +88,34 @@ fn bug1_seed_3_cluster_loss_late_retries_are_not_retired_away() {
     assert!(r.anomalies.is_empty(), "{:?}", &r.anomalies.list[..1]);
     let mut old = cfg.clone();
     old.bugs.retire_ignores_late_producers = true;
+    old.write_fence = false;
     assert_eq!(lost(&run_seed(3, &old)), 25);
+    // The write fence alone also saves them: the late retries fail
+    // (unacknowledged) instead of landing after the drained check.
+    let mut fence_only = cfg.clone();
+    fence_only.bugs.retire_ignores_late_producers = true;
+    assert_eq!(lost(&run_seed(3, &fence_only)), 0);
+}
+
+/// Finding 2, its last gap — a zombie: `flotilla-sim replay --seed 1 --faults zombie --no-write-fence`.
+/// `prod0`'s lease expires at 42413 without it noticing (for 4086 ms); still
+/// routing with epoch `e10`'s view it writes to `c4` after `c4` was drained
+/// (45563) and retired (45585, the group had read it to its end): its records
+/// land from 45615 on, are acknowledged, and are torn down with `c4` — 76
+/// acknowledged records lost. The controller now fences a draining cluster's
+/// writes at the Kafka level before the drained check (on by default, as the
+/// real controller), so such records fail at the producer instead.
+#[test]
+fn bug1_seed_1_zombie_writes_after_the_drained_check_are_fenced() {
+    let cfg = realistic(Fault::Zombie);
+    assert!(cfg.write_fence, "the fence is the default");
+    let r = run_seed(1, &cfg);
+    assert!(r.anomalies.is_empty(), "{:?}", &r.anomalies.list[..1]);
+    assert!(
+        r.stats.stragglers > 0,
+        "the seed no longer makes stragglers"
+    );
+    let mut old = cfg.clone();
+    old.write_fence = false;
+    assert_eq!(lost(&run_seed(1, &old)), 76);
 }
