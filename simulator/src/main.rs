@@ -91,6 +91,9 @@ struct LiveArgs {
     /// After healing, wait at most this long for the group to catch up.
     #[arg(long, default_value_t = 90)]
     catch_up_secs: u64,
+    /// Extra rdkafka property for every producer, KEY=VALUE (repeatable).
+    #[arg(long = "producer-prop", value_name = "KEY=VALUE")]
+    producer_props: Vec<String>,
     /// Write a Markdown report (summary and the run's log) here.
     #[arg(long)]
     report: Option<std::path::PathBuf>,
@@ -109,6 +112,13 @@ impl LiveArgs {
             bail!("the active phase must be longer than zero");
         }
         let max = flotilla_sim::live::schedule::max_switches(self.clusters);
+        let mut producer_props = Vec::new();
+        for kv in &self.producer_props {
+            let Some((k, v)) = kv.split_once('=') else {
+                bail!("--producer-prop wants KEY=VALUE, got `{kv}`");
+            };
+            producer_props.push((k.to_string(), v.to_string()));
+        }
         Ok(flotilla_sim::live::LiveConfig {
             clusters: self.clusters,
             producers: self.producers,
@@ -120,6 +130,7 @@ impl LiveArgs {
             faults: flotilla_sim::live::parse_faults(&self.faults).map_err(anyhow::Error::msg)?,
             seed: self.seed,
             catch_up: Duration::from_secs(self.catch_up_secs),
+            producer_props,
             verbose: true,
             ..Default::default()
         })

@@ -85,6 +85,8 @@ pub struct LiveConfig {
     /// After healing, how long to wait for the group to catch up and the
     /// switches to complete before checking anyway.
     pub catch_up: Duration,
+    /// Extra rdkafka properties for every producer (e.g. `reconnect.backoff.max.ms`).
+    pub producer_props: Vec<(String, String)>,
     /// Print progress lines on stderr as they happen.
     pub verbose: bool,
 }
@@ -103,6 +105,7 @@ impl Default for LiveConfig {
             faults: LiveFault::ALL.to_vec(),
             seed: 0,
             catch_up: Duration::from_secs(90),
+            producer_props: Vec::new(),
             verbose: true,
         }
     }
@@ -143,6 +146,9 @@ pub struct SwitchDone {
     pub write: Vec<u16>,
     /// From proposal to the epoch seen open.
     pub took: Duration,
+    /// Producers whose ack was missing when the epoch was first seen open
+    /// (the controller sealed without them after the ack timeout).
+    pub late: Vec<String>,
 }
 
 /// A fault as the nemesis injected it.
@@ -245,9 +251,10 @@ impl LiveResult {
         );
         let _ = writeln!(
             s,
-            "switches:         {} of {} planned completed; clusters retired: {}",
+            "switches:         {} of {} planned completed ({} sealed without every producer's ack); clusters retired: {}",
             self.switches.len(),
             self.plan.switches.len(),
+            self.switches.iter().filter(|s| !s.late.is_empty()).count(),
             if self.retired.is_empty() {
                 "none".to_string()
             } else {
@@ -506,6 +513,9 @@ async fn drive(
                 "message.timeout.ms",
                 MESSAGE_TIMEOUT.as_millis().to_string(),
             );
+        for (k, v) in &cfg.producer_props {
+            pc.set(k.clone(), v.clone());
+        }
         let producer = Arc::new(
             FleetProducer::new(pc)
                 .await
@@ -856,7 +866,7 @@ async fn operator(
         }
         let write = schedule::write_set(i + 1);
         let names: Vec<String> = write.iter().map(|c| cluster_name(*c)).collect();
-        let proposed = Instant::now();
+        let asked = Instant::now();
         let mut errors = 0u32;
         let epoch = loop {
             match cp.set_route(route_req(&cfg, &write), now_millis()).await {
@@ -877,31 +887,61 @@ async fn operator(
             }
         };
         log.say(format!(
-            "operator: switch {} proposed: epoch {epoch} = {}",
+            "operator: switch {} proposed: epoch {epoch} = {}{}",
             i + 1,
-            names.join("+")
+            names.join("+"),
+            if asked.elapsed() > Duration::from_secs(1) {
+                format!(
+                    " ({:.1} s after the first attempt)",
+                    asked.elapsed().as_secs_f64()
+                )
+            } else {
+                String::new()
+            }
         ));
+        // The switch's cost is measured from the accepted proposal, as the
+        // simulator's pause (proposal → seal).
+        let proposed = Instant::now();
+        // One snapshot holds the route and the producers' acks at one
+        // revision: a producer whose ack is still below the epoch at the
+        // first revision that shows it open was sealed out (late). Acks
+        // written just after the seal can hide a late producer, so this is
+        // a lower bound.
+        let mut late = Vec::new();
         loop {
-            if let Ok(r) = cp.route(TOPIC).await {
-                if r.open_epoch().is_some_and(|e| e.n >= epoch) {
-                    break;
-                }
-                if r.pending_epoch().is_none() && r.open_epoch().is_some_and(|e| e.n < epoch) {
-                    log.say(format!("operator: epoch {epoch} was aborted"));
-                    break;
+            if let Ok(snap) = cp.registry().snapshot().await {
+                if let Some(r) = snap.routes.get(TOPIC) {
+                    if r.open_epoch().is_some_and(|e| e.n >= epoch) {
+                        late = snap
+                            .producers()
+                            .filter(|c| c.acked.get(TOPIC).copied().unwrap_or(0) < epoch)
+                            .map(|c| c.id.clone())
+                            .collect();
+                        break;
+                    }
+                    if r.pending_epoch().is_none() && r.open_epoch().is_some_and(|e| e.n < epoch) {
+                        log.say(format!("operator: epoch {epoch} was aborted"));
+                        break;
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let took = proposed.elapsed();
         log.say(format!(
-            "operator: epoch {epoch} open after {:.2} s",
-            took.as_secs_f64()
+            "operator: epoch {epoch} open after {:.2} s{}",
+            took.as_secs_f64(),
+            if late.is_empty() {
+                String::new()
+            } else {
+                format!(", sealed without the ack of {}", late.join(", "))
+            }
         ));
         done.lock().unwrap().push(SwitchDone {
             epoch,
             write: write.clone(),
             took,
+            late,
         });
         // A → A+B adds; A+B → B leaves A for good: drain it (the controller
         // retires it once the group has read everything on it).
