@@ -177,10 +177,12 @@ impl Summary {
 
     /// The group's lag over time in the worst seed as an SVG line plot
     /// (`None` without any sample).
-    pub fn lag_svg(&self) -> Option<String> {
+    /// `heal_ms` (the end of the active phase, when every fault heals) is
+    /// marked with a dashed line.
+    pub fn lag_svg(&self, heal_ms: u64) -> Option<String> {
         self.worst_lag
             .as_ref()
-            .map(|(seed, lag)| lag_svg(*seed, lag))
+            .map(|(seed, lag)| lag_svg(*seed, lag, heal_ms))
     }
 
     /// Writes the Markdown report to `path` and the plots next to it:
@@ -200,7 +202,7 @@ impl Summary {
         };
         std::fs::write(&pause, self.pause_svg())?;
         let mut written = vec![pause.clone()];
-        let lag_name = match self.lag_svg() {
+        let lag_name = match self.lag_svg(cfg.active_ms) {
             Some(svg) => {
                 std::fs::write(&lag, svg)?;
                 written.push(lag.clone());
@@ -343,7 +345,7 @@ const W: f64 = 720.0;
 const H: f64 = 360.0;
 const ML: f64 = 70.0;
 const MR: f64 = 20.0;
-const MT: f64 = 40.0;
+const MT: f64 = 64.0;
 const MB: f64 = 60.0;
 
 fn svg_open(s: &mut String, title: &str) {
@@ -383,11 +385,32 @@ fn axes(s: &mut String, x_label: &str, y_label: &str) {
     );
 }
 
-/// Y ticks at 0, max/4, …, max, with horizontal grid lines.
-fn y_ticks(s: &mut String, max: f64, fmt: impl Fn(f64) -> String) {
-    for i in 0..=4 {
-        let v = max * i as f64 / 4.0;
-        let y = H - MB - (H - MT - MB) * i as f64 / 4.0;
+/// A round tick step (1, 2 or 5 × 10^k) giving about four steps up to `max`.
+fn nice_step(max: f64) -> f64 {
+    let raw = (max / 4.0).max(1e-9);
+    let mag = 10f64.powf(raw.log10().floor());
+    let f = raw / mag;
+    let nice = if f <= 1.0 {
+        1.0
+    } else if f <= 2.0 {
+        2.0
+    } else if f <= 5.0 {
+        5.0
+    } else {
+        10.0
+    };
+    nice * mag
+}
+
+/// Y ticks at round values up to `max`, with horizontal grid lines; returns
+/// the axis top (the largest tick, ≥ `max`), which maps to the plot's top.
+fn y_ticks(s: &mut String, max: f64, fmt: impl Fn(f64) -> String) -> f64 {
+    let step = nice_step(max);
+    let n = (max / step).ceil().max(1.0) as u32;
+    let top = step * n as f64;
+    for i in 0..=n {
+        let v = step * i as f64;
+        let y = H - MB - (H - MT - MB) * v / top;
         let _ = writeln!(
             s,
             r##"<line x1="{ML}" y1="{y:.1}" x2="{}" y2="{y:.1}" stroke="#dddddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
@@ -397,6 +420,7 @@ fn y_ticks(s: &mut String, max: f64, fmt: impl Fn(f64) -> String) {
             fmt(v)
         );
     }
+    top
 }
 
 fn xml(t: &str) -> String {
@@ -414,11 +438,7 @@ fn bucket(v: u64) -> u32 {
 
 fn bucket_label(b: u32) -> String {
     let lo = if b == 1 { 0 } else { 1u64 << (b - 1) };
-    if lo >= 1_000 {
-        format!("{}s", lo as f64 / 1_000.0)
-    } else {
-        format!("{lo}")
-    }
+    lo.to_string()
 }
 
 /// Histogram of switch pauses and producer holds (ms) in power-of-two
@@ -457,7 +477,7 @@ fn pause_svg(pauses: &[u64], holds: &[u64]) -> String {
     let max_share = (lo..=hi)
         .flat_map(|b| [share(0, b).1, share(1, b).1])
         .fold(0.0f64, f64::max)
-        .max(1e-9);
+        .max(0.01);
     let mut s = String::new();
     svg_open(
         &mut s,
@@ -467,7 +487,7 @@ fn pause_svg(pauses: &[u64], holds: &[u64]) -> String {
             holds.len()
         ),
     );
-    y_ticks(&mut s, max_share * 100.0, |v| format!("{v:.0}%"));
+    let max_share = y_ticks(&mut s, max_share * 100.0, |v| format!("{v:.0}%")) / 100.0;
     let slots = (hi - lo + 1) as f64;
     let slot = (W - ML - MR) / slots;
     let bar = slot * 0.38;
@@ -500,8 +520,9 @@ fn pause_svg(pauses: &[u64], holds: &[u64]) -> String {
         "ms (power-of-two buckets: lower bound)",
         "share of the series",
     );
+    // The legend sits between the title and the plot.
     for (i, (name, color, v)) in series.iter().enumerate() {
-        let y = MT + 8.0 + 18.0 * i as f64;
+        let y = 40.0 + 16.0 * i as f64;
         let stats = match (percentile(v, 50), percentile(v, 99), percentile(v, 100)) {
             (Some(a), Some(b), Some(c)) => format!(" — p50 {a} ms, p99 {b} ms, max {c} ms"),
             _ => " — no samples".into(),
@@ -509,9 +530,9 @@ fn pause_svg(pauses: &[u64], holds: &[u64]) -> String {
         let _ = writeln!(
             s,
             r##"<rect x="{}" y="{}" width="12" height="12" fill="{color}"/><text x="{}" y="{}">{}{}</text>"##,
-            W - MR - 330.0,
+            ML,
             y - 10.0,
-            W - MR - 312.0,
+            ML + 18.0,
             y,
             xml(name),
             xml(&stats)
@@ -522,8 +543,9 @@ fn pause_svg(pauses: &[u64], holds: &[u64]) -> String {
 }
 
 /// The group lag of one seed over virtual time, as a polyline whose points
-/// are the samples (x: seconds, y: records).
-fn lag_svg(seed: u64, lag: &[(u64, u64)]) -> String {
+/// are the samples (x: seconds, y: records); a dashed line where every fault
+/// heals (`heal_ms`).
+fn lag_svg(seed: u64, lag: &[(u64, u64)], heal_ms: u64) -> String {
     let t_max = lag.last().map_or(1, |&(t, _)| t).max(1) as f64;
     let v_max = lag.iter().map(|&(_, v)| v).max().unwrap_or(0).max(1) as f64;
     let peak = lag
@@ -540,15 +562,28 @@ fn lag_svg(seed: u64, lag: &[(u64, u64)]) -> String {
             peak.0 as f64 / 1_000.0
         ),
     );
-    y_ticks(&mut s, v_max, |v| format!("{v:.0}"));
-    for i in 0..=5 {
-        let t = t_max * i as f64 / 5.0;
-        let x = ML + (W - ML - MR) * i as f64 / 5.0;
+    let v_top = y_ticks(&mut s, v_max, |v| format!("{v:.0}"));
+    let x = |t: f64| ML + (W - ML - MR) * t / t_max;
+    let step = nice_step(t_max / 1_000.0 * 4.0 / 6.0) * 1_000.0;
+    let mut t = 0.0;
+    while t <= t_max {
         let _ = writeln!(
             s,
-            r##"<text x="{x:.1}" y="{}" text-anchor="middle">{:.0}</text>"##,
+            r##"<text x="{:.1}" y="{}" text-anchor="middle">{:.0}</text>"##,
+            x(t),
             H - MB + 16.0,
             t / 1_000.0
+        );
+        t += step;
+    }
+    if (heal_ms as f64) < t_max {
+        let hx = x(heal_ms as f64);
+        let _ = writeln!(
+            s,
+            r##"<line class="heal" x1="{hx:.1}" y1="{MT}" x2="{hx:.1}" y2="{}" stroke="#999999" stroke-dasharray="4 3"/><text x="{:.1}" y="{}" fill="#666666">faults heal</text>"##,
+            H - MB,
+            hx + 4.0,
+            MT + 12.0
         );
     }
     let points: Vec<String> = lag
@@ -556,8 +591,8 @@ fn lag_svg(seed: u64, lag: &[(u64, u64)]) -> String {
         .map(|&(t, v)| {
             format!(
                 "{:.1},{:.1}",
-                ML + (W - ML - MR) * t as f64 / t_max,
-                H - MB - (H - MT - MB) * v as f64 / v_max
+                x(t as f64),
+                H - MB - (H - MT - MB) * v as f64 / v_top
             )
         })
         .collect();
