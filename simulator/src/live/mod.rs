@@ -769,8 +769,8 @@ struct Member {
     task: JoinHandle<()>,
 }
 
-/// A group member: receive → record → commit synchronously (retried for up
-/// to 5 s; a commit not confirmed leaves the delivery unsettled).
+/// A group member: receive → record → commit synchronously (a commit left
+/// pending, or failing for 5 s, leaves the delivery unsettled).
 fn spawn_member(c: FleetConsumer, id: u16, rec: Arc<Recorder>, log: Log) -> Member {
     let stop = Arc::new(tokio::sync::Notify::new());
     let stopped = stop.clone();
@@ -825,6 +825,11 @@ fn spawn_member(c: FleetConsumer, id: u16, rec: Arc<Recorder>, log: Log) -> Memb
                     // Left the read set: unsettled (the group is past it, or
                     // the record comes again).
                     Err(FleetConsumeError::NotReading { .. }) => break,
+                    // Queued and retried by the consumer until the cluster
+                    // answers: carry on reading the others; unsettled, as
+                    // the record may come again if the member loses the
+                    // partition meanwhile.
+                    Err(FleetConsumeError::CommitPending { .. }) => break,
                     // Not confirmed within 5 s (cluster down, membership
                     // lost): unsettled, it may be delivered again.
                     Err(_) if started.elapsed() > Duration::from_secs(5) => break,
