@@ -3,8 +3,12 @@
 //!
 //! - `fleet_producer_vs_future_producer_throughput`: throughput of
 //!   `FleetProducer` vs a raw rdkafka `FutureProducer` on the same real
-//!   single-node Kafka cluster (100-byte values, 10 000 keys), alternating
-//!   rounds, ratio of the sums.
+//!   single-node Kafka cluster (1M records of 100 bytes per round, 10 000
+//!   keys), both producers created and warmed up once, alternating rounds
+//!   (which goes first, which topic), ratio of the sums and median of the
+//!   per-round ratios; plus the client's CPU time per record (getrusage of
+//!   this process, which does not include the broker), the figure least
+//!   disturbed by other load on the machine.
 //! - `switch_pause_under_load`: several producers under continuous load while
 //!   a topic's route switches N times between two clusters (A → A+B → B →
 //!   A+B → A ...), each switch driven as the controller does it; the hold of
@@ -22,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
+use flotilla_client::producer::EPOCH_HEADER;
 use flotilla_client::registry::etcd::EtcdKv;
 use flotilla_client::registry::{
     ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, Registry, TopicRoute,
@@ -30,10 +35,12 @@ use flotilla_client::registry::{
 use flotilla_client::route::{propose, seal};
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_testkit::{create_topic, EtcdServer, KafkaFleet};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-const RECORDS: usize = 300_000;
+/// Records per round (`FLOTILLA_BENCH_RECORDS` overrides).
+const RECORDS: usize = 1_000_000;
 /// Alternating measured rounds (`FLOTILLA_BENCH_ROUNDS` overrides).
 const ROUNDS: usize = 5;
 const KEYS: usize = 10_000;
@@ -41,7 +48,7 @@ const PARTITIONS: u32 = 4;
 const PROPS: [(&str, &str); 4] = [
     ("linger.ms", "5"),
     ("enable.idempotence", "true"),
-    ("queue.buffering.max.messages", "1000000"),
+    ("queue.buffering.max.messages", "2000000"),
     ("message.timeout.ms", "60000"),
 ];
 
@@ -49,36 +56,101 @@ fn keys() -> Vec<String> {
     (0..KEYS).map(|k| format!("key-{k:06}")).collect()
 }
 
-async fn raw(bootstrap: &str, topic: &str, keys: &[String], value: &[u8]) -> Duration {
-    let mut cfg = ClientConfig::new();
-    cfg.set("bootstrap.servers", bootstrap);
-    for (k, v) in PROPS {
-        cfg.set(k, v);
-    }
-    let p: FutureProducer = cfg.create().unwrap();
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// User + system CPU time of this process so far (all threads; not the
+/// broker, which is another process).
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage only writes into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    assert_eq!(rc, 0, "getrusage");
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// One measured run: wall time and client CPU time.
+#[derive(Clone, Copy)]
+struct Run {
+    wall: Duration,
+    cpu: Duration,
+}
+
+/// Raw `FutureProducer`; `header`: give every record a header like
+/// flotilla's epoch header (same name, a one-digit value), to separate what
+/// the header costs in librdkafka from what flotilla's own code costs.
+async fn raw(
+    p: &FutureProducer,
+    header: bool,
+    records: usize,
+    topic: &str,
+    keys: &[String],
+    value: &[u8],
+) -> Run {
+    let cpu = cpu_time();
     let started = Instant::now();
-    let mut futs = Vec::with_capacity(RECORDS);
-    for i in 0..RECORDS {
-        let rec = FutureRecord::to(topic).key(&keys[i % KEYS]).payload(value);
+    let mut futs = Vec::with_capacity(records);
+    for i in 0..records {
+        let mut rec = FutureRecord::to(topic).key(&keys[i % KEYS]).payload(value);
+        if header {
+            rec = rec.headers(OwnedHeaders::new_with_capacity(1).insert(Header {
+                key: EPOCH_HEADER,
+                value: Some("1"),
+            }));
+        }
         futs.push(p.send_result(rec).map_err(|(e, _)| e).unwrap());
     }
     for f in futs {
         f.await.unwrap().map_err(|(e, _)| e).unwrap();
     }
-    started.elapsed()
+    Run {
+        wall: started.elapsed(),
+        cpu: cpu_time() - cpu,
+    }
 }
 
-async fn fleet(p: &FleetProducer, topic: &str, keys: &[String], value: &[u8]) -> Duration {
+async fn fleet(
+    p: &FleetProducer,
+    records: usize,
+    topic: &str,
+    keys: &[String],
+    value: &[u8],
+) -> Run {
+    let cpu = cpu_time();
     let started = Instant::now();
-    let mut futs = Vec::with_capacity(RECORDS);
-    for i in 0..RECORDS {
+    let mut futs = Vec::with_capacity(records);
+    for i in 0..records {
         let rec = FutureRecord::to(topic).key(&keys[i % KEYS]).payload(value);
         futs.push(p.send_result(rec).map_err(|(e, _)| e).unwrap());
     }
     for f in futs {
         f.await.map_err(|(e, _)| e).unwrap();
     }
-    started.elapsed()
+    Run {
+        wall: started.elapsed(),
+        cpu: cpu_time() - cpu,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -107,7 +179,7 @@ async fn fleet_producer_vs_future_producer_throughput() {
     })
     .await
     .unwrap();
-    let topics: Vec<String> = (0..4).map(|i| format!("bench-{i}")).collect();
+    let topics: Vec<String> = (0..6).map(|i| format!("bench-{i}")).collect();
     for t in &topics {
         create_topic(&bootstrap, t, PARTITIONS as i32)
             .await
@@ -141,37 +213,86 @@ async fn fleet_producer_vs_future_producer_throughput() {
     let fp = FleetProducer::connect(&[etcd.endpoint().as_str()], "bench", cfg)
         .await
         .unwrap();
+    // Both producers are created once and warmed up (connections, metadata,
+    // the JIT of the broker) before anything is measured.
+    let mut raw_cfg = ClientConfig::new();
+    raw_cfg.set("bootstrap.servers", &bootstrap);
+    for (k, v) in PROPS {
+        raw_cfg.set(k, v);
+    }
+    let rp: FutureProducer = raw_cfg.create().unwrap();
+    let records = env_or("FLOTILLA_BENCH_RECORDS", RECORDS);
+    let rounds = env_or("FLOTILLA_BENCH_ROUNDS", ROUNDS);
     let keys = keys();
     let value = vec![b'x'; 100];
-    // Warm up both, then alternate.
-    raw(&bootstrap, &topics[0], &keys[..], &value).await;
-    fleet(&fp, &topics[1], &keys[..], &value).await;
-    let rate = |d: Duration| RECORDS as f64 / d.as_secs_f64();
-    let rounds = std::env::var("FLOTILLA_BENCH_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(ROUNDS);
-    let (mut raw_sum, mut fleet_sum) = (0.0, 0.0);
+    eprintln!("load average before warm-up: {}", loadavg());
+    const NAMES: [&str; 3] = ["FutureProducer", "FutureProducer+header", "FleetProducer"];
+    let run = |who: usize, topic: usize| {
+        let (rp, fp, keys, value, topic) = (&rp, &fp, &keys, &value, &topics[topic]);
+        async move {
+            match who {
+                0 => raw(rp, false, records, topic, keys, value).await,
+                1 => raw(rp, true, records, topic, keys, value).await,
+                _ => fleet(fp, records, topic, keys, value).await,
+            }
+        }
+    };
+    for who in 0..3 {
+        run(who, who).await;
+    }
+    let rate = |r: Run| records as f64 / r.wall.as_secs_f64();
+    let us = |r: Run| r.cpu.as_secs_f64() * 1e6 / records as f64;
+    let mut sums = [0.0f64; 3];
+    let mut cpu = [Duration::ZERO; 3];
+    let mut ratios = Vec::new();
     for round in 0..rounds {
-        // Alternate which goes first as well as the topics.
-        let (r, f) = if round % 2 == 0 {
-            let r = raw(&bootstrap, &topics[2], &keys[..], &value).await;
-            (r, fleet(&fp, &topics[3], &keys[..], &value).await)
-        } else {
-            let f = fleet(&fp, &topics[2], &keys[..], &value).await;
-            (raw(&bootstrap, &topics[3], &keys[..], &value).await, f)
-        };
-        raw_sum += rate(r);
-        fleet_sum += rate(f);
+        // Rotate the order (who goes first) and the topics every round.
+        let mut got = [None; 3];
+        for pos in 0..3 {
+            let who = (pos + round) % 3;
+            got[who] = Some(run(who, 3 + pos).await);
+        }
+        let got = got.map(Option::unwrap);
+        for who in 0..3 {
+            sums[who] += rate(got[who]);
+            cpu[who] += got[who].cpu;
+        }
+        ratios.push(rate(got[2]) / rate(got[0]));
         eprintln!(
-            "round {round}: FutureProducer {:.0} rec/s ({r:?}), FleetProducer {:.0} rec/s ({f:?}) for {RECORDS} x 100 B",
-            rate(r),
-            rate(f)
+            "round {round}: {}; FleetProducer / FutureProducer {:.3}; load {}",
+            (0..3)
+                .map(|w| format!(
+                    "{} {:.0} rec/s ({:.2} s, {:.2} us CPU/rec)",
+                    NAMES[w],
+                    rate(got[w]),
+                    got[w].wall.as_secs_f64(),
+                    us(got[w])
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            rate(got[2]) / rate(got[0]),
+            loadavg()
         );
     }
+    let per_rec = |d: Duration| d.as_secs_f64() * 1e6 / (records * rounds) as f64;
     eprintln!(
-        "{rounds} rounds: sum FutureProducer {raw_sum:.0} rec/s, sum FleetProducer {fleet_sum:.0} rec/s, ratio {:.3}",
-        fleet_sum / raw_sum
+        "{rounds} rounds x {records} x 100 B: sum {} {:.0}, {} {:.0}, {} {:.0} rec/s; FleetProducer / FutureProducer: ratio of sums {:.3}, median round ratio {:.3}; FleetProducer / FutureProducer+header {:.3}; client CPU per record {} {:.2} us, {} {:.2} us, {} {:.2} us; load {}",
+        NAMES[0],
+        sums[0],
+        NAMES[1],
+        sums[1],
+        NAMES[2],
+        sums[2],
+        sums[2] / sums[0],
+        median(ratios),
+        sums[2] / sums[1],
+        NAMES[0],
+        per_rec(cpu[0]),
+        NAMES[1],
+        per_rec(cpu[1]),
+        NAMES[2],
+        per_rec(cpu[2]),
+        loadavg()
     );
     fp.close(Duration::from_secs(10)).await.unwrap();
 }
@@ -266,6 +387,8 @@ fn summary(what: &str, v: &[f64]) -> String {
 struct Driven {
     /// Proposal committed → every live producer acked.
     acked: Duration,
+    /// Proposal committed → boundary read on every cluster of both epochs.
+    boundary: Duration,
     /// Proposal committed → sealed (what the controller would call the pause).
     sealed: Duration,
     epoch: u64,
@@ -322,6 +445,7 @@ async fn drive_switch(
         let offs = admins[c].end_offsets(topic, PARTITIONS).await.unwrap();
         boundary.insert(c.clone(), offs);
     }
+    let boundary_at = started.elapsed();
     reg.update_route(topic, |r| {
         Ok(Some(seal(r.unwrap(), pending, boundary.clone())?))
     })
@@ -329,6 +453,7 @@ async fn drive_switch(
     .unwrap();
     Driven {
         acked,
+        boundary: boundary_at,
         sealed: started.elapsed(),
         epoch: pending,
     }
@@ -452,6 +577,8 @@ async fn switch_pause_under_load() {
     let started = Instant::now();
     let sent_before = *sent.lock().unwrap();
     let (mut acked, mut sealed, mut held) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut reading, mut casing) = (Vec::new(), Vec::new());
+    eprintln!("load average at the first switch: {}", loadavg());
     for i in 0..switches {
         let before = samples.lock().unwrap().len();
         let d = drive_switch(&reg, TOPIC, plan[i % plan.len()].clone(), &admins).await;
@@ -467,16 +594,19 @@ async fn switch_pause_under_load() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mine: Vec<f64> = samples.lock().unwrap()[before..].to_vec();
         eprintln!(
-            "switch {} -> epoch {}: acked after {:.1} ms, sealed after {:.1} ms, holds {:?} ms",
+            "switch {} -> epoch {}: acked after {:.1} ms, boundary read after {:.1} ms, sealed after {:.1} ms, holds {:?} ms",
             i + 1,
             d.epoch,
             d.acked.as_secs_f64() * 1e3,
+            d.boundary.as_secs_f64() * 1e3,
             d.sealed.as_secs_f64() * 1e3,
             mine.iter()
                 .map(|h| (h * 1e4).round() / 10.0)
                 .collect::<Vec<_>>()
         );
         acked.push(d.acked.as_secs_f64());
+        reading.push((d.boundary - d.acked).as_secs_f64());
+        casing.push((d.sealed - d.boundary).as_secs_f64());
         sealed.push(d.sealed.as_secs_f64());
         held.extend(mine);
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -500,7 +630,16 @@ async fn switch_pause_under_load() {
         summary("producer hold (flotilla_producer_hold_seconds)", &held)
     );
     eprintln!("{}", summary("driver: proposal -> all acked", &acked));
+    eprintln!(
+        "{}",
+        summary("driver: all acked -> boundary read", &reading)
+    );
+    eprintln!(
+        "{}",
+        summary("driver: boundary read -> sealed (CAS)", &casing)
+    );
     eprintln!("{}", summary("driver: proposal -> sealed", &sealed));
+    eprintln!("load average at the end: {}", loadavg());
     for p in &producers {
         p.close(Duration::from_secs(5)).await.unwrap();
     }
