@@ -273,17 +273,25 @@ impl Controller {
         let route = snap
             .route(topic)
             .ok_or_else(|| ControlError::UnknownTopic(topic.into()))?;
+        let specs = clusters
+            .iter()
+            .map(|id| {
+                snap.cluster(id)
+                    .ok_or_else(|| ControlError::UnknownCluster(id.clone()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Every cluster at once: producers are held until the seal, so the
+        // boundary read is part of the pause (one round trip per partition
+        // per cluster; read one cluster after the other it added up).
+        let ends = futures::future::join_all(
+            specs
+                .iter()
+                .map(|spec| self.cp.kafka().end_offsets(spec, topic, route.partitions)),
+        )
+        .await;
         let mut boundary = std::collections::BTreeMap::new();
-        for id in clusters {
-            let spec = snap
-                .cluster(id)
-                .ok_or_else(|| ControlError::UnknownCluster(id.clone()))?;
-            let ends = self
-                .cp
-                .kafka()
-                .end_offsets(spec, topic, route.partitions)
-                .await?;
-            boundary.insert(id.clone(), ends);
+        for (id, ends) in clusters.iter().zip(ends) {
+            boundary.insert(id.clone(), ends?);
         }
         self.cp
             .registry()
