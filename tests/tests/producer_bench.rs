@@ -395,7 +395,10 @@ struct Driven {
 }
 
 /// One switch as the controller does it: pending → every live producer acks →
-/// end offsets of every cluster of both epochs → seal in one CAS.
+/// end offsets of every cluster of both epochs (read concurrently) → seal in
+/// one CAS. Unlike the controller daemon, which reconciles every `--interval`
+/// (2 s by default), this driver polls the registry every 2 ms: the figures
+/// are the protocol's pause, not the daemon's reaction time.
 async fn drive_switch(
     reg: &Registry,
     topic: &str,
@@ -440,11 +443,13 @@ async fn drive_switch(
         .clusters()
         .chain(route.pending_epoch().unwrap().clusters())
         .collect();
-    let mut boundary = BTreeMap::new();
-    for c in clusters {
-        let offs = admins[c].end_offsets(topic, PARTITIONS).await.unwrap();
-        boundary.insert(c.clone(), offs);
-    }
+    // All clusters at once, as the controller's seal does.
+    let reads = futures::future::join_all(clusters.iter().map(|c| async move {
+        let offs = admins[*c].end_offsets(topic, PARTITIONS).await.unwrap();
+        ((*c).clone(), offs)
+    }))
+    .await;
+    let boundary: BTreeMap<String, Vec<i64>> = reads.into_iter().collect();
     let boundary_at = started.elapsed();
     reg.update_route(topic, |r| {
         Ok(Some(seal(r.unwrap(), pending, boundary.clone())?))
