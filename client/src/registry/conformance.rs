@@ -133,6 +133,7 @@ pub async fn run_all(kv: Arc<dyn KvStore>, ns: &str) {
     case_revisions(kv.clone(), &format!("{ns}-rev")).await;
     case_conditional_writes(kv.clone(), &format!("{ns}-cas")).await;
     case_cas_race(kv.clone(), &format!("{ns}-race")).await;
+    case_guarded_writes(kv.clone(), &format!("{ns}-guard")).await;
     case_lease_expiry(kv.clone(), &format!("{ns}-lease")).await;
     case_watch_from_revision(kv.clone(), &format!("{ns}-watch")).await;
     case_registry_clusters(kv.clone(), &format!("{ns}-clusters")).await;
@@ -253,6 +254,95 @@ pub async fn case_conditional_writes(kv: Arc<dyn KvStore>, ns: &str) {
     );
     // Deleting an absent key expecting it absent is a no-op.
     kv.delete_if(&k, Expect::Absent).await.unwrap();
+}
+
+/// Guarded writes ([`KvStore::put_if_guarded`], [`Registry::guarded`]): a
+/// write happens only while its guard key matches, atomically with its own
+/// condition; a failed guard is [`RegistryError::GuardFailed`], checked before
+/// the key's own condition, and changes nothing (a guarded read-modify-CAS
+/// loop does not retry it). The guard of a leader: its key under a lease,
+/// gone when the lease is revoked.
+pub async fn case_guarded_writes(kv: Arc<dyn KvStore>, ns: &str) {
+    let (g, k) = (ns_key(ns, "leader"), ns_key(ns, "k"));
+    let lease = kv.grant_lease(Duration::from_secs(30)).await.unwrap();
+    let held = kv
+        .put_if(&g, b"me".to_vec(), Expect::Absent, Some(lease))
+        .await
+        .unwrap();
+    let guard = super::kv::Guard {
+        key: g.clone(),
+        expect: Expect::ModRevision(held),
+    };
+    let r1 = kv
+        .put_if_guarded(&k, b"1".to_vec(), Expect::Absent, None, &guard)
+        .await
+        .unwrap();
+    // The key's own condition fails, the guard holds: an ordinary conflict.
+    let err = kv
+        .put_if_guarded(&k, b"x".to_vec(), Expect::Absent, None, &guard)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::Conflict { key, actual: Some(r), .. } if *key == k && *r == r1),
+        "{err:?}"
+    );
+    // Through a guarded registry too.
+    let reg = Registry::new(kv.clone(), ns).guarded(guard.clone());
+    reg.put_route(&sample_route("t", &["a"]), Expect::Absent)
+        .await
+        .unwrap();
+    // The leadership ends: every guarded write is refused, nothing changes.
+    kv.revoke(lease).await.unwrap();
+    let before = kv.current_revision().await.unwrap();
+    let err = kv
+        .put_if_guarded(&k, b"2".to_vec(), Expect::ModRevision(r1), None, &guard)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        RegistryError::GuardFailed {
+            key: g.clone(),
+            expected: Expect::ModRevision(held),
+            actual: None
+        }
+    );
+    let err = kv
+        .delete_if_guarded(&k, Expect::ModRevision(r1), &guard)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::GuardFailed { .. }), "{err:?}");
+    // Another leader took over: the guard still fails (the key is back, but newer).
+    let other = kv
+        .put_if(&g, b"other".to_vec(), Expect::Absent, None)
+        .await
+        .unwrap();
+    let err = reg
+        .update_route("t", |cur| {
+            let mut r = cur.expect("route exists").clone();
+            r.partitions += 1;
+            Ok(Some(r))
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::GuardFailed { actual: Some(a), .. } if *a == other),
+        "{err:?}"
+    );
+    assert_eq!(
+        kv.current_revision().await.unwrap(),
+        other,
+        "refused guarded writes changed the store (only the new leader key was written since {before})"
+    );
+    assert_eq!(kv.get(&k).await.unwrap().unwrap().value, b"1");
+    // The new leader's guard holds.
+    let guard = super::kv::Guard {
+        key: g.clone(),
+        expect: Expect::ModRevision(other),
+    };
+    kv.delete_if_guarded(&k, Expect::ModRevision(r1), &guard)
+        .await
+        .unwrap();
+    assert!(kv.get(&k).await.unwrap().is_none());
 }
 
 /// Racing writers with the same condition: exactly one wins.

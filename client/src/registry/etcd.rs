@@ -20,7 +20,8 @@ use etcd_client::{
 use futures::StreamExt;
 
 use super::kv::{
-    Expect, KvEntry, KvStore, LeaseId, RegistryError, Revision, WatchBatch, WatchEvent, WatchStream,
+    Expect, Guard, KvEntry, KvStore, LeaseId, RegistryError, Revision, WatchBatch, WatchEvent,
+    WatchStream,
 };
 
 /// Connection settings of [`EtcdKv`].
@@ -199,6 +200,56 @@ fn compare(key: &str, expect: Expect) -> Vec<Compare> {
     }
 }
 
+impl EtcdKv {
+    /// One txn: `ops` if `key` matches `expect` and `guard` holds; otherwise
+    /// gets both keys to tell [`RegistryError::GuardFailed`] (checked first)
+    /// from [`RegistryError::Conflict`].
+    async fn guarded_txn(
+        &self,
+        op: &str,
+        key: &str,
+        expect: Expect,
+        guard: &Guard,
+        ops: Vec<TxnOp>,
+    ) -> Result<etcd_client::TxnResponse, RegistryError> {
+        let mut when = compare(key, expect);
+        when.extend(compare(&guard.key, guard.expect));
+        let txn = Txn::new()
+            .when(when)
+            .and_then(ops)
+            .or_else(vec![TxnOp::get(key, None), TxnOp::get(&*guard.key, None)]);
+        let mut c = self.client.clone();
+        let resp = self.timed(op, c.txn(txn)).await?;
+        if resp.succeeded() {
+            return Ok(resp);
+        }
+        let revisions: Vec<Option<Revision>> = resp
+            .op_responses()
+            .into_iter()
+            .map(|op| match op {
+                TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.mod_revision()),
+                _ => None,
+            })
+            .collect();
+        let (actual, guard_actual) = (
+            revisions.first().copied().flatten(),
+            revisions.get(1).copied().flatten(),
+        );
+        if !guard.expect.matches(guard_actual) {
+            return Err(RegistryError::GuardFailed {
+                key: guard.key.clone(),
+                expected: guard.expect,
+                actual: guard_actual,
+            });
+        }
+        Err(RegistryError::Conflict {
+            key: key.to_string(),
+            expected: expect,
+            actual,
+        })
+    }
+}
+
 /// The current mod_revision of the key, from the `get` on a txn's failure branch.
 fn failed_get_revision(resp: &etcd_client::TxnResponse) -> Option<Revision> {
     resp.op_responses().into_iter().find_map(|op| match op {
@@ -277,6 +328,41 @@ impl KvStore for EtcdKv {
                 actual: failed_get_revision(&resp),
             })
         }
+    }
+
+    async fn put_if_guarded(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+        lease: Option<LeaseId>,
+        guard: &Guard,
+    ) -> Result<Revision, RegistryError> {
+        let opts = PutOptions::new().with_lease(lease.unwrap_or(0));
+        let ops = vec![TxnOp::put(key, value, Some(opts))];
+        let resp = match self.guarded_txn("put", key, expect, guard, ops).await {
+            Err(RegistryError::LeaseExpired { .. }) => {
+                return Err(RegistryError::LeaseExpired {
+                    lease: lease.unwrap_or(0),
+                })
+            }
+            r => r?,
+        };
+        Ok(header_revision(resp.header()))
+    }
+
+    async fn delete_if_guarded(
+        &self,
+        key: &str,
+        expect: Expect,
+        guard: &Guard,
+    ) -> Result<Revision, RegistryError> {
+        let ops = match expect {
+            Expect::Absent => vec![],
+            _ => vec![TxnOp::delete(key, None)],
+        };
+        let resp = self.guarded_txn("delete", key, expect, guard, ops).await?;
+        Ok(header_revision(resp.header()))
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, RegistryError> {

@@ -80,6 +80,19 @@ impl fmt::Display for Expect {
     }
 }
 
+/// An extra condition on another key that a guarded write checks in the same
+/// transaction as its own ([`KvStore::put_if_guarded`]): the write happens
+/// only if `key` also matches `expect`. The controller guards its writes with
+/// its leader key (`Expect::ModRevision` of the revision that created it), so
+/// a controller that lost its leadership cannot write any more.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Guard {
+    /// The guarding key (full key).
+    pub key: String,
+    /// What the guarding key must match.
+    pub expect: Expect,
+}
+
 /// One change seen by a watch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WatchEvent {
@@ -191,6 +204,17 @@ pub enum RegistryError {
         /// The revision asked for.
         requested: Revision,
     },
+    /// The [`Guard`] of a guarded write did not hold (for the controller:
+    /// its leadership ended). Nothing was written.
+    #[error("guard {key} no longer holds: expected {expected}, but its mod_revision is {}", .actual.map_or_else(|| "absent".to_string(), |r| r.to_string()))]
+    GuardFailed {
+        /// The guarding key.
+        key: String,
+        /// The guard's condition.
+        expected: Expect,
+        /// The guarding key's current `mod_revision` (None: absent), when known.
+        actual: Option<Revision>,
+    },
     /// Anything else, with the backend's message.
     #[error("registry error: {0}")]
     Other(String),
@@ -232,6 +256,41 @@ pub trait KvStore: Send + Sync + 'static {
     /// [`Expect::Any`] or [`Expect::Absent`] succeeds and changes nothing.
     /// Returns the store revision after the call.
     async fn delete_if(&self, key: &str, expect: Expect) -> Result<Revision, RegistryError>;
+
+    /// [`KvStore::put_if`] that also requires `guard` to hold, atomically (one
+    /// etcd txn). [`RegistryError::GuardFailed`] (nothing written) when the
+    /// guard fails; [`RegistryError::Conflict`] when only `expect` fails.
+    /// Backends without transactions over two keys keep the default, which
+    /// refuses every guarded write.
+    async fn put_if_guarded(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+        lease: Option<LeaseId>,
+        guard: &Guard,
+    ) -> Result<Revision, RegistryError> {
+        let _ = (key, value, expect, lease);
+        Err(RegistryError::Other(format!(
+            "this registry backend does not support guarded writes (guard {})",
+            guard.key
+        )))
+    }
+
+    /// [`KvStore::delete_if`] that also requires `guard` to hold, atomically;
+    /// errors as for [`KvStore::put_if_guarded`].
+    async fn delete_if_guarded(
+        &self,
+        key: &str,
+        expect: Expect,
+        guard: &Guard,
+    ) -> Result<Revision, RegistryError> {
+        let _ = (key, expect);
+        Err(RegistryError::Other(format!(
+            "this registry backend does not support guarded writes (guard {})",
+            guard.key
+        )))
+    }
 
     /// Grants a lease of (at least) `ttl`; backends may round it up (etcd: whole
     /// seconds, and its minimum TTL).

@@ -21,7 +21,8 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::kv::{
-    Expect, KvEntry, KvStore, LeaseId, RegistryError, Revision, WatchBatch, WatchEvent, WatchStream,
+    Expect, Guard, KvEntry, KvStore, LeaseId, RegistryError, Revision, WatchBatch, WatchEvent,
+    WatchStream,
 };
 
 /// A monotonic clock for lease expiry.
@@ -353,6 +354,88 @@ fn entry(key: &str, s: &Stored) -> KvEntry {
     }
 }
 
+/// The guard check of a guarded write, under the same lock as the write.
+fn check_guard(s: &State, guard: &Guard) -> Result<(), RegistryError> {
+    let actual = s.data.get(&guard.key).map(|v| v.mod_revision);
+    if guard.expect.matches(actual) {
+        Ok(())
+    } else {
+        Err(RegistryError::GuardFailed {
+            key: guard.key.clone(),
+            expected: guard.expect,
+            actual,
+        })
+    }
+}
+
+fn put_locked(
+    s: &mut State,
+    key: &str,
+    value: Vec<u8>,
+    expect: Expect,
+    lease: Option<LeaseId>,
+) -> Result<Revision, RegistryError> {
+    let current = s.data.get(key).map(|v| v.mod_revision);
+    if !expect.matches(current) {
+        return Err(RegistryError::Conflict {
+            key: key.to_string(),
+            expected: expect,
+            actual: current,
+        });
+    }
+    if let Some(l) = lease {
+        if !s.leases.contains_key(&l) {
+            return Err(RegistryError::LeaseExpired { lease: l });
+        }
+    }
+    s.revision += 1;
+    let rev = s.revision;
+    let old = s.data.get(key).cloned();
+    if let Some(old_lease) = old.as_ref().and_then(|o| o.lease) {
+        if lease != Some(old_lease) {
+            if let Some(l) = s.leases.get_mut(&old_lease) {
+                l.keys.remove(key);
+            }
+        }
+    }
+    if let Some(l) = lease {
+        s.leases
+            .get_mut(&l)
+            .expect("checked above")
+            .keys
+            .insert(key.to_string());
+    }
+    let create_revision = old.map_or(rev, |o| o.create_revision);
+    s.data.insert(
+        key.to_string(),
+        Stored {
+            value: value.clone(),
+            mod_revision: rev,
+            create_revision,
+            lease,
+        },
+    );
+    s.emit(vec![WatchEvent::Put {
+        key: key.to_string(),
+        value,
+        mod_revision: rev,
+    }]);
+    Ok(rev)
+}
+
+fn delete_locked(s: &mut State, key: &str, expect: Expect) -> Result<Revision, RegistryError> {
+    let current = s.data.get(key).map(|v| v.mod_revision);
+    // `Absent`: deleting what is already absent is a no-op, not a conflict.
+    if !expect.matches(current) {
+        return Err(RegistryError::Conflict {
+            key: key.to_string(),
+            expected: expect,
+            actual: current,
+        });
+    }
+    Ok(s.delete_keys(&[key.to_string()]).unwrap_or(s.revision))
+}
+
 #[async_trait]
 impl KvStore for MemoryKv {
     async fn get(&self, key: &str) -> Result<Option<KvEntry>, RegistryError> {
@@ -379,66 +462,36 @@ impl KvStore for MemoryKv {
         lease: Option<LeaseId>,
     ) -> Result<Revision, RegistryError> {
         let mut s = self.live()?;
-        let current = s.data.get(key).map(|v| v.mod_revision);
-        if !expect.matches(current) {
-            return Err(RegistryError::Conflict {
-                key: key.to_string(),
-                expected: expect,
-                actual: current,
-            });
-        }
-        if let Some(l) = lease {
-            if !s.leases.contains_key(&l) {
-                return Err(RegistryError::LeaseExpired { lease: l });
-            }
-        }
-        s.revision += 1;
-        let rev = s.revision;
-        let old = s.data.get(key).cloned();
-        if let Some(old_lease) = old.as_ref().and_then(|o| o.lease) {
-            if lease != Some(old_lease) {
-                if let Some(l) = s.leases.get_mut(&old_lease) {
-                    l.keys.remove(key);
-                }
-            }
-        }
-        if let Some(l) = lease {
-            s.leases
-                .get_mut(&l)
-                .expect("checked above")
-                .keys
-                .insert(key.to_string());
-        }
-        let create_revision = old.map_or(rev, |o| o.create_revision);
-        s.data.insert(
-            key.to_string(),
-            Stored {
-                value: value.clone(),
-                mod_revision: rev,
-                create_revision,
-                lease,
-            },
-        );
-        s.emit(vec![WatchEvent::Put {
-            key: key.to_string(),
-            value,
-            mod_revision: rev,
-        }]);
-        Ok(rev)
+        put_locked(&mut s, key, value, expect, lease)
+    }
+
+    async fn put_if_guarded(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        expect: Expect,
+        lease: Option<LeaseId>,
+        guard: &Guard,
+    ) -> Result<Revision, RegistryError> {
+        let mut s = self.live()?;
+        check_guard(&s, guard)?;
+        put_locked(&mut s, key, value, expect, lease)
     }
 
     async fn delete_if(&self, key: &str, expect: Expect) -> Result<Revision, RegistryError> {
         let mut s = self.live()?;
-        let current = s.data.get(key).map(|v| v.mod_revision);
-        // `Absent`: deleting what is already absent is a no-op, not a conflict.
-        if !expect.matches(current) {
-            return Err(RegistryError::Conflict {
-                key: key.to_string(),
-                expected: expect,
-                actual: current,
-            });
-        }
-        Ok(s.delete_keys(&[key.to_string()]).unwrap_or(s.revision))
+        delete_locked(&mut s, key, expect)
+    }
+
+    async fn delete_if_guarded(
+        &self,
+        key: &str,
+        expect: Expect,
+        guard: &Guard,
+    ) -> Result<Revision, RegistryError> {
+        let mut s = self.live()?;
+        check_guard(&s, guard)?;
+        delete_locked(&mut s, key, expect)
     }
 
     async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, RegistryError> {

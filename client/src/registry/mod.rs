@@ -9,6 +9,7 @@
 
 pub mod conformance;
 pub mod etcd;
+pub mod guarded;
 pub mod kv;
 pub mod memory;
 pub mod model;
@@ -16,6 +17,8 @@ pub mod snapshot;
 pub mod store;
 pub mod watcher;
 
+pub use guarded::GuardedKv;
+pub use kv::Guard;
 pub use kv::{
     Expect, KvEntry, KvStore, LeaseId, RegistryError, Revision, WatchBatch, WatchEvent, WatchStream,
 };

@@ -192,6 +192,17 @@ impl Registry {
         Registry { kv, fleet, prefix }
     }
 
+    /// The same fleet, but every write also requires `guard` to hold, in the
+    /// same transaction (see [`super::guarded::GuardedKv`]); a write whose
+    /// guard fails is [`RegistryError::GuardFailed`] and changes nothing.
+    pub fn guarded(&self, guard: super::kv::Guard) -> Registry {
+        Registry {
+            kv: Arc::new(super::guarded::GuardedKv::new(self.kv.clone(), guard)),
+            fleet: self.fleet.clone(),
+            prefix: self.prefix.clone(),
+        }
+    }
+
     /// The fleet name.
     pub fn fleet(&self) -> &str {
         &self.fleet
