@@ -293,6 +293,8 @@ enum Conn {
     Refused(KafkaError),
     /// Could not be verified yet (unreachable): retried every few seconds.
     Unverified(KafkaError),
+    /// The router asked for it; the driver opens it next (no attempt yet).
+    Opening,
 }
 
 struct Held {
@@ -321,8 +323,14 @@ struct State {
 }
 
 enum Cmd {
-    SyncAcks,
     Verify,
+}
+
+/// Which epochs' clusters [`Core::open_clusters`] opens.
+#[derive(Clone, Copy)]
+enum Which {
+    Open,
+    Pending,
 }
 
 enum Why {
@@ -360,6 +368,9 @@ struct Core {
     /// Hold buffer space was freed.
     space: Notify,
     cmds: mpsc::UnboundedSender<Cmd>,
+    /// Write the acknowledged epochs to the client record (the acker task:
+    /// not the driver, which may be busy opening a cluster meanwhile).
+    acks: mpsc::UnboundedSender<()>,
     shut: AtomicBool,
     me: Weak<Core>,
 }
@@ -506,7 +517,7 @@ impl Core {
             other => {
                 let error = match other {
                     Some(Conn::Refused(e)) | Some(Conn::Unverified(e)) => e.clone(),
-                    _ => KafkaError::Other {
+                    Some(Conn::Ready(_)) | Some(Conn::Opening) | None => KafkaError::Other {
                         cluster: cluster.to_string(),
                         detail: "no producer open for the cluster yet".into(),
                     },
@@ -692,15 +703,10 @@ impl Core {
             while let Some(a) = work.pop_front() {
                 match a {
                     Action::Open(c) => {
-                        if !st.clusters.contains_key(&c) {
-                            // Normally opened before the snapshot is applied; if not, verify now.
-                            st.clusters.insert(
-                                c.clone(),
-                                Conn::Unverified(KafkaError::Other {
-                                    cluster: c,
-                                    detail: "not verified yet".into(),
-                                }),
-                            );
+                        if let std::collections::hash_map::Entry::Vacant(e) = st.clusters.entry(c) {
+                            // Normally opened by the driver around the snapshot
+                            // that asked for it; if not, open it now.
+                            e.insert(Conn::Opening);
                             let _ = self.cmds.send(Cmd::Verify);
                         }
                     }
@@ -713,7 +719,7 @@ impl Core {
                     }
                     Action::Ack { topic, epoch } => {
                         tracing::debug!(topic, epoch, "switch: acknowledging pending epoch");
-                        let _ = self.cmds.send(Cmd::SyncAcks);
+                        let _ = self.acks.send(());
                     }
                     Action::Release { topic, epoch } => {
                         if let Some(since) = st.held_since.remove(&topic) {
@@ -859,22 +865,25 @@ impl Core {
     /// write to that has no producer yet (or could not be verified before).
     /// `retry`: also check clusters again that could not be verified before
     /// (the driver's periodic retry; a snapshot alone does not wait again).
-    async fn open_clusters(&self, snap: &FleetSnapshot, retry: bool) {
+    async fn open_clusters(&self, snap: &FleetSnapshot, retry: bool, which: Which) {
         let wanted: Vec<ClusterSpec> = {
             let st = self.lock();
             let mut ids: Vec<&String> = snap
                 .routes
                 .values()
-                .flat_map(|r| r.open_epoch().into_iter().chain(r.pending_epoch()))
+                .flat_map(|r| match which {
+                    Which::Open => r.open_epoch(),
+                    Which::Pending => r.pending_epoch(),
+                })
                 .flat_map(|e| e.clusters())
                 .collect();
             ids.sort();
             ids.dedup();
             ids.into_iter()
                 .filter(|c| match st.clusters.get(*c) {
-                    None => true,
+                    None | Some(Conn::Opening) => true,
                     Some(Conn::Unverified(_)) => retry,
-                    Some(_) => false,
+                    Some(Conn::Ready(_)) | Some(Conn::Refused(_)) => false,
                 })
                 .filter_map(|c| snap.cluster(c))
                 .filter(|s| s.state == ClusterState::Active)
@@ -928,24 +937,35 @@ impl Core {
             .map_err(|e| from_rdkafka(&spec.id, "create producer", &e))
     }
 
-    /// Opens what the snapshot needs, then hands it to the router.
+    /// Opens what the snapshot's open epochs need, hands the snapshot to the
+    /// router, then opens what only its pending epochs need.
+    ///
+    /// The pending epochs' clusters are opened *after* the router has seen
+    /// the snapshot: verifying a cluster takes a round trip or more, and
+    /// before the router sees a pending epoch it neither holds nor flushes
+    /// nor acknowledges, which delayed every other producer's switch. Records
+    /// go to those clusters only once the epoch is open, in a later snapshot
+    /// that this (sequential) driver applies after the opening is done.
     async fn apply_snapshot(&self, snap: &FleetSnapshot, retry: bool) {
-        self.open_clusters(snap, retry).await;
-        let mut st = self.lock();
-        // Remember the epoch each topic routes with, to count switches on Release.
-        for t in snap.routes.keys() {
-            if let Some(e) = st.router.routing_epoch(t) {
-                st.released.entry(t.clone()).or_insert(e);
+        self.open_clusters(snap, retry, Which::Open).await;
+        {
+            let mut st = self.lock();
+            // Remember the epoch each topic routes with, to count switches on Release.
+            for t in snap.routes.keys() {
+                if let Some(e) = st.router.routing_epoch(t) {
+                    st.released.entry(t.clone()).or_insert(e);
+                }
             }
+            let mut acts = Vec::new();
+            Self::absorb_all(&mut st, &mut acts);
+            acts.extend(st.router.on_snapshot(snap));
+            let held: Vec<String> = st.router.held_topics().map(str::to_string).collect();
+            for t in held {
+                st.held_since.entry(t).or_insert_with(Instant::now);
+            }
+            self.perform(&mut st, acts);
         }
-        let mut acts = Vec::new();
-        Self::absorb_all(&mut st, &mut acts);
-        acts.extend(st.router.on_snapshot(snap));
-        let held: Vec<String> = st.router.held_topics().map(str::to_string).collect();
-        for t in held {
-            st.held_since.entry(t).or_insert_with(Instant::now);
-        }
-        self.perform(&mut st, acts);
+        self.open_clusters(snap, retry, Which::Pending).await;
     }
 
     fn ready_producers(&self) -> Vec<Arc<Kafka>> {
@@ -979,16 +999,24 @@ async fn sync_acks(core: &Core, lease: &LeaseSlot) {
     rec.acked = acked;
     if let Err(e) = l.update(rec).await {
         tracing::warn!(error = %e, "cannot write acknowledged epochs to the registry; retrying");
-        let _ = core.cmds.send(Cmd::SyncAcks);
+        let _ = core.acks.send(());
         drop(slot);
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes the acknowledged epochs whenever the router acknowledges one.
+async fn acker(core: Arc<Core>, lease: LeaseSlot, mut rx: mpsc::UnboundedReceiver<()>) {
+    while rx.recv().await.is_some() {
+        // One write covers every request made so far.
+        while rx.try_recv().is_ok() {}
+        sync_acks(&core, &lease).await;
     }
 }
 
 async fn driver(
     core: Arc<Core>,
     watcher: Arc<FleetWatcher>,
-    lease: LeaseSlot,
     health: Arc<Health>,
     mut snaps: tokio::sync::watch::Receiver<Arc<FleetSnapshot>>,
     mut cmds: mpsc::UnboundedReceiver<Cmd>,
@@ -1000,7 +1028,6 @@ async fn driver(
         tokio::select! {
             biased;
             cmd = cmds.recv() => match cmd {
-                Some(Cmd::SyncAcks) => sync_acks(&core, &lease).await,
                 Some(Cmd::Verify) => core.apply_snapshot(&watcher.snapshot(), true).await,
                 None => return,
             },
@@ -1023,7 +1050,11 @@ async fn driver(
                 }
                 if last_verify.elapsed() >= VERIFY_RETRY {
                     last_verify = Instant::now();
-                    let retry = core.lock().clusters.values().any(|c| matches!(c, Conn::Unverified(_)));
+                    let retry = core
+                        .lock()
+                        .clusters
+                        .values()
+                        .any(|c| matches!(c, Conn::Unverified(_) | Conn::Opening));
                     if retry {
                         core.apply_snapshot(&watcher.snapshot(), true).await;
                     }
@@ -1071,7 +1102,7 @@ async fn lease_keeper(
                         *lease.lock().await = Some(l);
                         last_ok = Instant::now();
                         health.lease_ok.store(true, Ordering::Relaxed);
-                        let _ = core.cmds.send(Cmd::SyncAcks);
+                        let _ = core.acks.send(());
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot register with the registry; retrying")
@@ -1174,6 +1205,7 @@ impl FleetProducer {
             .await?;
         let lease: LeaseSlot = Arc::new(tokio::sync::Mutex::new(Some(lease)));
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let core = Arc::new_cyclic(|me| Core {
             state: Mutex::new(State::default()),
             kafka: config.kafka.clone(),
@@ -1184,6 +1216,7 @@ impl FleetProducer {
             registry_down: AtomicBool::new(false),
             space: Notify::new(),
             cmds: cmd_tx,
+            acks: ack_tx,
             shut: AtomicBool::new(false),
             me: me.clone(),
         });
@@ -1195,10 +1228,10 @@ impl FleetProducer {
         core.apply_snapshot(&watcher.snapshot(), false).await;
         sync_acks(&core, &lease).await;
         let tasks = vec![
+            tokio::spawn(acker(core.clone(), lease.clone(), ack_rx)),
             tokio::spawn(driver(
                 core.clone(),
                 watcher.clone(),
-                lease.clone(),
                 health.clone(),
                 snaps,
                 cmd_rx,
