@@ -14,7 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_client::registry::{
-    ClusterState, Expect, FleetSnapshot, LeaseId, RegistryError, UnixMillis,
+    ClusterState, Expect, FleetSnapshot, Guard, KvStore, LeaseId, RegistryError, Revision,
+    UnixMillis,
 };
 use flotilla_client::route::switch::{self, LateSeals, OnAckDeadline, SwitchStep};
 use serde::Serialize;
@@ -111,6 +112,20 @@ impl Controller {
     pub fn with_late_grace(mut self, grace: Duration) -> Self {
         self.late_grace = grace;
         self
+    }
+
+    /// The same controller (sharing its ack-wait clocks and late seals) whose
+    /// every registry write also requires `guard` to hold, in the same etcd
+    /// transaction ([`flotilla_client::registry::Registry::guarded`]).
+    /// [`run_elected`] guards each term with its leader key, so a controller
+    /// that lost its leadership has its writes refused
+    /// ([`RegistryError::GuardFailed`], reported in the pass's `errors`).
+    /// Kafka-side actions (the write fence) are not guarded; they are
+    /// idempotent and only ever taken on clusters already draining.
+    pub fn guarded(&self, guard: Guard) -> Controller {
+        let mut c = self.clone();
+        c.cp = ControlPlane::new(self.cp.registry().guarded(guard), self.cp.kafka().clone());
+        c
     }
 
     /// The control plane.
@@ -466,10 +481,19 @@ fn leader_key(cp: &ControlPlane) -> String {
 /// Runs the controller under leader election until `shutdown` turns true.
 ///
 /// Candidates race to create the leader key under their own lease; the winner
-/// reconciles every `interval` and renews its lease every `ttl/3`. When a
-/// renewal fails the leader steps down at once (another may already lead);
-/// when a leader dies its lease expires and a follower takes over within about
-/// one TTL. Registry outages are waited out.
+/// reconciles every `interval`. While it leads, a separate task
+/// ([`keep_leading`]) renews the lease every `ttl/3`, independently of the
+/// reconcile pass, so a pass that waits on a dead Kafka cluster longer than
+/// the TTL does not let the lease lapse. That task declares the leadership
+/// lost when the lease is gone (expired, revoked), when the leader key no
+/// longer is the one this term created, or when no renewal succeeded in time
+/// to be sure the lease still runs (`ttl/4` before it could expire at
+/// etcd); the pass under way is then dropped at once (it stops at its next
+/// await) and the controller goes back to campaigning. Every registry write
+/// of the term goes through a registry guarded by the leader key
+/// ([`Controller::guarded`]), so even a stale leader that still acted would
+/// have its writes refused. When a leader dies its lease expires and a
+/// follower takes over within about one TTL. Registry outages are waited out.
 pub async fn run_elected(
     controller: Controller,
     opts: ElectionOptions,
@@ -483,8 +507,8 @@ pub async fn run_elected(
         if *shutdown.borrow() {
             return Ok(());
         }
-        let lease = match campaign(&*kv, &key, &opts).await {
-            Ok(Some(lease)) => lease,
+        let term = match campaign(&*kv, &key, &opts).await {
+            Ok(Some(term)) => term,
             Ok(None) | Err(_) => {
                 // Someone else leads, or the registry is unreachable: try again shortly.
                 tokio::select! {
@@ -496,45 +520,156 @@ pub async fn run_elected(
         tracing::info!(id = %opts.id, "leading the fleet controller");
         metrics::gauge!("flotilla_controller_is_leader").set(1.0);
         let _ = leadership.send(Leadership::Leader);
-        let mut renew = tokio::time::interval(renew_every);
+        let (lost_tx, mut lost) = watch::channel(false);
+        let keeper = tokio::spawn(keep_leading(
+            kv.clone(),
+            key.clone(),
+            term,
+            opts.lease_ttl,
+            lost_tx,
+        ));
+        let acting = controller.guarded(Guard {
+            key: key.clone(),
+            expect: Expect::ModRevision(term.revision),
+        });
         let mut tick = tokio::time::interval(opts.interval);
-        let stepped_down = loop {
+        // `wait_for` also ends (Err) if the keeper is gone: lost either way.
+        let stepped_down = 'term: loop {
             tokio::select! {
-                _ = renew.tick() => {
-                    if let Err(e) = kv.keep_alive(lease).await {
-                        tracing::warn!(error = %e, "lost the controller lease; stepping down");
-                        break true;
-                    }
+                biased;
+                _ = lost.wait_for(|l| *l) => break 'term true,
+                _ = shutdown.changed() => break 'term false,
+                _ = tick.tick() => {}
+            }
+            // The pass is dropped as soon as the leadership is lost.
+            tokio::select! {
+                biased;
+                _ = lost.wait_for(|l| *l) => {
+                    tracing::warn!("leadership lost during a reconcile pass; pass abandoned");
+                    break 'term true;
                 }
-                _ = tick.tick() => {
-                    match controller.reconcile_once(now_millis()).await {
-                        Ok(r) => {
-                            for e in &r.errors { tracing::warn!("{e}"); }
-                            for (t, n) in &r.sealed { tracing::info!(topic = %t, epoch = n, "switch completed"); }
-                            for c in &r.retired { tracing::info!(cluster = %c, "cluster retired"); }
-                        }
-                        Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+                _ = shutdown.changed() => break 'term false,
+                r = acting.reconcile_once(now_millis()) => match r {
+                    Ok(r) => {
+                        for e in &r.errors { tracing::warn!("{e}"); }
+                        for (t, n) in &r.sealed { tracing::info!(topic = %t, epoch = n, "switch completed"); }
+                        for c in &r.retired { tracing::info!(cluster = %c, "cluster retired"); }
                     }
-                }
-                _ = shutdown.changed() => break false,
+                    Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+                },
             }
         };
+        keeper.abort();
         metrics::gauge!("flotilla_controller_is_leader").set(0.0);
         let _ = leadership.send(Leadership::Follower);
+        // Clean shutdown: hand over at once instead of after the TTL. After a
+        // lost leadership: drop what may be left of the lease (best effort).
+        let _ = kv.revoke(term.lease).await;
         if !stepped_down {
-            // Clean shutdown: hand over at once instead of after the TTL.
-            let _ = kv.revoke(lease).await;
             return Ok(());
         }
+        tracing::warn!(id = %opts.id, "stepped down as fleet controller leader");
     }
 }
 
-/// Tries once to become leader: `Some(lease)` when this instance now leads.
+/// One term of leadership: the lease holding the leader key and the revision
+/// that created the key (the guard of the term's writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Term {
+    lease: LeaseId,
+    revision: Revision,
+    /// When the lease was asked for: it cannot expire before `granted + ttl`.
+    granted: tokio::time::Instant,
+}
+
+/// Keeps the lease of `term` alive, on its own schedule (every `ttl/3`),
+/// until the term ends; sets `lost` when the leadership is lost:
+///
+/// - the lease is gone (expired or revoked) or the leader key is no longer
+///   the one this term created (deleted, or another leader's);
+/// - no renewal succeeded in time: the lease is known alive only until the
+///   moment the last successful renewal was *sent* plus its TTL (etcd counts
+///   from when it received it, later); the leader steps down `ttl/4` before
+///   that, so it has stopped before any other candidate can win the key.
+///
+/// Transient failures (etcd slow or unreachable) are retried until then.
+async fn keep_leading(
+    kv: Arc<dyn KvStore>,
+    key: String,
+    term: Term,
+    ttl: Duration,
+    lost: watch::Sender<bool>,
+) {
+    const RETRY: Duration = Duration::from_millis(100);
+    let renew_every = ttl / 3;
+    let margin = ttl / 4;
+    let mut valid_until = term.granted + ttl;
+    let mut next = term.granted + renew_every;
+    loop {
+        let step_down_at = valid_until - margin;
+        if next >= step_down_at {
+            next = step_down_at;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = lost.closed() => return, // the term ended
+        }
+        let sent = tokio::time::Instant::now();
+        if sent >= step_down_at {
+            tracing::warn!(
+                lease = term.lease,
+                "could not renew the controller lease in time; stepping down"
+            );
+            break;
+        }
+        match tokio::time::timeout_at(step_down_at, renew(&*kv, &key, &term)).await {
+            Ok(Ok(granted)) => {
+                valid_until = sent + granted;
+                next = sent + renew_every;
+            }
+            Ok(Err(e)) if e.is_transient() => {
+                tracing::warn!(error = %e, "renewing the controller lease failed; retrying");
+                next = tokio::time::Instant::now() + RETRY.min(renew_every);
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "lost the controller lease; stepping down");
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    lease = term.lease,
+                    "controller lease renewal did not answer in time; stepping down"
+                );
+                break;
+            }
+        }
+    }
+    let _ = lost.send(true);
+}
+
+/// Renews the lease of `term` once and checks the leader key is still this
+/// term's; returns the TTL granted by the renewal.
+async fn renew(kv: &dyn KvStore, key: &str, term: &Term) -> Result<Duration, RegistryError> {
+    let granted = kv.keep_alive(term.lease).await?;
+    let held = kv.get(key).await?.map(|e| e.mod_revision);
+    let expect = Expect::ModRevision(term.revision);
+    if !expect.matches(held) {
+        return Err(RegistryError::GuardFailed {
+            key: key.to_string(),
+            expected: expect,
+            actual: held,
+        });
+    }
+    Ok(granted)
+}
+
+/// Tries once to become leader: `Some(term)` when this instance now leads.
 async fn campaign(
-    kv: &dyn flotilla_client::registry::KvStore,
+    kv: &dyn KvStore,
     key: &str,
     opts: &ElectionOptions,
-) -> Result<Option<LeaseId>, RegistryError> {
+) -> Result<Option<Term>, RegistryError> {
+    let granted = tokio::time::Instant::now();
     let lease = kv.grant_lease(opts.lease_ttl).await?;
     match kv
         .put_if(
@@ -545,7 +680,11 @@ async fn campaign(
         )
         .await
     {
-        Ok(_) => Ok(Some(lease)),
+        Ok(revision) => Ok(Some(Term {
+            lease,
+            revision,
+            granted,
+        })),
         Err(RegistryError::Conflict { .. }) => {
             let _ = kv.revoke(lease).await;
             Ok(None)
@@ -996,5 +1135,46 @@ mod fence_tests {
             Some("fence a"),
             "{calls:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod leadership_tests {
+    use super::tests_support::*;
+
+    /// A controller acting for a term that is over (the leader key was
+    /// re-created by another leader) has every registry write refused; the
+    /// current term's guard lets the same pass through.
+    #[tokio::test]
+    async fn a_stale_leaders_writes_are_refused_by_the_leader_key_guard() {
+        let kv = MemoryKv::new();
+        let (cp, _) = fleet(&kv).await;
+        cp.set_route(set(&["a"], 0), now_millis()).await.unwrap();
+        cp.set_route(set(&["b"], 0), now_millis()).await.unwrap();
+        let key = leader_key(&cp);
+        let old = kv
+            .put_if(&key, b"one".to_vec(), Expect::Absent, None)
+            .await
+            .unwrap();
+        kv.delete_if(&key, Expect::ModRevision(old)).await.unwrap();
+        let new = kv
+            .put_if(&key, b"two".to_vec(), Expect::Absent, None)
+            .await
+            .unwrap();
+        let ctl = Controller::new(cp.clone());
+        let stale = ctl.guarded(Guard {
+            key: key.clone(),
+            expect: Expect::ModRevision(old),
+        });
+        let r = stale.reconcile_once(now_millis()).await.unwrap();
+        assert!(r.sealed.is_empty(), "{r:?}");
+        assert!(r.errors[0].contains("no longer holds"), "{r:?}");
+        assert_eq!(kv.current_revision().await.unwrap(), new, "nothing written");
+        let current = ctl.guarded(Guard {
+            key,
+            expect: Expect::ModRevision(new),
+        });
+        let r = current.reconcile_once(now_millis()).await.unwrap();
+        assert_eq!(r.sealed, vec![("t".into(), 2)], "{r:?}");
     }
 }
