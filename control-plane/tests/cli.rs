@@ -261,7 +261,9 @@ async fn every_command_and_every_bad_input() {
     let e = env.refused(&["route", "abort", "orders"]).await;
     assert!(e.contains("no pending switch"), "{e}");
     env.ok(&["route", "set", "orders", "--cluster", "b=1", "--wait"]);
-    env.ok(&["cluster", "drain", "a"]);
+    // Draining with --wait reconciles once: that pass fences a's writes.
+    let out = env.ok(&["cluster", "drain", "a", "--wait"]);
+    assert!(out.contains("writes fenced: a: orders"), "{out}");
     let e = env
         .refused(&[
             "route",

@@ -190,6 +190,9 @@ pub fn report_text(r: &ReconcileReport) -> String {
     for c in &r.drained {
         let _ = writeln!(out, "expired, now draining: {c}");
     }
+    for (c, topics) in &r.fenced {
+        let _ = writeln!(out, "writes fenced: {c}: {}", topics.join(", "));
+    }
     for c in &r.retired {
         let _ = writeln!(out, "retired: {c}");
     }
@@ -227,5 +230,14 @@ mod tests {
             ],
         );
         assert_eq!(t, "A    LONGER\nxyz  1\nq    22\n");
+    }
+
+    #[test]
+    fn report_names_fenced_clusters_and_their_topics() {
+        let r = ReconcileReport {
+            fenced: vec![("a".into(), vec!["t".into(), "u".into()])],
+            ..ReconcileReport::default()
+        };
+        assert_eq!(report_text(&r), "writes fenced: a: t, u\n");
     }
 }
