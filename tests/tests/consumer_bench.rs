@@ -30,14 +30,21 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 
-const RECORDS: usize = 300_000;
+/// Throughput benchmark: a topic of 1 M records of 100 B (≈ 110 MB on the
+/// wire), read with librdkafka's prefetch bounded to `PREFETCH_KB` per
+/// consumer (both), so that a run measures fetching from the broker, not only
+/// draining what librdkafka already holds in memory.
+const RECORDS: usize = 1_000_000;
 const KEYS: usize = 10_000;
 const PARTITIONS: u32 = 4;
 const VALUE: usize = 100;
-const ROUNDS: usize = 3;
-/// Latency benchmark: records per second and seconds of measured traffic.
+const ROUNDS: usize = 6;
+const PREFETCH_KB: &str = "16384";
+/// Latency benchmark: records per second, seconds of measured traffic per
+/// phase, and seconds of unmeasured warm-up per path before.
 const LAT_RATE: u64 = 2_000;
-const LAT_SECS: u64 = 15;
+const LAT_SECS: u64 = 10;
+const LAT_WARMUP_SECS: u64 = 5;
 /// Fence benchmark: records per second, number of switches, time between them.
 const FENCE_RATE: u64 = 1_000;
 const SWITCHES: usize = 8;
@@ -206,9 +213,15 @@ impl Bench {
     }
 
     async fn fleet_consumer(&self, group: &str) -> FleetConsumer {
-        FleetConsumer::new(FleetConsumerConfig::new(self.registry.clone()).set("group.id", group))
-            .await
-            .expect("fleet consumer")
+        self.fleet_consumer_with(group, &[]).await
+    }
+
+    async fn fleet_consumer_with(&self, group: &str, props: &[(&str, &str)]) -> FleetConsumer {
+        let mut cfg = FleetConsumerConfig::new(self.registry.clone()).set("group.id", group);
+        for (k, v) in props {
+            cfg = cfg.set(*k, *v);
+        }
+        FleetConsumer::new(cfg).await.expect("fleet consumer")
     }
 
     /// The controller's switch, by hand (DESIGN "Handoff protocol" 1-3), as in
@@ -287,21 +300,54 @@ fn raw_producer(bootstrap: &str) -> FutureProducer {
 }
 
 fn raw_consumer(bootstrap: &str, group: &str) -> StreamConsumer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    raw_consumer_with(bootstrap, group, &[])
+}
+
+fn raw_consumer_with(bootstrap: &str, group: &str, props: &[(&str, &str)]) -> StreamConsumer {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", bootstrap)
         .set("group.id", group)
         .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap()
+        .set("enable.auto.commit", "false");
+    for (k, v) in props {
+        cfg.set(*k, *v);
+    }
+    cfg.create().unwrap()
 }
+
+/// Consumer properties of the throughput benchmark, for both consumers: a
+/// bounded prefetch, and librdkafka's fetch back-off after the queue
+/// thresholds were reached at the `FleetConsumer`'s default (10 ms; the
+/// librdkafka default of 1 s makes the raw consumer idle for up to a second
+/// whenever its queue filled, which made its figures bimodal).
+const TPUT_PROPS: [(&str, &str); 2] = [
+    ("queued.max.messages.kbytes", PREFETCH_KB),
+    ("fetch.queue.backoff.ms", "10"),
+];
+
+/// Stands for an application's processing of a record: `WORK_PASSES`
+/// FNV-1a passes over the payload (a couple of microseconds per record).
+fn work(payload: &[u8], passes: u32) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for _ in 0..passes {
+        for b in payload {
+            h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    std::hint::black_box(h)
+}
+
+/// Passes of [`work`] per record in the "with processing" rounds.
+const WORK_PASSES: u32 = 16;
+/// Rounds with processing (after the plain ones).
+const WORK_ROUNDS: usize = 2;
 
 /// (time to the first record, time from the first to the last record).
 type Timing = (Duration, Duration);
 
-async fn consume_raw(bootstrap: &str, topic: &str, group: &str) -> Timing {
+async fn consume_raw(bootstrap: &str, topic: &str, group: &str, passes: u32) -> Timing {
     let started = Instant::now();
-    let c = raw_consumer(bootstrap, group);
+    let c = raw_consumer_with(bootstrap, group, &TPUT_PROPS);
     c.subscribe(&[topic]).unwrap();
     let mut first = None;
     let mut bytes = 0usize;
@@ -309,15 +355,18 @@ async fn consume_raw(bootstrap: &str, topic: &str, group: &str) -> Timing {
         let m = c.recv().await.unwrap();
         first.get_or_insert_with(Instant::now);
         bytes += m.payload().map_or(0, |p| p.len());
+        if passes > 0 {
+            work(m.payload().unwrap_or_default(), passes);
+        }
     }
     assert_eq!(bytes, RECORDS * VALUE);
     let first = first.unwrap();
     (first - started, first.elapsed())
 }
 
-async fn consume_fleet(b: &Bench, topic: &str, group: &str) -> Timing {
+async fn consume_fleet(b: &Bench, topic: &str, group: &str, passes: u32) -> Timing {
     let started = Instant::now();
-    let c = b.fleet_consumer(group).await;
+    let c = b.fleet_consumer_with(group, &TPUT_PROPS).await;
     c.subscribe(&[topic]).unwrap();
     let mut first = None;
     let mut bytes = 0usize;
@@ -327,6 +376,9 @@ async fn consume_fleet(b: &Bench, topic: &str, group: &str) -> Timing {
             Ok(m) => {
                 first.get_or_insert_with(Instant::now);
                 bytes += m.payload().map_or(0, |p| p.len());
+                if passes > 0 {
+                    work(m.payload().unwrap_or_default(), passes);
+                }
                 n += 1;
             }
             Err(e) => eprintln!("fleet consumer: {e}"),
@@ -350,27 +402,35 @@ fn fleet_consumer_vs_stream_consumer_throughput() {
         let p = raw_producer(&b.bootstraps[0]);
         let keys = keys();
         let value = vec![b'x'; VALUE];
-        let mut futs = Vec::with_capacity(RECORDS);
-        for i in 0..RECORDS {
-            let rec = FutureRecord::to(topic).key(&keys[i % KEYS]).payload(&value);
-            futs.push(p.send_result(rec).map_err(|(e, _)| e).unwrap());
-        }
-        for f in futs {
-            f.await.unwrap().map_err(|(e, _)| e).unwrap();
+        for chunk in (0..RECORDS).collect::<Vec<_>>().chunks(100_000) {
+            let mut futs = Vec::with_capacity(chunk.len());
+            for &i in chunk {
+                let rec = FutureRecord::to(topic).key(&keys[i % KEYS]).payload(&value);
+                futs.push(p.send_result(rec).map_err(|(e, _)| e).unwrap());
+            }
+            for f in futs {
+                f.await.unwrap().map_err(|(e, _)| e).unwrap();
+            }
         }
         drop(p);
         let rate = |d: Duration| RECORDS as f64 / d.as_secs_f64();
         let (mut best_raw, mut best_fleet) = (0f64, 0f64);
         let (mut tot_raw, mut tot_fleet) = (0f64, 0f64);
+        let (mut sum_raw, mut sum_fleet) = (Duration::ZERO, Duration::ZERO);
+        let mut ratios = Vec::new();
+        // Warm-up (not measured): the first group on a fresh broker creates
+        // `__consumer_offsets`, and the JIT compiles the fetch path.
+        consume_raw(&b.bootstraps[0], topic, "warm-raw", 0).await;
+        consume_fleet(&b, topic, "warm-fleet", 0).await;
         for round in 0..ROUNDS {
             // Alternate which one goes first.
             let (r, f) = if round % 2 == 0 {
-                let r = consume_raw(&b.bootstraps[0], topic, &format!("raw-{round}")).await;
-                let f = consume_fleet(&b, topic, &format!("fleet-{round}")).await;
+                let r = consume_raw(&b.bootstraps[0], topic, &format!("raw-{round}"), 0).await;
+                let f = consume_fleet(&b, topic, &format!("fleet-{round}"), 0).await;
                 (r, f)
             } else {
-                let f = consume_fleet(&b, topic, &format!("fleet-{round}")).await;
-                let r = consume_raw(&b.bootstraps[0], topic, &format!("raw-{round}")).await;
+                let f = consume_fleet(&b, topic, &format!("fleet-{round}"), 0).await;
+                let r = consume_raw(&b.bootstraps[0], topic, &format!("raw-{round}"), 0).await;
                 (r, f)
             };
             eprintln!(
@@ -389,15 +449,65 @@ fn fleet_consumer_vs_stream_consumer_throughput() {
             );
             best_raw = best_raw.max(rate(r.1));
             best_fleet = best_fleet.max(rate(f.1));
+            sum_raw += r.1;
+            sum_fleet += f.1;
+            ratios.push(rate(f.1) / rate(r.1));
             tot_raw = tot_raw.max(rate(r.0 + r.1));
             tot_fleet = tot_fleet.max(rate(f.0 + f.1));
         }
+        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
         eprintln!(
-            "best of {ROUNDS} ({RECORDS} x {VALUE} B, {PARTITIONS} partitions): StreamConsumer \
+            "{ROUNDS} rounds ({RECORDS} x {VALUE} B, {PARTITIONS} partitions, \
+             queued.max.messages.kbytes={PREFETCH_KB}): ratio of sums (steady) {:.2} \
+             (StreamConsumer {:.0} rec/s, FleetConsumer {:.0} rec/s over all rounds); \
+             per-round ratios {ratios:.2?} (median {:.2}); best of {ROUNDS}: StreamConsumer \
              {best_raw:.0} rec/s, FleetConsumer {best_fleet:.0} rec/s, ratio {:.2} \
              (with start-up: {tot_raw:.0} vs {tot_fleet:.0} rec/s, ratio {:.2})",
+            sum_raw.as_secs_f64() / sum_fleet.as_secs_f64(),
+            (RECORDS * ROUNDS) as f64 / sum_raw.as_secs_f64(),
+            (RECORDS * ROUNDS) as f64 / sum_fleet.as_secs_f64(),
+            (ratios[ROUNDS / 2 - 1] + ratios[ROUNDS / 2]) / 2.0,
             best_fleet / best_raw,
             tot_fleet / tot_raw
+        );
+        // With processing: the application does a little work per record.
+        let (mut w_raw, mut w_fleet) = (Duration::ZERO, Duration::ZERO);
+        for round in 0..WORK_ROUNDS {
+            let (r, f) = if round % 2 == 0 {
+                let r = consume_raw(
+                    &b.bootstraps[0],
+                    topic,
+                    &format!("wraw-{round}"),
+                    WORK_PASSES,
+                )
+                .await;
+                let f = consume_fleet(&b, topic, &format!("wfleet-{round}"), WORK_PASSES).await;
+                (r, f)
+            } else {
+                let f = consume_fleet(&b, topic, &format!("wfleet-{round}"), WORK_PASSES).await;
+                let r = consume_raw(
+                    &b.bootstraps[0],
+                    topic,
+                    &format!("wraw-{round}"),
+                    WORK_PASSES,
+                )
+                .await;
+                (r, f)
+            };
+            eprintln!(
+                "with processing ({WORK_PASSES} FNV passes per record), round {round}: StreamConsumer {:.0} rec/s, FleetConsumer {:.0} rec/s, ratio {:.2}",
+                rate(r.1),
+                rate(f.1),
+                rate(f.1) / rate(r.1)
+            );
+            w_raw += r.1;
+            w_fleet += f.1;
+        }
+        eprintln!(
+            "with processing: ratio of sums {:.2} (StreamConsumer {:.0} rec/s, FleetConsumer {:.0} rec/s)",
+            w_raw.as_secs_f64() / w_fleet.as_secs_f64(),
+            (RECORDS * WORK_ROUNDS) as f64 / w_raw.as_secs_f64(),
+            (RECORDS * WORK_ROUNDS) as f64 / w_fleet.as_secs_f64(),
         );
     });
 }
@@ -405,11 +515,11 @@ fn fleet_consumer_vs_stream_consumer_throughput() {
 /// Sends `LAT_RATE` records/s: warm-up records until `ready`, then
 /// `LAT_RATE * LAT_SECS` measured ones. `send` enqueues one record (payload,
 /// sequence number) and returns its delivery future.
-async fn paced<S, F>(ready: &AtomicBool, base: Instant, mut send: S) -> Vec<F>
+async fn paced<S, F>(ready: &AtomicBool, base: Instant, secs: u64, mut send: S) -> Vec<F>
 where
     S: FnMut(Vec<u8>, u64) -> F,
 {
-    let total = LAT_RATE * LAT_SECS;
+    let total = LAT_RATE * secs;
     let per_tick = LAT_RATE / 1000;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     let mut futs = Vec::with_capacity(total as usize + 10_000);
@@ -431,12 +541,17 @@ where
 }
 
 /// Reads until every measured record arrived; returns latencies in seconds.
-async fn collect_latency<M, R>(ready: &AtomicBool, base: Instant, mut recv: R) -> Vec<f64>
+async fn collect_latency<M, R>(
+    ready: &AtomicBool,
+    base: Instant,
+    secs: u64,
+    mut recv: R,
+) -> Vec<f64>
 where
     R: FnMut() -> M,
     M: std::future::Future<Output = Option<Vec<u8>>>,
 {
-    let total = LAT_RATE * LAT_SECS;
+    let total = LAT_RATE * secs;
     let mut seen = vec![false; total as usize];
     let mut lat = Vec::with_capacity(total as usize);
     while (lat.len() as u64) < total {
@@ -453,81 +568,114 @@ where
     lat
 }
 
+/// One latency phase through raw rdkafka (`FutureProducer` →
+/// `StreamConsumer`) on a fresh topic: `secs` seconds of measured traffic.
+async fn latency_raw(b: &Arc<Bench>, keys: &Arc<Vec<String>>, topic: &str, secs: u64) -> Vec<f64> {
+    b.topic(topic, &["a"]).await;
+    let base = Instant::now();
+    let ready = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (b, ready, topic) = (b.clone(), ready.clone(), topic.to_string());
+        tokio::spawn(async move {
+            let c = raw_consumer(&b.bootstraps[0], &topic);
+            c.subscribe(&[&topic]).unwrap();
+            let c = &c;
+            collect_latency(&ready, base, secs, move || async move {
+                c.recv()
+                    .await
+                    .ok()
+                    .and_then(|m| m.payload().map(<[u8]>::to_vec))
+            })
+            .await
+        })
+    };
+    let p = raw_producer(&b.bootstraps[0]);
+    let futs = paced(&ready, base, secs, |v, seq| {
+        let k = &keys[seq as usize % KEYS];
+        p.send_result(FutureRecord::to(topic).key(k).payload(&v))
+            .map_err(|(e, _)| e)
+            .unwrap()
+    })
+    .await;
+    for f in futs {
+        f.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+    consumer.await.unwrap()
+}
+
+/// One latency phase through flotilla (`FleetProducer` → `FleetConsumer`)
+/// on a fresh topic: `secs` seconds of measured traffic.
+async fn latency_fleet(
+    b: &Arc<Bench>,
+    keys: &Arc<Vec<String>>,
+    topic: &str,
+    secs: u64,
+) -> Vec<f64> {
+    b.topic(topic, &["a"]).await;
+    let base = Instant::now();
+    let ready = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (b, ready, topic) = (b.clone(), ready.clone(), topic.to_string());
+        tokio::spawn(async move {
+            let c = b.fleet_consumer(&topic).await;
+            c.subscribe(&[&topic]).unwrap();
+            let cr = &c;
+            let lat = collect_latency(&ready, base, secs, move || async move {
+                cr.recv()
+                    .await
+                    .ok()
+                    .and_then(|m| m.payload().map(<[u8]>::to_vec))
+            })
+            .await;
+            c.close().await;
+            lat
+        })
+    };
+    let fp = b.fleet_producer().await;
+    let futs = paced(&ready, base, secs, |v, seq| {
+        let k = &keys[seq as usize % KEYS];
+        fp.send_result(FutureRecord::to(topic).key(k).payload(&v))
+            .map_err(|(e, _)| e)
+            .unwrap()
+    })
+    .await;
+    for f in futs {
+        f.await.map_err(|(e, _)| e).unwrap();
+    }
+    let lat = consumer.await.unwrap();
+    fp.close(Duration::from_secs(10)).await.unwrap();
+    lat
+}
+
 #[test]
 #[ignore = "benchmark: run with --release -- --ignored --nocapture"]
 fn end_to_end_latency_fleet_vs_raw() {
     run(async {
         let b = Arc::new(setup(1).await);
-        b.topic("lat-raw", &["a"]).await;
-        b.topic("lat-fleet", &["a"]).await;
         let keys = Arc::new(keys());
-        let base = Instant::now();
-
-        // Raw: FutureProducer -> StreamConsumer.
-        let ready = Arc::new(AtomicBool::new(false));
-        let consumer = {
-            let (b, ready) = (b.clone(), ready.clone());
-            tokio::spawn(async move {
-                let c = raw_consumer(&b.bootstraps[0], "lat-raw");
-                c.subscribe(&["lat-raw"]).unwrap();
-                let c = &c;
-                collect_latency(&ready, base, move || async move {
-                    c.recv()
-                        .await
-                        .ok()
-                        .and_then(|m| m.payload().map(<[u8]>::to_vec))
-                })
-                .await
-            })
-        };
-        let p = raw_producer(&b.bootstraps[0]);
-        let futs = paced(&ready, base, |v, seq| {
-            let k = &keys[seq as usize % KEYS];
-            p.send_result(FutureRecord::to("lat-raw").key(k).payload(&v))
-                .map_err(|(e, _)| e)
-                .unwrap()
-        })
-        .await;
-        for f in futs {
-            f.await.unwrap().map_err(|(e, _)| e).unwrap();
+        // Warm-up, not measured: the broker's JIT, `__consumer_offsets`.
+        latency_raw(&b, &keys, "lat-warm-raw", LAT_WARMUP_SECS).await;
+        latency_fleet(&b, &keys, "lat-warm-fleet", LAT_WARMUP_SECS).await;
+        // Measured in the order raw, fleet, fleet, raw (ABBA), so that a
+        // drift of the machine's load over the run hits both alike.
+        let (mut raw, mut fleet) = (Vec::new(), Vec::new());
+        for (i, is_raw) in [true, false, false, true].into_iter().enumerate() {
+            let mut lat = if is_raw {
+                latency_raw(&b, &keys, &format!("lat-raw-{i}"), LAT_SECS).await
+            } else {
+                latency_fleet(&b, &keys, &format!("lat-fleet-{i}"), LAT_SECS).await
+            };
+            let what = if is_raw {
+                "FutureProducer -> StreamConsumer"
+            } else {
+                "FleetProducer -> FleetConsumer  "
+            };
+            let all = if is_raw { &mut raw } else { &mut fleet };
+            all.extend_from_slice(&lat);
+            eprintln!("phase {i}: {what}: {}", summary_ms(&mut lat));
         }
-        let mut raw = consumer.await.unwrap();
-
-        // Flotilla: FleetProducer -> FleetConsumer.
-        let ready = Arc::new(AtomicBool::new(false));
-        let consumer = {
-            let (b, ready) = (b.clone(), ready.clone());
-            tokio::spawn(async move {
-                let c = b.fleet_consumer("lat-fleet").await;
-                c.subscribe(&["lat-fleet"]).unwrap();
-                let cr = &c;
-                let lat = collect_latency(&ready, base, move || async move {
-                    cr.recv()
-                        .await
-                        .ok()
-                        .and_then(|m| m.payload().map(<[u8]>::to_vec))
-                })
-                .await;
-                c.close().await;
-                lat
-            })
-        };
-        let fp = b.fleet_producer().await;
-        let futs = paced(&ready, base, |v, seq| {
-            let k = &keys[seq as usize % KEYS];
-            fp.send_result(FutureRecord::to("lat-fleet").key(k).payload(&v))
-                .map_err(|(e, _)| e)
-                .unwrap()
-        })
-        .await;
-        for f in futs {
-            f.await.map_err(|(e, _)| e).unwrap();
-        }
-        let mut fleet = consumer.await.unwrap();
-        fp.close(Duration::from_secs(10)).await.unwrap();
-
         eprintln!(
-            "end-to-end latency at {LAT_RATE} rec/s for {LAT_SECS} s ({VALUE} B, linger.ms=5):\n  \
+            "end-to-end latency at {LAT_RATE} rec/s, 2 x {LAT_SECS} s per path ({VALUE} B, linger.ms=5):\n  \
              FutureProducer -> StreamConsumer: {}\n  FleetProducer -> FleetConsumer:   {}",
             summary_ms(&mut raw),
             summary_ms(&mut fleet)

@@ -1,7 +1,7 @@
 //! The [`FleetConsumer`] adapter: per-cluster rdkafka consumers around the
 //! sans-IO fence gate. See the [module docs](super).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -139,7 +139,8 @@ pub(crate) struct ClusterTag {
     /// Next offset to store per topic and partition (-1: nothing new), set
     /// when a record is delivered and handed to librdkafka in one call per
     /// batch ([`Shared::flush_stores`]) rather than one per record.
-    to_store: Mutex<HashMap<String, Vec<i64>>>,
+    /// A few topics per cluster: a linear scan beats hashing the name.
+    to_store: Mutex<Vec<(String, Vec<i64>)>>,
     dirty: AtomicBool,
     /// Bumped by [`FleetConsumer::seek`]: a batch read before a seek of a
     /// partition must not deliver that partition's records.
@@ -152,7 +153,7 @@ impl ClusterTag {
             records: metrics::counter!("flotilla_consumer_records_total", "cluster" => id.clone()),
             errors: metrics::counter!("flotilla_consumer_errors_total", "cluster" => id.clone()),
             id,
-            to_store: Mutex::new(HashMap::new()),
+            to_store: Mutex::new(Vec::new()),
             dirty: AtomicBool::new(false),
             seeks: AtomicU64::new(0),
         })
@@ -163,10 +164,14 @@ impl ClusterTag {
             return;
         };
         let mut m = self.to_store.lock().unwrap_or_else(|e| e.into_inner());
-        let v = match m.get_mut(topic) {
-            Some(v) => v,
-            None => m.entry(topic.to_string()).or_default(),
+        let i = match m.iter().position(|(t, _)| t == topic) {
+            Some(i) => i,
+            None => {
+                m.push((topic.to_string(), Vec::new()));
+                m.len() - 1
+            }
         };
+        let v = &mut m[i].1;
         if v.len() <= p {
             v.resize(p + 1, -1);
         }
