@@ -4,9 +4,9 @@
 //! - `fleet_producer_vs_future_producer_throughput`: throughput of
 //!   `FleetProducer` vs a raw rdkafka `FutureProducer` on the same real
 //!   single-node Kafka cluster (1M records of 100 bytes per round, 10 000
-//!   keys), both producers created and warmed up once, alternating rounds
-//!   (which goes first, which topic), ratio of the sums and median of the
-//!   per-round ratios; plus the client's CPU time per record (getrusage of
+//!   keys), and of a raw `FutureProducer` sending one header like the epoch
+//!   header; all created and warmed up once, rounds rotating the order and
+//!   the topics; ratios of the sums and median of the per-round ratios; plus the client's CPU time per record (getrusage of
 //!   this process, which does not include the broker), the figure least
 //!   disturbed by other load on the machine.
 //! - `switch_pause_under_load`: several producers under continuous load while
@@ -16,9 +16,13 @@
 //!   histogram, captured by a recording `metrics` recorder) as p50/p99/max.
 //!
 //! ```text
-//! FLOTILLA_KAFKA_JVM_OPTS='-XX:+UseSerialGC -Xms256m' \
+//! FLOTILLA_KAFKA_JVM_OPTS='-Xms32m -XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError -XX:-UsePerfData -Djava.awt.headless=true' \
+//!   flock /tmp/flotilla-bench.lock \
 //!   cargo test --release -p flotilla-testkit --test producer_bench -- --ignored --nocapture --test-threads=1
 //! ```
+//!
+//! `FLOTILLA_BENCH_RECORDS`, `FLOTILLA_BENCH_ROUNDS` and
+//! `FLOTILLA_BENCH_SWITCHES` override the sizes. Figures: `docs/benchmarks.md`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
