@@ -33,6 +33,9 @@ type ClusterConsumer = StreamConsumer<FleetContext>;
 /// (cluster, topic, partition).
 type Slot = (ClusterId, String, i32);
 
+/// A reader's consumer, committer and tag, cloned out of the state lock.
+type ReaderHandles = (Arc<ClusterConsumer>, Arc<Committer>, Arc<ClusterTag>);
+
 /// Errors of a [`FleetConsumer`].
 #[derive(Debug, thiserror::Error)]
 pub enum FleetConsumeError {
@@ -1230,10 +1233,7 @@ impl FleetConsumer {
         futures::stream::unfold(self, |c| async move { Some((c.recv().await, c)) })
     }
 
-    fn reader_of(
-        &self,
-        cluster: &str,
-    ) -> Result<(Arc<ClusterConsumer>, Arc<Committer>, Arc<ClusterTag>), FleetConsumeError> {
+    fn reader_of(&self, cluster: &str) -> Result<ReaderHandles, FleetConsumeError> {
         self.shared
             .lock()
             .readers
