@@ -497,3 +497,89 @@ async fn a_retired_cluster_counts_as_consumed_up_to_its_fence() {
     c.close().await;
     env.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_on_a_dead_cluster_is_pending_not_blocking_and_lands_when_it_is_back() {
+    let env = Env::start(2, vec![epoch(1, &["a", "b"], EpochState::Open, &[])]).await;
+    env.produce(0, 4, 2, 1).await;
+    env.produce(1, 4, 2, 1).await;
+    let c = FleetConsumer::new(
+        env.config("g-pending")
+            // Longer than the outage: the member keeps its partitions of b,
+            // so the queued commit is not dropped by a revoke.
+            .set("session.timeout.ms", "30000")
+            .commit_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    // Every record, committing all but the last one of b.
+    let mut held = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    while n < 8 {
+        assert!(Instant::now() < deadline, "only {n} of 8 records");
+        let Some(m) = recv_for(&c, Duration::from_millis(500)).await else {
+            continue;
+        };
+        n += 1;
+        if m.cluster() == "b" {
+            if let Some(prev) = held.replace(m) {
+                c.commit_message(&prev, CommitMode::Sync).unwrap();
+            }
+        } else {
+            c.commit_message(&m, CommitMode::Sync).unwrap();
+        }
+    }
+    let held = held.expect("a record of b");
+    let next = held.offset() + 1;
+    let p = held.partition() as u32;
+
+    // b's only broker dies: committing its record returns within the commit
+    // timeout, typed and naming b; the next attempt returns at once.
+    let fleet = env.fleet.as_ref().unwrap();
+    fleet.cluster(1).broker_down(1).unwrap();
+    let started = Instant::now();
+    match c.commit_message(&held, CommitMode::Sync) {
+        Err(FleetConsumeError::CommitPending { cluster, .. }) => assert_eq!(cluster, "b"),
+        other => panic!("expected CommitPending on b, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "a commit on a dead cluster took {:?}",
+        started.elapsed()
+    );
+    let again = Instant::now();
+    assert!(matches!(
+        c.commit_message(&held, CommitMode::Sync),
+        Err(FleetConsumeError::CommitPending { .. })
+    ));
+    assert!(
+        again.elapsed() < Duration::from_millis(500),
+        "a second commit on a cluster known to be down took {:?}",
+        again.elapsed()
+    );
+    assert!(c.pending_commits().contains_key("b"));
+
+    // a keeps flowing meanwhile, its commits confirmed.
+    env.produce(0, 4, 2, 1).await;
+    let got = recv_n(&c, 4, Duration::from_secs(30)).await;
+    assert!(got.iter().all(|m| m.cluster() == "a"));
+
+    // b comes back: the queued commit lands without another call.
+    fleet.cluster(1).broker_up(1).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while c.gate_committed("b", TOPIC, p).is_none_or(|o| o < next)
+        || !c.pending_commits().is_empty()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the queued commit of b/{p} at {next} never landed: gate {:?}, pending {:?}",
+            c.gate_committed("b", TOPIC, p),
+            c.pending_commits()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.close().await;
+    env.shutdown().await;
+}
