@@ -69,7 +69,8 @@ struct Inner {
     state_error: Option<(u64, RdKafkaError)>,
     /// When the running attempt started.
     in_flight_since: Option<Instant>,
-    /// Since when commits have been failing transiently (retried).
+    /// Since when commits have been failing transiently (retried) or a
+    /// caller gave up waiting; cleared by an attempt that succeeds.
     failing_since: Option<Instant>,
     stop: bool,
 }
@@ -180,6 +181,11 @@ impl Committer {
             }
             let now = Instant::now();
             if now >= deadline || Self::stalled(&inner, timeout) || inner.stop {
+                // Until an attempt succeeds, the cluster counts as
+                // unreachable: the next callers do not wait again (the
+                // running attempt may have started a little after this
+                // caller's clock, so its own age is not enough).
+                inner.failing_since.get_or_insert(now);
                 return Err(CommitWait::Pending(now - started));
             }
             inner = self
@@ -214,6 +220,11 @@ impl Committer {
             }
             let now = Instant::now();
             if now >= deadline || Self::stalled(&inner, timeout) || inner.stop {
+                // Until an attempt succeeds, the cluster counts as
+                // unreachable: the next callers do not wait again (the
+                // running attempt may have started a little after this
+                // caller's clock, so its own age is not enough).
+                inner.failing_since.get_or_insert(now);
                 return Err(CommitWait::Pending(now - started));
             }
             inner = self

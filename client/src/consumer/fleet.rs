@@ -148,6 +148,9 @@ pub(crate) struct ClusterTag {
     /// Bumped by [`FleetConsumer::seek`]: a batch read before a seek of a
     /// partition must not deliver that partition's records.
     seeks: AtomicU64,
+    /// Bumped by every rebalance: a batch read across one delivers only
+    /// records of partitions still assigned to this member.
+    rebalances: AtomicU64,
 }
 
 impl ClusterTag {
@@ -159,6 +162,7 @@ impl ClusterTag {
             to_store: Mutex::new(Vec::new()),
             dirty: AtomicBool::new(false),
             seeks: AtomicU64::new(0),
+            rebalances: AtomicU64::new(0),
         })
     }
 
@@ -383,6 +387,9 @@ impl Shared {
         assigned: bool,
     ) {
         let mut st = self.lock();
+        if let Some(r) = st.readers.get(cluster) {
+            r.tag.rebalances.fetch_add(1, Ordering::AcqRel);
+        }
         let set = st.assigned.entry(cluster.to_string()).or_default();
         for tp in partitions {
             if assigned {
@@ -532,19 +539,27 @@ impl Shared {
     }
 
     /// A batch of records fresh from `tag`'s consumer, read after its seek
-    /// count was `seeks`: each is made ready, or parked (its partition
-    /// paused) while the gate holds it back. Returns the partitions to seek
+    /// and rebalance counts were `seeks` and `rebalances`: each is made
+    /// ready, or parked (its partition paused) while the gate holds it back. Returns the partitions to seek
     /// again (a seek landed while the batch was read: its records of those
     /// partitions may be from before the seek, so they are dropped and read
     /// again from the sought offset).
     fn admit_batch(
         &self,
         tag: &Arc<ClusterTag>,
-        seeks: u64,
+        (seeks, rebalances): (u64, u64),
         batch: &mut Vec<OwnedMessage>,
     ) -> Vec<(String, i32, Offset)> {
         let cluster = tag.id.as_str();
         let mut st = self.lock();
+        if tag.rebalances.load(Ordering::Acquire) != rebalances {
+            // A rebalance ran while the batch was read (its callbacks run
+            // inside the poll): records of partitions revoked meanwhile are
+            // re-read by their next owner, not delivered here.
+            let empty = BTreeSet::new();
+            let assigned = st.assigned.get(cluster).unwrap_or(&empty);
+            batch.retain(|m| assigned.contains(&(m.topic().to_string(), m.partition())));
+        }
         let mut reseek = Vec::new();
         let mut out = Vec::with_capacity(batch.len());
         let mut paused = Vec::new();
@@ -1594,7 +1609,10 @@ async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>, consumer: Arc<ClusterCo
     let mut batch: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
     loop {
         shared.wait_for_space().await;
-        let seeks = tag.seeks.load(Ordering::Acquire);
+        let seen = (
+            tag.seeks.load(Ordering::Acquire),
+            tag.rebalances.load(Ordering::Acquire),
+        );
         let mut next = stream.next().await;
         loop {
             match next {
@@ -1611,7 +1629,7 @@ async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>, consumer: Arc<ClusterCo
             }
         }
         if !batch.is_empty() {
-            for (t, p, to) in shared.admit_batch(&tag, seeks, &mut batch) {
+            for (t, p, to) in shared.admit_batch(&tag, seen, &mut batch) {
                 if let Err(e) = consumer.seek(&t, p, to, Duration::ZERO) {
                     tracing::warn!(cluster = %tag.id, topic = %t, partition = p, error = %e, "cannot seek again after a seek during a read");
                 }

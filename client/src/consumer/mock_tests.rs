@@ -550,10 +550,11 @@ async fn a_commit_on_a_dead_cluster_is_pending_not_blocking_and_lands_when_it_is
         started.elapsed()
     );
     let again = Instant::now();
-    assert!(matches!(
-        c.commit_message(&held, CommitMode::Sync),
-        Err(FleetConsumeError::CommitPending { .. })
-    ));
+    let second = c.commit_message(&held, CommitMode::Sync);
+    assert!(
+        matches!(second, Err(FleetConsumeError::CommitPending { .. })),
+        "second commit on b while it is down: {second:?}"
+    );
     assert!(
         again.elapsed() < Duration::from_millis(500),
         "a second commit on a cluster known to be down took {:?}",
