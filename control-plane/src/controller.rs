@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_client::registry::{
-    ClusterState, Expect, FleetSnapshot, Guard, KvStore, LeaseId, RegistryError, Revision,
-    UnixMillis,
+    ClusterState, Expect, FleetSnapshot, FleetWatcher, Guard, KvStore, LeaseId, RegistryError,
+    Revision, UnixMillis, WatcherOptions,
 };
 use flotilla_client::route::switch::{self, LateSeals, OnAckDeadline, SwitchStep};
 use serde::Serialize;
@@ -460,7 +460,8 @@ pub struct ElectionOptions {
     pub id: String,
     /// Leader lease TTL: a dead leader is replaced after about this long.
     pub lease_ttl: Duration,
-    /// Reconcile at least this often while leading.
+    /// Reconcile at least this often while leading (the backstop: a change
+    /// in the registry triggers a pass at once, see [`run_elected`]).
     pub interval: Duration,
 }
 
@@ -481,7 +482,16 @@ fn leader_key(cp: &ControlPlane) -> String {
 /// Runs the controller under leader election until `shutdown` turns true.
 ///
 /// Candidates race to create the leader key under their own lease; the winner
-/// reconciles every `interval`. While it leads, a separate task
+/// reconciles when the registry changes and at least every `interval`: it
+/// watches the fleet prefix ([`FleetWatcher`]) and runs a pass
+/// [`CHANGE_DEBOUNCE`] after any change of the fleet's clusters, routes,
+/// client records (a producer's acknowledgement) or groups, so a switch seals
+/// moments after its last acknowledgement; a burst of changes costs one pass,
+/// changes during a pass trigger one more right after it, and passes never
+/// overlap. The interval is the backstop (ack deadlines, expiry, Kafka-side
+/// conditions such as a group's progress), counted from the end of the last
+/// pass; without a watch (registry unreachable) the leader reconciles on the
+/// interval alone and tries to watch again before each pass. While it leads, a separate task
 /// ([`keep_leading`]) renews the lease every `ttl/3`, independently of the
 /// reconcile pass, so a pass that waits on a dead Kafka cluster longer than
 /// the TTL does not let the lease lapse. That task declares the leadership
@@ -533,6 +543,10 @@ pub async fn run_elected(
             expect: Expect::ModRevision(term.revision),
         });
         let mut tick = tokio::time::interval(opts.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The registry watch that triggers a pass on a change (started before
+        // the first pass, so no change after that pass's read is missed).
+        let mut changes: Option<FleetChanges> = None;
         // `wait_for` also ends (Err) if the keeper is gone: lost either way.
         let stepped_down = 'term: loop {
             tokio::select! {
@@ -540,6 +554,7 @@ pub async fn run_elected(
                 _ = lost.wait_for(|l| *l) => break 'term true,
                 _ = shutdown.changed() => break 'term false,
                 _ = tick.tick() => {}
+                _ = FleetChanges::next(&mut changes) => {}
             }
             // The pass is dropped as soon as the leadership is lost.
             tokio::select! {
@@ -549,7 +564,14 @@ pub async fn run_elected(
                     break 'term true;
                 }
                 _ = shutdown.changed() => break 'term false,
-                r = acting.reconcile_once(now_millis()) => match r {
+                r = async {
+                    FleetChanges::ensure(&mut changes, controller.control_plane()).await;
+                    if let Some(c) = &mut changes {
+                        // Changes from here on trigger the next pass.
+                        c.mark_seen();
+                    }
+                    acting.reconcile_once(now_millis()).await
+                } => match r {
                     Ok(r) => {
                         for e in &r.errors { tracing::warn!("{e}"); }
                         for (t, n) in &r.sealed { tracing::info!(topic = %t, epoch = n, "switch completed"); }
@@ -558,7 +580,10 @@ pub async fn run_elected(
                     Err(e) => tracing::warn!(error = %e, "reconcile failed"),
                 },
             }
+            // The interval is a backstop: counted from the end of the last pass.
+            tick.reset();
         };
+        drop(changes);
         keeper.abort();
         metrics::gauge!("flotilla_controller_is_leader").set(0.0);
         let _ = leadership.send(Leadership::Follower);
@@ -570,6 +595,87 @@ pub async fn run_elected(
         }
         tracing::warn!(id = %opts.id, "stepped down as fleet controller leader");
     }
+}
+
+/// How long the leader waits after a registry change before its pass, so
+/// that a burst of changes (every producer acknowledging a switch within a
+/// few milliseconds) costs one pass.
+pub const CHANGE_DEBOUNCE: Duration = Duration::from_millis(5);
+
+/// How long the leader tries to read the first snapshot of its registry
+/// watch before a pass; when it cannot, the pass runs anyway (on the
+/// interval alone) and the next pass tries again.
+const WATCH_START_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The leader's trigger for a reconcile pass on a registry change: a
+/// [`FleetWatcher`] of the fleet prefix and the part of its snapshot the last
+/// pass started from. Only a change of the fleet's contents (clusters,
+/// routes, client records, groups) counts: the leader key and keys this
+/// version does not know do not.
+struct FleetChanges {
+    watcher: FleetWatcher,
+    rx: watch::Receiver<Arc<FleetSnapshot>>,
+    seen: Arc<FleetSnapshot>,
+}
+
+impl FleetChanges {
+    /// Starts the watch if it is not running; on failure (the registry is
+    /// unreachable) leaves `slot` empty and logs.
+    async fn ensure(slot: &mut Option<FleetChanges>, cp: &ControlPlane) {
+        if slot.is_some() {
+            return;
+        }
+        let opts = WatcherOptions {
+            start_timeout: WATCH_START_TIMEOUT,
+            ..WatcherOptions::default()
+        };
+        match FleetWatcher::start(cp.registry().clone(), opts).await {
+            Ok(watcher) => {
+                let rx = watcher.subscribe();
+                let seen = watcher.snapshot();
+                *slot = Some(FleetChanges { watcher, rx, seen });
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot watch the registry; reconciling on the interval only until it can"
+            ),
+        }
+    }
+
+    /// Remembers the current snapshot as the one the next pass starts from.
+    fn mark_seen(&mut self) {
+        self.seen = self.watcher.snapshot();
+        self.rx.borrow_and_update();
+    }
+
+    /// Waits until the fleet differs from what the last pass started from,
+    /// then [`CHANGE_DEBOUNCE`]; never returns while there is no watch.
+    /// Cancel-safe: it only reads the watch.
+    async fn next(slot: &mut Option<FleetChanges>) {
+        let Some(c) = slot else {
+            return std::future::pending().await;
+        };
+        loop {
+            let cur = c.rx.borrow_and_update().clone();
+            if !same_fleet(&cur, &c.seen) {
+                break;
+            }
+            if c.rx.changed().await.is_err() {
+                // The watcher is gone (cannot happen while `c` holds it).
+                return std::future::pending().await;
+            }
+        }
+        tokio::time::sleep(CHANGE_DEBOUNCE).await;
+    }
+}
+
+/// Whether two snapshots hold the same fleet (their revisions aside).
+fn same_fleet(a: &FleetSnapshot, b: &FleetSnapshot) -> bool {
+    std::ptr::eq(a, b)
+        || (a.clusters == b.clusters
+            && a.routes == b.routes
+            && a.clients == b.clients
+            && a.groups == b.groups)
 }
 
 /// One term of leadership: the lease holding the leader key and the revision
