@@ -23,8 +23,15 @@
 //!   parks a record the gate holds back, pauses its partition, and resumes it
 //!   when the gate says `Unblock`. A record of a sealed epoch found above a
 //!   fence (a zombie producer) is delivered, counted and logged, never dropped.
-//! - **Failures**: a read cluster down does not stop the others; a registry
-//!   outage keeps the last snapshot.
+//! - **Reading**: one pump task per cluster moves batches of records from
+//!   librdkafka through the gate into one bounded ready queue that `recv`
+//!   pops from (see `fleet.rs`).
+//! - **Commits** go through one committer thread per cluster (`committer.rs`):
+//!   a synchronous commit waits at most the commit timeout and returns
+//!   [`FleetConsumeError::CommitPending`] if the cluster does not answer; the
+//!   commit stays queued and is retried until it does.
+//! - **Failures**: a read cluster down does not stop the others (nor does a
+//!   commit on it); a registry outage keeps the last snapshot.
 //!
 //! Metrics: counter `flotilla_consumer_records_total{cluster}`, gauge
 //! `flotilla_consumer_lag{cluster,topic,partition}` (from librdkafka
