@@ -243,6 +243,8 @@ async fn run_controller(cp: ControlPlane, args: &ControllerArgs) -> anyhow::Resu
             .with_http_listener(addr)
             .install()
             .with_context(|| format!("starting the Prometheus endpoint on {addr}"))?;
+        // The leader's registry watch (it triggers the reconcile passes).
+        flotilla_client::registry::watcher::describe_metrics();
     }
     let id = args.id.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "host".into());
