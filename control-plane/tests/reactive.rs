@@ -275,6 +275,23 @@ async fn a_switch_seals_right_after_the_last_ack_whatever_the_interval() {
     assert_eq!(epoch_state(&cp, 1).await, Some(EpochState::Sealed));
     eprintln!("sealed {took:?} after the last acknowledgement (interval {INTERVAL:?})");
 
+    // The seal is a change too (one more pass may follow it), but passes
+    // must not keep triggering each other: the controller comes to rest.
+    let mut last = (kv.lists.load(Ordering::SeqCst), Instant::now());
+    within(
+        Duration::from_secs(5),
+        "the controller to come to rest",
+        || {
+            let now = kv.lists.load(Ordering::SeqCst);
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+            let quiet = last.1.elapsed() >= Duration::from_millis(500);
+            async move { quiet }
+        },
+    )
+    .await;
+
     let _ = stop.send(true);
     tokio::time::timeout(Duration::from_secs(10), task)
         .await
