@@ -491,10 +491,11 @@ fn leader_key(cp: &ControlPlane) -> String {
 /// overlap. The interval is the backstop (ack deadlines, expiry, Kafka-side
 /// conditions such as a group's progress), counted from the end of the last
 /// pass; without a watch (registry unreachable) the leader reconciles on the
-/// interval alone and tries to watch again before each pass. While it leads, a separate task
-/// ([`keep_leading`]) renews the lease every `ttl/3`, independently of the
-/// reconcile pass, so a pass that waits on a dead Kafka cluster longer than
-/// the TTL does not let the lease lapse. That task declares the leadership
+/// interval alone and tries to watch again before each pass.
+///
+/// While it leads, a separate task ([`keep_leading`]) renews the lease every
+/// `ttl/3`, independently of the reconcile pass, so a pass that waits on a
+/// dead Kafka cluster longer than the TTL does not let the lease lapse. That task declares the leadership
 /// lost when the lease is gone (expired, revoked), when the leader key no
 /// longer is the one this term created, or when no renewal succeeded in time
 /// to be sure the lease still runs (`ttl/4` before it could expire at
