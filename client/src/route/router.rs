@@ -588,7 +588,9 @@ impl Router {
     ///
     /// Under [`Settlement::PerFlush`] the records routed since the `Flush`
     /// stay counted; under [`Settlement::PerRecord`] the counts come from
-    /// [`Router::on_settled`] alone and this only marks the hint answered.
+    /// [`Router::on_settled`] alone: this only marks the hint answered once
+    /// nothing of that epoch is in flight, and is a no-op (never a re-armed
+    /// `Flush`) while records still are.
     /// Without an outstanding `Flush` for that epoch it does nothing.
     pub fn on_flushed(&mut self, topic: &str, epoch: u64) -> Vec<Action> {
         let per_flush = self.settlement == Settlement::PerFlush;
@@ -605,6 +607,13 @@ impl Router {
             },
         };
         if !*requested {
+            return Vec::new();
+        }
+        if !per_flush && *inflight > 0 {
+            // The per-record reports still owe settlements: clearing the
+            // request here would make `reconcile` emit the same `Flush` again,
+            // and an adapter answering it synchronously would spin (simulator
+            // finding 4). `on_settled` clears it when the count reaches zero.
             return Vec::new();
         }
         *requested = false;
