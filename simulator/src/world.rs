@@ -821,17 +821,14 @@ impl World {
                     c.route = Some(r.clone());
                     c.rs_cache = None;
                 }
-                // Adapter workaround (see docs/simulator.md, finding 1): a retired
-                // cluster's committed offsets can no longer be fetched, and the
-                // gate would wait for them forever; retirement means every group
-                // passed its fences, so report it as fully consumed.
-                let workaround = !self.cfg.bugs.no_retired_workaround;
+                // The adapter contract of `FenceGate::on_retired` (finding 1):
+                // a retired cluster's committed offsets can no longer be
+                // fetched, so the gate is told it is consumed.
+                let report_retired = !self.cfg.bugs.no_retired_workaround;
                 for s in snap.clusters.values() {
                     if s.state == ClusterState::Retired && c.retired.insert(s.id.clone()) {
-                        if workaround {
-                            for p in 0..parts {
-                                c.gate.on_committed(&s.id, p, i64::MAX);
-                            }
+                        if report_retired {
+                            c.gate.on_retired(&s.id, parts);
                         }
                         c.rs_cache = None;
                     }

@@ -714,19 +714,15 @@ impl Shared {
                     Vec::new()
                 };
                 // A retired (or deregistered) cluster of a sealed epoch cannot
-                // be read any more: whatever it held is gone for this group, so
-                // it counts as consumed up to its fence instead of blocking the
-                // next epochs forever.
+                // be read any more: the gate counts it as consumed instead of
+                // blocking the next epochs forever.
                 for e in route.sealed_epochs() {
                     for c in e.clusters() {
                         let gone = snap
                             .cluster(c)
                             .is_none_or(|spec| spec.state == ClusterState::Retired);
-                        let Some(fence) = e.fence.get(c).filter(|_| gone) else {
-                            continue;
-                        };
-                        for (p, o) in fence.iter().enumerate() {
-                            actions.extend(gate.on_committed(c, p as u32, *o));
+                        if gone {
+                            actions.extend(gate.on_retired(c, route.partitions));
                         }
                     }
                 }

@@ -192,6 +192,23 @@ impl FenceGate {
         unblocked(&before, &after)
     }
 
+    /// `cluster` was retired (or deregistered): count it as consumed to the
+    /// end on each of `partitions`.
+    ///
+    /// A retired cluster's committed offsets can no longer be fetched, so
+    /// without this a gate that starts after the retirement (a restarted or
+    /// new member) would wait for them forever and stall every later epoch
+    /// (simulator finding 1). It is sound because retirement requires every
+    /// registered group to have consumed the cluster to its end offsets.
+    /// Every adapter calls it for each retired cluster its snapshot shows.
+    pub fn on_retired(&mut self, cluster: &str, partitions: u32) -> Vec<GateAction> {
+        let mut out = Vec::new();
+        for p in 0..partitions {
+            out.extend(self.on_committed(cluster, p, i64::MAX));
+        }
+        out
+    }
+
     /// The group's committed offset of `cluster/partition` as the gate knows it.
     pub fn committed(&self, cluster: &str, partition: u32) -> Option<i64> {
         self.committed.get(cluster)?.get(&partition).copied()
@@ -457,6 +474,27 @@ mod tests {
         assert_eq!(g.on_committed("a", 1, 4), vec![unblock("b", 1)]);
         assert!(g.epoch_consumed(1, "a"));
         assert!(!g.epoch_consumed(2, "b"), "not sealed");
+    }
+
+    #[test]
+    fn a_gate_started_after_a_retirement_is_told_the_retired_cluster_is_consumed() {
+        // A member (re)started after `a` was retired cannot read a's committed
+        // offsets: without `on_retired` b would stay gated at 0 forever.
+        let mut g = FenceGate::new();
+        g.on_route(&route(
+            "t",
+            2,
+            vec![
+                sealed(1, &["a"], &[("a", &[10, 4]), ("b", &[0, 0])]),
+                epoch(2, &["b"], Open),
+            ],
+        ));
+        assert_eq!(g.allowed_until("b", 0), Some(0));
+        assert_eq!(g.on_retired("a", 2), vec![unblock("b", 0), unblock("b", 1)]);
+        assert_eq!(g.allowed_until("b", 0), None);
+        assert_eq!(g.allowed_until("b", 1), None);
+        assert!(g.epoch_consumed(1, "a"));
+        assert!(g.on_retired("a", 2).is_empty(), "idempotent");
     }
 
     #[test]
