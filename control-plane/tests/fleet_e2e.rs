@@ -276,6 +276,16 @@ impl GroupLog {
         self.log.lock().unwrap().len()
     }
 
+    /// Deliveries to `member`, from any cluster.
+    fn delivered_to(&self, member: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|g| g.member == member)
+            .count()
+    }
+
     /// Deliveries from `cluster`, per member.
     fn per_member_on(&self, cluster: &str) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
@@ -653,7 +663,14 @@ async fn scenario(kill_c: bool) {
     eprintln!("[{:?}] epoch 2 (a+b) open", t0.elapsed());
     load.wait_more(300, Some("b"), "traffic on a + b").await;
 
-    // m3 leaves mid-way, under load, between two switches.
+    // m3 leaves mid-way, under load, between two switches — once it has
+    // taken part (the group's rebalance may hand it partitions late).
+    eventually(
+        Duration::from_secs(60),
+        "m3 delivers before it leaves",
+        || async { g.delivered_to("m3") > 0 },
+    )
+    .await;
     let g_before_leave = g.len();
     members.pop().unwrap().close().await;
     eprintln!(
@@ -678,6 +695,12 @@ async fn scenario(kill_c: bool) {
         go_now.subscribe(),
     ));
     load.wait_more(300, Some("c"), "traffic on c").await;
+    eventually(
+        Duration::from_secs(60),
+        "m4 delivers after joining",
+        || async { g.delivered_to("m4") > 0 },
+    )
+    .await;
 
     let g_before_kill = g.len();
     if kill_c {
