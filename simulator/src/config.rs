@@ -171,6 +171,14 @@ pub struct Bugs {
     /// sealed an epoch of that cluster without (late) may still have records
     /// in flight for it (before `Controller::with_late_grace`).
     pub retire_ignores_late_producers: bool,
+    /// With [`Config::backfills`]: the copy worker resumes from its checkpoint
+    /// without the dedupe scan by source coordinates, so records copied after
+    /// the checkpoint are copied twice.
+    pub backfill_no_dedupe: bool,
+    /// With [`Config::backfills`]: the operator moves the target topic off the
+    /// temporary clusters and drains them as soon as the copy ends, without
+    /// waiting for the group to consume them.
+    pub backfill_skip_wait: bool,
 }
 
 /// What a producer does when it cannot renew its registry lease (DESIGN step 4).
@@ -225,6 +233,12 @@ pub struct Config {
     /// fail instead. On by default; `false` (`--no-write-fence`) is the
     /// control plane before the fence, which loses them (finding 2).
     pub write_fence: bool,
+    /// The operator also runs one backfill (docs/simulator.md, "Backfills"):
+    /// temporary clusters, a copy worker replaying a range of the topic into a
+    /// target topic through the real `Router`, consumers reading it, then
+    /// drain and retirement. Off by default: a run without it draws no extra
+    /// random number and writes no extra trace line.
+    pub backfills: bool,
     /// Keep the readable trace lines (the hash of the trace is always computed).
     pub keep_trace: bool,
 }
@@ -251,6 +265,7 @@ impl Default for Config {
             lease_policy: LeasePolicy::KeepWriting,
             on_ack_deadline: OnAckDeadline::Proceed,
             write_fence: true,
+            backfills: false,
             keep_trace: false,
         }
     }

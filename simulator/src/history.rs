@@ -32,6 +32,9 @@ pub enum AnomalyKind {
     NotConsumed,
     /// After healing, a live producer still had records held or in flight.
     ProducerStuck,
+    /// A backfill did not finish: a source record of its range never reached
+    /// the target topic, or its temporary clusters were not retired.
+    BackfillIncomplete,
 }
 
 impl AnomalyKind {
@@ -49,6 +52,7 @@ impl AnomalyKind {
             AnomalyKind::SwitchStuck => "switch-stuck",
             AnomalyKind::NotConsumed => "not-consumed",
             AnomalyKind::ProducerStuck => "producer-stuck",
+            AnomalyKind::BackfillIncomplete => "backfill-incomplete",
         }
     }
 }

@@ -211,6 +211,18 @@ struct Shape {
     /// control plane before it; zombie writes after the drained check are lost).
     #[arg(long, alias = "bug-no-write-fence")]
     no_write_fence: bool,
+    /// The operator also runs a backfill (temporary clusters, a copy worker
+    /// replaying a range into a target topic, drain and retirement).
+    #[arg(long)]
+    backfill: bool,
+    /// Broken variant (with --backfill): the copy worker resumes from its
+    /// checkpoint without the dedupe scan (records copied twice).
+    #[arg(long)]
+    bug_backfill_no_dedupe: bool,
+    /// Broken variant (with --backfill): the temporary clusters are drained
+    /// as soon as the copy ends, before the group consumed them.
+    #[arg(long)]
+    bug_backfill_skip_wait: bool,
 }
 
 impl Shape {
@@ -245,7 +257,10 @@ impl Shape {
             stragglers_lost: self.bug_stragglers_lost,
             ack_deadline_wall_clock: self.bug_ack_wall_clock,
             retire_ignores_late_producers: self.bug_retire_ignores_late,
+            backfill_no_dedupe: self.bug_backfill_no_dedupe,
+            backfill_skip_wait: self.bug_backfill_skip_wait,
         };
+        cfg.backfills = self.backfill;
         Ok(cfg)
     }
 }

@@ -43,6 +43,9 @@ pub struct Summary {
     /// The lag series of the seed with the highest peak group lag: (seed,
     /// samples of (virtual ms, records not yet committed)).
     pub worst_lag: Option<(u64, Vec<(u64, u64)>)>,
+    /// Backfills (`--backfill`): (seeds where it ran, done, records copied,
+    /// temporary clusters retired, copy-worker crashes).
+    pub backfills: (u64, u64, u64, u64, u64),
 }
 
 impl Summary {
@@ -71,6 +74,14 @@ impl Summary {
         self.stragglers += r.stats.stragglers;
         self.deduped += r.stats.deduped;
         self.events += r.stats.events;
+        if r.stats.backfill_copied > 0 {
+            let b = &mut self.backfills;
+            b.0 += 1;
+            b.1 += u64::from(r.stats.backfill_done);
+            b.2 += r.stats.backfill_copied;
+            b.3 += r.stats.backfill_retired;
+            b.4 += r.stats.backfill_crashes;
+        }
         for (f, n) in &r.stats.faults {
             *self.faults.entry(f.to_string()).or_insert(0) += n;
         }
@@ -129,6 +140,14 @@ impl Summary {
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
             let _ = writeln!(s, "faults injected:  {}", f.join(" "));
+        }
+        let (ran, done, copied, retired, crashes) = self.backfills;
+        if ran > 0 {
+            let _ = writeln!(
+                s,
+                "backfills:        {done}/{ran} done, {copied} records copied, \
+                 {retired} temporary clusters retired, {crashes} copy-worker crashes"
+            );
         }
         if self.anomalies.is_empty() {
             let _ = writeln!(s, "anomalies:        none");

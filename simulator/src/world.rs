@@ -16,6 +16,7 @@ use flotilla_client::registry::{
 use flotilla_client::route::gate::{read_set, FenceGate, RecordClass};
 use flotilla_client::route::router::{Action, Decision, Router, Settlement};
 use flotilla_client::route::switch::{self, LateSeals, SwitchStep};
+use flotilla_control::backfill::{parse_src_header, src_header_value};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -25,6 +26,12 @@ use crate::history::{Anomalies, AnomalyKind, RecInfo};
 
 /// The one simulated topic.
 pub const TOPIC: &str = "events";
+/// The target topic of the backfill ([`Config::backfills`]).
+pub const BF_TOPIC: &str = "backfill";
+/// The backfill's copy worker checkpoints after this many source positions.
+const CHECKPOINT_EVERY: usize = 48;
+/// The `producer` of a copy made by the backfill's copy worker.
+const COPY_WORKER: u16 = u16::MAX;
 /// The one simulated consumer group.
 pub const GROUP: &str = "readers";
 /// Records per produce request.
@@ -69,6 +76,16 @@ pub struct Stats {
     /// [`LAG_SAMPLE_MS`] (taken by the controller's tick, so sampling adds no
     /// event and leaves the trace unchanged).
     pub lag: Vec<(u64, u64)>,
+    /// Backfill ([`Config::backfills`]): records copied to the target topic
+    /// (copies appended, a copy made twice counts twice).
+    pub backfill_copied: u64,
+    /// Backfill: temporary clusters retired.
+    pub backfill_retired: u64,
+    /// Backfill: it went through every phase (copied, consumed, temporary
+    /// clusters retired).
+    pub backfill_done: bool,
+    /// Backfill: copy-worker crashes.
+    pub backfill_crashes: u64,
 }
 
 /// Interval of the [`Stats::lag`] samples, in virtual ms.
@@ -151,6 +168,12 @@ enum Ev {
     },
     Heal,
     StopProducing,
+    BackfillStart,
+    BackfillTick,
+    CopyStep {
+        sess: u32,
+    },
+    CopyRestart,
     End,
 }
 
@@ -264,6 +287,39 @@ struct Consumer {
     /// The read set, while nothing that can change it happened.
     rs_cache: Option<BTreeSet<String>>,
     seen: BTreeSet<u16>,
+    /// The backfill's target route (only with [`Config::backfills`]).
+    bf_route: Option<TopicRoute>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BfPhase {
+    Copying,
+    Waiting,
+    TearingDown,
+    Done,
+}
+
+/// The backfill run by the operator when [`Config::backfills`] is on: the
+/// registry side (temporary clusters, target route) and its copy worker.
+struct Backfill {
+    /// Source cluster; the range is `[0, ends[p])` of every partition.
+    src: u16,
+    /// Source positions (partition, offset) in copy order.
+    order: Vec<(u32, u64)>,
+    temps: Vec<u16>,
+    phase: BfPhase,
+    /// Source records per copy step (the range takes about 40 steps).
+    batch: usize,
+    // The copy worker.
+    router: Router,
+    alive: bool,
+    session: u32,
+    pos: usize,
+    checkpoint: usize,
+    /// Source positions the dedupe scan found on the target (skipped).
+    skip: BTreeSet<(u32, u64)>,
+    /// The `flotilla-src` header of every copy, by record id.
+    headers: BTreeMap<u64, Vec<u8>>,
 }
 
 struct SealInfo {
@@ -308,6 +364,8 @@ pub struct World {
     active_end: u64,
     healed: bool,
     next_lag_sample: u64,
+    bf: Option<Backfill>,
+    bf_key_last: Vec<Option<u64>>,
     // History
     recs: Vec<RecInfo>,
     anomalies: Anomalies,
@@ -416,6 +474,7 @@ impl World {
                 sealed: BTreeSet::new(),
                 rs_cache: None,
                 seen: BTreeSet::new(),
+                bf_route: None,
             });
         }
         let active_end = cfg.active_ms;
@@ -447,6 +506,8 @@ impl World {
             active_end,
             healed: false,
             next_lag_sample: 0,
+            bf: None,
+            bf_key_last: vec![None; total_keys as usize],
             recs: Vec::new(),
             anomalies: Anomalies::default(),
             stats: Stats::default(),
@@ -502,6 +563,11 @@ impl World {
         w.at(active_end, Ev::Heal);
         w.at(active_end + 2_000, Ev::StopProducing);
         w.at(active_end + w.cfg.drain_ms, Ev::End);
+        if w.cfg.backfills {
+            // Last, so a run without backfills draws the same numbers.
+            let t = w.rng.random_range(active_end / 4..active_end / 2 + 1);
+            w.at(t, Ev::BackfillStart);
+        }
         w
     }
 
@@ -628,6 +694,10 @@ impl World {
                 self.producing = false;
                 tr!(self, "# producers stop creating records");
             }
+            Ev::BackfillStart => self.on_backfill_start(),
+            Ev::BackfillTick => self.on_backfill_tick(),
+            Ev::CopyStep { sess } => self.on_copy_step(sess),
+            Ev::CopyRestart => self.on_copy_restart(),
             Ev::End => {}
         }
     }
@@ -832,6 +902,9 @@ impl World {
                         }
                         c.rs_cache = None;
                     }
+                }
+                if self.bf.is_some() {
+                    c.bf_route = snap.route(BF_TOPIC).cloned();
                 }
                 tr!(self, "cons{idx} snapshot rev {}", snap.revision);
             }
@@ -1343,6 +1416,58 @@ impl World {
         if !fed_any {
             self.consumers[ci].rs_cache = Some(rs);
         }
+        if let Some(br) = self.consumers[ci].bf_route.take() {
+            self.poll_backfill(ci, &br);
+            self.consumers[ci].bf_route = Some(br);
+        }
+    }
+
+    /// Reads the backfill's target topic: its route's read set (one open
+    /// epoch on the temporary clusters), committed as it goes.
+    fn poll_backfill(&mut self, ci: usize, route: &TopicRoute) {
+        let parts = self.cfg.partitions;
+        let members = self.cfg.consumers as u32;
+        let con = &self.consumers[ci];
+        let rs = read_set(route, |c| con.retired.contains(c));
+        for c in &rs {
+            let cx = cluster_index(c);
+            let cl = &self.clusters[cx as usize];
+            if cl.torn_down || !cl.up {
+                continue;
+            }
+            for p in (0..parts).filter(|p| p % members == ci as u32) {
+                let cl = &self.clusters[cx as usize];
+                let mut pos = cl.committed[p as usize];
+                let end = (cl.logs[p as usize].len() as i64).min(pos + 64);
+                while pos < end {
+                    let rid = self.clusters[cx as usize].logs[p as usize][pos as usize];
+                    self.deliver_copy(ci, cx, p, pos, rid);
+                    pos += 1;
+                    let cl = &mut self.clusters[cx as usize];
+                    cl.committed[p as usize] = pos;
+                    cl.has_commit[p as usize] = true;
+                }
+            }
+        }
+    }
+
+    fn deliver_copy(&mut self, ci: usize, c: u16, p: u32, off: i64, rid: u64) {
+        self.stats.consumed += 1;
+        let r = &self.recs[rid as usize];
+        let (key, seq) = (r.key, r.seq);
+        tr!(
+            self,
+            "cons{ci} got copy r{rid} key{key}#{seq} from c{c}/{p}@{off} ({BF_TOPIC})"
+        );
+        let found = checker::on_delivery(
+            rid,
+            &mut self.recs[rid as usize],
+            &mut self.bf_key_last[key as usize],
+            (c, p, off),
+        );
+        for (kind, detail) in found {
+            self.anomaly(kind, detail);
+        }
     }
 
     fn deliver(&mut self, ci: usize, c: u16, p: u32, off: i64, rid: u64, class: RecordClass) {
@@ -1407,6 +1532,7 @@ impl World {
                 c.sealed.clear();
                 c.rs_cache = None;
                 c.seen.clear();
+                c.bf_route = None;
                 self.after(5, Ev::Poll { ci: idx, sess });
             }
         }
@@ -1748,7 +1874,10 @@ impl World {
             .clusters
             .values()
             .filter(|s| {
-                s.state == ClusterState::Active && !open.contains(&s.id) && !next.contains(&s.id)
+                s.state == ClusterState::Active
+                    && s.role == ClusterRole::Permanent
+                    && !open.contains(&s.id)
+                    && !next.contains(&s.id)
             })
             .map(|s| s.id.clone())
             .collect();
@@ -1898,6 +2027,15 @@ impl World {
                 self.after(d, Ev::LinkHeal { l: p });
             }
             Fault::Crash => {
+                if self
+                    .bf
+                    .as_ref()
+                    .is_some_and(|b| b.alive && b.phase == BfPhase::Copying)
+                    && self.rng.random_bool(0.5)
+                {
+                    self.crash_copy_worker();
+                    return;
+                }
                 let l = self.rng.random_range(0..self.links.len());
                 if self.links[l].alive {
                     self.crash(l);
@@ -1964,6 +2102,371 @@ impl World {
         }
     }
 
+    // ---------------------------------------------------------------- backfill
+
+    /// The operator starts the backfill (as `flotilla backfill run`): the
+    /// source range is what the fullest permanent cluster holds now; one or
+    /// two temporary clusters are registered and the target topic routed to
+    /// them; the copy worker starts at the range start.
+    fn on_backfill_start(&mut self) {
+        if !self.reg_up {
+            self.after(200, Ev::BackfillStart);
+            return;
+        }
+        let src = (0..self.clusters.len() as u16)
+            .filter(|&c| {
+                let cl = &self.clusters[c as usize];
+                cl.up && !cl.torn_down
+            })
+            .max_by_key(|&c| {
+                let n: usize = self.clusters[c as usize].logs.iter().map(Vec::len).sum();
+                (n, std::cmp::Reverse(c))
+            });
+        let Some(src) =
+            src.filter(|&c| self.clusters[c as usize].logs.iter().any(|l| !l.is_empty()))
+        else {
+            self.after(500, Ev::BackfillStart);
+            return;
+        };
+        let ends: Vec<u64> = self.clusters[src as usize]
+            .logs
+            .iter()
+            .map(|l| l.len() as u64)
+            .collect();
+        let longest = ends.iter().copied().max().unwrap_or(0);
+        let mut order = Vec::new();
+        for o in 0..longest {
+            for (p, &e) in ends.iter().enumerate() {
+                if o < e {
+                    order.push((p as u32, o));
+                }
+            }
+        }
+        let n = self.rng.random_range(1..3usize);
+        let mut temps = Vec::new();
+        for _ in 0..n {
+            let c = self.add_cluster();
+            let spec = self
+                .truth
+                .clusters
+                .get_mut(&cluster_name(c))
+                .expect("just added");
+            spec.role = ClusterRole::Temporary {
+                purpose: "bf1".to_string(),
+                expires_at: u64::MAX / 2,
+            };
+            temps.push(c);
+        }
+        let write = temps
+            .iter()
+            .map(|&c| WeightedCluster {
+                cluster: cluster_name(c),
+                weight: 100,
+            })
+            .collect();
+        self.truth.routes.insert(
+            BF_TOPIC.to_string(),
+            TopicRoute {
+                version: SCHEMA_VERSION,
+                topic: BF_TOPIC.to_string(),
+                partitions: self.cfg.partitions,
+                epochs: vec![Epoch {
+                    n: 1,
+                    write,
+                    state: EpochState::Open,
+                    fence: BTreeMap::new(),
+                    created_at: self.now,
+                    ack_deadline: None,
+                }],
+            },
+        );
+        tr!(
+            self,
+            "# BACKFILL from c{src} ends {ends:?} ({} records) to {BF_TOPIC} on {temps:?}",
+            order.len()
+        );
+        self.commit();
+        let mut router = Router::new();
+        router.on_snapshot(&self.published);
+        let batch = (order.len() / 40).max(4);
+        self.bf = Some(Backfill {
+            src,
+            batch,
+            order,
+            temps,
+            phase: BfPhase::Copying,
+            router,
+            alive: true,
+            session: 0,
+            pos: 0,
+            checkpoint: 0,
+            skip: BTreeSet::new(),
+            headers: BTreeMap::new(),
+        });
+        self.after(5, Ev::CopyStep { sess: 0 });
+        self.after(200, Ev::BackfillTick);
+    }
+
+    /// One step of the copy worker: up to a batch of source records routed by
+    /// the real `Router` and appended to the target topic with their
+    /// `flotilla-src` header; a checkpoint every [`CHECKPOINT_EVERY`].
+    fn on_copy_step(&mut self, sess: u32) {
+        let Some(bf) = self.bf.as_mut() else { return };
+        if !bf.alive || bf.session != sess || bf.phase != BfPhase::Copying {
+            return;
+        }
+        let src = bf.src as usize;
+        if !self.clusters[src].up {
+            self.after(100, Ev::CopyStep { sess });
+            return;
+        }
+        let mut retry = None;
+        let batch = self.bf.as_ref().expect("checked").batch;
+        for _ in 0..batch {
+            let bf = self.bf.as_mut().expect("checked");
+            let Some(&(p, o)) = bf.order.get(bf.pos) else {
+                bf.phase = BfPhase::Waiting;
+                let n = bf.order.len();
+                tr!(self, "# BACKFILL copied the {n} records of its range");
+                return;
+            };
+            if bf.skip.contains(&(p, o)) {
+                bf.pos += 1;
+                continue;
+            }
+            let srid = self.clusters[src].logs[p as usize][o as usize];
+            let (key, seq) = {
+                let r = &self.recs[srid as usize];
+                (r.key, r.seq)
+            };
+            let bf = self.bf.as_mut().expect("checked");
+            match bf
+                .router
+                .route(BF_TOPIC, Some(&self.key_bytes[key as usize]))
+            {
+                Decision::Send {
+                    cluster,
+                    partition,
+                    epoch,
+                } => {
+                    let cx = cluster_index(&cluster);
+                    let cl = &self.clusters[cx as usize];
+                    if !cl.up || cl.torn_down || cl.readonly {
+                        let _ = bf.router.on_settled(BF_TOPIC, epoch);
+                        retry = Some(100);
+                        break;
+                    }
+                    let rid = self.recs.len() as u64;
+                    let off = self.clusters[cx as usize].logs[partition as usize].len() as u64;
+                    self.clusters[cx as usize].logs[partition as usize].push(rid);
+                    self.recs.push(RecInfo {
+                        key,
+                        seq,
+                        producer: COPY_WORKER,
+                        session: sess,
+                        epoch,
+                        sent_at: self.now,
+                        cluster: cx,
+                        partition,
+                        offset: Some(off),
+                        acked: true,
+                        ..RecInfo::default()
+                    });
+                    bf.headers
+                        .insert(rid, src_header_value(p as i32, o as i64).into_bytes());
+                    let _ = bf.router.on_settled(BF_TOPIC, epoch);
+                    bf.pos += 1;
+                    self.stats.backfill_copied += 1;
+                    tr!(
+                        self,
+                        "copy c{src}/{p}@{o} (r{srid}) -> r{rid} {cluster}/{partition}@{off}"
+                    );
+                    let bf = self.bf.as_mut().expect("checked");
+                    if bf.pos - bf.checkpoint >= CHECKPOINT_EVERY {
+                        bf.checkpoint = bf.pos;
+                        let at = bf.pos;
+                        tr!(self, "copy worker checkpoint at {at}");
+                    }
+                }
+                Decision::Hold => {
+                    retry = Some(50);
+                    break;
+                }
+                Decision::NoRoute(e) => {
+                    tr!(self, "copy worker: no route: {e}");
+                    retry = Some(200);
+                    break;
+                }
+            }
+        }
+        let d = retry.unwrap_or_else(|| self.rng.random_range(40..120));
+        self.after(d, Ev::CopyStep { sess });
+    }
+
+    fn crash_copy_worker(&mut self) {
+        let bf = self.bf.as_mut().expect("running");
+        bf.alive = false;
+        let (pos, cp) = (bf.pos, bf.checkpoint);
+        self.stats.backfill_crashes += 1;
+        tr!(self, "# CRASH copy worker at {pos} (checkpoint {cp})");
+        let d = self.rng.random_range(200..2_000);
+        self.after(d, Ev::CopyRestart);
+    }
+
+    /// The copy worker restarts (`flotilla backfill resume`): from its last
+    /// checkpoint, skipping the source positions whose `flotilla-src` header
+    /// it finds on the target topic (the dedupe scan).
+    fn on_copy_restart(&mut self) {
+        let dedupe = !self.cfg.bugs.backfill_no_dedupe;
+        let published = self.published.clone();
+        let clusters = &self.clusters;
+        let bf = self.bf.as_mut().expect("running");
+        bf.session += 1;
+        bf.alive = true;
+        bf.pos = bf.checkpoint;
+        bf.router = Router::new();
+        let _ = bf.router.on_snapshot(&published);
+        bf.skip.clear();
+        if dedupe {
+            for &t in &bf.temps {
+                for log in &clusters[t as usize].logs {
+                    for rid in log {
+                        if let Some((p, o)) = bf.headers.get(rid).and_then(|h| parse_src_header(h))
+                        {
+                            bf.skip.insert((p as u32, o as u64));
+                        }
+                    }
+                }
+            }
+        }
+        let (sess, cp, n) = (bf.session, bf.checkpoint, bf.skip.len());
+        tr!(
+            self,
+            "# copy worker resumes at checkpoint {cp}, dedupe scan found {n} copies"
+        );
+        self.after(5, Ev::CopyStep { sess });
+    }
+
+    /// The operator's side of the backfill after the copy: wait until the
+    /// group consumed the temporary clusters, then delete the target route
+    /// (it created it) and drain them; the controller's retirement rules do
+    /// the rest.
+    fn on_backfill_tick(&mut self) {
+        let Some(bf) = self.bf.as_ref() else { return };
+        let phase = bf.phase;
+        let temps = bf.temps.clone();
+        match phase {
+            BfPhase::Copying => {}
+            BfPhase::Waiting if self.reg_up => {
+                let consumed = self.cfg.bugs.backfill_skip_wait
+                    || temps.iter().all(|&t| {
+                        let cl = &self.clusters[t as usize];
+                        cl.up
+                            && cl
+                                .logs
+                                .iter()
+                                .zip(&cl.committed)
+                                .all(|(log, &c)| c >= log.len() as i64)
+                    });
+                if consumed {
+                    self.truth.routes.remove(BF_TOPIC);
+                    for &t in &temps {
+                        if let Some(s) = self.truth.clusters.get_mut(&cluster_name(t)) {
+                            s.state = ClusterState::Draining;
+                        }
+                    }
+                    tr!(
+                        self,
+                        "# BACKFILL consumed: route {BF_TOPIC} deleted, DRAIN {temps:?}"
+                    );
+                    self.bf.as_mut().expect("running").phase = BfPhase::TearingDown;
+                    self.commit();
+                }
+            }
+            BfPhase::Waiting => {}
+            BfPhase::TearingDown => {
+                let retired = temps.iter().all(|&t| {
+                    self.truth
+                        .clusters
+                        .get(&cluster_name(t))
+                        .is_some_and(|s| s.state == ClusterState::Retired)
+                });
+                if retired {
+                    self.bf.as_mut().expect("running").phase = BfPhase::Done;
+                    self.stats.backfill_done = true;
+                    tr!(self, "# BACKFILL done: temporary clusters retired");
+                    return;
+                }
+            }
+            BfPhase::Done => return,
+        }
+        self.after(200, Ev::BackfillTick);
+    }
+
+    /// The backfill's part of the final check: every source position of the
+    /// range delivered exactly once on the target topic, the backfill done
+    /// (temporary clusters retired).
+    fn final_check_backfill(&mut self) {
+        let Some(bf) = self.bf.take() else {
+            if self.cfg.backfills {
+                self.anomaly(
+                    AnomalyKind::BackfillIncomplete,
+                    "the backfill never started".to_string(),
+                );
+            }
+            return;
+        };
+        let mut delivered: BTreeMap<(u32, u64), u32> = BTreeMap::new();
+        for (rid, h) in &bf.headers {
+            let (p, o) = parse_src_header(h).expect("the worker wrote it");
+            *delivered.entry((p as u32, o as u64)).or_insert(0) +=
+                self.recs[*rid as usize].consumed;
+        }
+        let mut missing = Vec::new();
+        let mut twice = Vec::new();
+        for &(p, o) in &bf.order {
+            match delivered.get(&(p, o)).copied().unwrap_or(0) {
+                0 => missing.push((p, o)),
+                1 => {}
+                n => twice.push((p, o, n)),
+            }
+        }
+        let src = bf.src;
+        if let Some(&(p, o)) = missing.first() {
+            self.anomaly(
+                AnomalyKind::BackfillIncomplete,
+                format!(
+                    "{} source records of c{src} never delivered on {BF_TOPIC}, first {p}:{o}",
+                    missing.len()
+                ),
+            );
+        }
+        for (p, o, n) in twice {
+            self.anomaly(
+                AnomalyKind::DuplicateDelivery,
+                format!("source c{src}/{p}@{o} delivered {n} times on {BF_TOPIC}"),
+            );
+        }
+        if bf.phase != BfPhase::Done {
+            let phase = bf.phase;
+            self.anomaly(
+                AnomalyKind::BackfillIncomplete,
+                format!("backfill still {phase:?} at the end (temporary clusters not retired)"),
+            );
+        }
+        self.stats.backfill_retired = bf
+            .temps
+            .iter()
+            .filter(|&&t| {
+                self.truth
+                    .clusters
+                    .get(&cluster_name(t))
+                    .is_some_and(|s| s.state == ClusterState::Retired)
+            })
+            .count() as u64;
+        self.bf = Some(bf);
+    }
+
     // ---------------------------------------------------------------- checker
 
     fn final_check(&mut self) {
@@ -2017,6 +2520,9 @@ impl World {
                     format!("prod{p}: {held} records held, {queued} in flight at the end"),
                 );
             }
+        }
+        if self.cfg.backfills {
+            self.final_check_backfill();
         }
     }
 }
