@@ -12,196 +12,23 @@
 //!   the key when the lease runs out by itself;
 //! - a stale leader's registry writes are refused (the leader-key guard).
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+mod support;
+
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
-use flotilla_client::kafka::KafkaError;
-use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
-use flotilla_client::registry::{
-    ClusterRole, ClusterSpec, EpochState, Expect, Guard, KvEntry, KvStore, LeaseId, Registry,
-    RegistryError, Revision, WatchStream,
-};
+use flotilla_client::registry::{EpochState, Expect, Guard, KvEntry, KvStore, Registry};
 use flotilla_control::controller::{
     now_millis, run_elected, Controller, ElectionOptions, Leadership,
 };
-use flotilla_control::kafka::WriteFenceStatus;
-use flotilla_control::{AddCluster, ControlPlane, FleetKafka, SetRoute};
+use flotilla_control::{ControlPlane, SetRoute};
 use flotilla_testkit::etcd::EtcdServer;
+use support::{add_active_clusters, etcd_kv, wait_until, SlowKafka, TestKv};
 use tokio::sync::watch;
 
 const TTL: Duration = Duration::from_secs(2);
 const LEADER_KEY: &str = "/flotilla/lead/controller/leader";
-
-/// A fake Kafka whose end offsets are all `ends`; with `block`, every
-/// end-offset read blocks until `release` turns true (dead clusters).
-struct SlowKafka {
-    ends: i64,
-    block: bool,
-    release: watch::Receiver<bool>,
-    started: AtomicUsize,
-    completed: AtomicUsize,
-    /// Blocked reads dropped before they returned (the pass was abandoned).
-    cancelled: Arc<AtomicUsize>,
-}
-
-impl SlowKafka {
-    fn new(ends: i64, block: bool) -> (Arc<SlowKafka>, watch::Sender<bool>) {
-        let (tx, release) = watch::channel(false);
-        let k = SlowKafka {
-            ends,
-            block,
-            release,
-            started: AtomicUsize::new(0),
-            completed: AtomicUsize::new(0),
-            cancelled: Arc::default(),
-        };
-        (Arc::new(k), tx)
-    }
-}
-
-/// Counts a drop before `disarm`.
-struct OnCancel(Arc<AtomicUsize>, bool);
-
-impl Drop for OnCancel {
-    fn drop(&mut self) {
-        if self.1 {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-}
-
-#[async_trait]
-impl FleetKafka for SlowKafka {
-    async fn read_cluster_id(&self, bootstrap: &str) -> Result<String, KafkaError> {
-        Ok(format!("kid-{bootstrap}"))
-    }
-    async fn ensure_topic(&self, _: &ClusterSpec, _: &str, _: u32) -> Result<(), KafkaError> {
-        Ok(())
-    }
-    async fn end_offsets(
-        &self,
-        _: &ClusterSpec,
-        _: &str,
-        partitions: u32,
-    ) -> Result<Vec<i64>, KafkaError> {
-        self.started.fetch_add(1, Ordering::SeqCst);
-        if self.block {
-            let mut armed = OnCancel(self.cancelled.clone(), true);
-            let mut release = self.release.clone();
-            let _ = release.wait_for(|r| *r).await;
-            armed.1 = false;
-        }
-        self.completed.fetch_add(1, Ordering::SeqCst);
-        Ok(vec![self.ends; partitions as usize])
-    }
-    async fn committed_offsets(
-        &self,
-        _: &ClusterSpec,
-        _: &str,
-        _: &str,
-        partitions: u32,
-    ) -> Result<Vec<Option<i64>>, KafkaError> {
-        Ok(vec![None; partitions as usize])
-    }
-    async fn fence_writes(&self, _: &ClusterSpec, _: &str) -> Result<WriteFenceStatus, KafkaError> {
-        Ok(WriteFenceStatus::Fenced)
-    }
-}
-
-/// An etcd store whose lease operations (grant, renew) can be cut, as if this
-/// controller lost its connection to etcd while its pass is busy elsewhere.
-struct FlakyLeases {
-    inner: Arc<dyn KvStore>,
-    down: AtomicBool,
-}
-
-impl FlakyLeases {
-    fn check(&self) -> Result<(), RegistryError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(RegistryError::Unavailable {
-                endpoints: self.inner.endpoints(),
-                message: "lease operations cut by the test".into(),
-            });
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl KvStore for FlakyLeases {
-    async fn get(&self, key: &str) -> Result<Option<KvEntry>, RegistryError> {
-        self.inner.get(key).await
-    }
-    async fn list(&self, prefix: &str) -> Result<(Vec<KvEntry>, Revision), RegistryError> {
-        self.inner.list(prefix).await
-    }
-    async fn put_if(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        expect: Expect,
-        lease: Option<LeaseId>,
-    ) -> Result<Revision, RegistryError> {
-        self.inner.put_if(key, value, expect, lease).await
-    }
-    async fn delete_if(&self, key: &str, expect: Expect) -> Result<Revision, RegistryError> {
-        self.inner.delete_if(key, expect).await
-    }
-    async fn put_if_guarded(
-        &self,
-        key: &str,
-        value: Vec<u8>,
-        expect: Expect,
-        lease: Option<LeaseId>,
-        guard: &Guard,
-    ) -> Result<Revision, RegistryError> {
-        self.inner
-            .put_if_guarded(key, value, expect, lease, guard)
-            .await
-    }
-    async fn delete_if_guarded(
-        &self,
-        key: &str,
-        expect: Expect,
-        guard: &Guard,
-    ) -> Result<Revision, RegistryError> {
-        self.inner.delete_if_guarded(key, expect, guard).await
-    }
-    async fn grant_lease(&self, ttl: Duration) -> Result<LeaseId, RegistryError> {
-        self.check()?;
-        self.inner.grant_lease(ttl).await
-    }
-    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, RegistryError> {
-        self.check()?;
-        self.inner.keep_alive(lease).await
-    }
-    async fn revoke(&self, lease: LeaseId) -> Result<(), RegistryError> {
-        self.check()?;
-        self.inner.revoke(lease).await
-    }
-    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, RegistryError> {
-        self.inner.watch(prefix, from).await
-    }
-    async fn compact(&self, revision: Revision) -> Result<(), RegistryError> {
-        self.inner.compact(revision).await
-    }
-    async fn current_revision(&self) -> Result<Revision, RegistryError> {
-        self.inner.current_revision().await
-    }
-    fn endpoints(&self) -> Vec<String> {
-        self.inner.endpoints()
-    }
-}
-
-async fn etcd_kv(etcd: &EtcdServer) -> Arc<dyn KvStore> {
-    Arc::new(
-        EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
-            .await
-            .unwrap(),
-    )
-}
 
 fn set(clusters: &[&str]) -> SetRoute {
     SetRoute {
@@ -215,18 +42,7 @@ fn set(clusters: &[&str]) -> SetRoute {
 /// Clusters a and b, route t on a, and a pending switch to b (no producer
 /// to wait for: the next pass reads the boundary).
 async fn fleet_with_pending_switch(cp: &ControlPlane) {
-    for id in ["a", "b"] {
-        let req = AddCluster {
-            id: id.into(),
-            bootstrap: format!("{id}:9092"),
-            weight: 1,
-            role: ClusterRole::Permanent,
-            labels: Default::default(),
-            security_profile: None,
-            activate: true,
-        };
-        cp.add_cluster(req, now_millis()).await.unwrap();
-    }
+    add_active_clusters(cp, &["a", "b"]).await;
     cp.set_route(set(&["a"]), now_millis()).await.unwrap();
     cp.set_route(set(&["b"]), now_millis()).await.unwrap();
 }
@@ -268,22 +84,6 @@ impl Candidate {
     }
 }
 
-/// Polls `cond` until it holds or `within` passes.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("timed out after {within:?} waiting for {what}");
-}
-
 /// Watches two candidates' own view of their leadership; records any moment
 /// both believed they led.
 fn split_brain_monitor(
@@ -311,10 +111,7 @@ async fn leader_entry(kv: &dyn KvStore) -> Option<KvEntry> {
 async fn a_slow_pass_keeps_the_lease_and_a_lost_lease_stops_the_pass_before_another_leads() {
     let etcd = EtcdServer::start().expect("etcd");
     let kv = etcd_kv(&etcd).await;
-    let flaky = Arc::new(FlakyLeases {
-        inner: etcd_kv(&etcd).await,
-        down: AtomicBool::new(false),
-    });
+    let flaky = TestKv::new(etcd_kv(&etcd).await);
     let (slow, release) = SlowKafka::new(7, true);
     let (fast, _) = SlowKafka::new(9, false);
     let cp1 = ControlPlane::new(Registry::new(flaky.clone(), "lead"), slow.clone());
@@ -322,11 +119,11 @@ async fn a_slow_pass_keeps_the_lease_and_a_lost_lease_stops_the_pass_before_anot
     fleet_with_pending_switch(&cp2).await;
 
     let one = candidate(cp1, "one");
-    eventually(Duration::from_secs(10), "one to lead", || async {
+    wait_until(Duration::from_secs(10), "one to lead", || async {
         one.leads()
     })
     .await;
-    eventually(Duration::from_secs(10), "one's pass to block", || async {
+    wait_until(Duration::from_secs(10), "one's pass to block", || async {
         slow.started.load(Ordering::SeqCst) >= 1
     })
     .await;
@@ -352,20 +149,20 @@ async fn a_slow_pass_keeps_the_lease_and_a_lost_lease_stops_the_pass_before_anot
     // One is cut from etcd's leases: it must stop before its lease runs out
     // (and with it the pass), and two takes over only after that.
     let cut = Instant::now();
-    flaky.down.store(true, Ordering::SeqCst);
-    eventually(
+    flaky.leases_down.store(true, Ordering::SeqCst);
+    wait_until(
         TTL,
         "one to step down before its lease can expire",
         || async { !one.leads() },
     )
     .await;
-    eventually(
+    wait_until(
         Duration::from_secs(1),
         "one's pass to be dropped",
         || async { slow.cancelled.load(Ordering::SeqCst) >= 1 },
     )
     .await;
-    eventually(Duration::from_secs(10), "two to lead", || async {
+    wait_until(Duration::from_secs(10), "two to lead", || async {
         two.leads()
     })
     .await;
@@ -374,7 +171,7 @@ async fn a_slow_pass_keeps_the_lease_and_a_lost_lease_stops_the_pass_before_anot
         "two led {:?} after one's last renewal: before one's lease could have expired",
         cut.elapsed()
     );
-    eventually(
+    wait_until(
         Duration::from_secs(10),
         "two to seal the switch",
         || async {
@@ -423,7 +220,7 @@ async fn a_slow_pass_keeps_the_lease_and_a_lost_lease_stops_the_pass_before_anot
         rev,
         "a stale write landed"
     );
-    flaky.down.store(false, Ordering::SeqCst);
+    flaky.leases_down.store(false, Ordering::SeqCst);
     one.shut_down().await;
 }
 
@@ -435,7 +232,7 @@ async fn a_revoked_lease_stops_the_pass_under_way() {
     let cp = ControlPlane::new(Registry::new(kv.clone(), "lead"), slow.clone());
     fleet_with_pending_switch(&cp).await;
     let one = candidate(cp.clone(), "one");
-    eventually(Duration::from_secs(10), "one's pass to block", || async {
+    wait_until(Duration::from_secs(10), "one's pass to block", || async {
         one.leads() && slow.started.load(Ordering::SeqCst) >= 1
     })
     .await;
@@ -445,13 +242,13 @@ async fn a_revoked_lease_stops_the_pass_under_way() {
     kv.revoke(term.lease.expect("leader key under a lease"))
         .await
         .unwrap();
-    eventually(TTL, "one to drop its pass", || async {
+    wait_until(TTL, "one to drop its pass", || async {
         slow.cancelled.load(Ordering::SeqCst) >= 1
     })
     .await;
     let _ = release.send(true);
     // It campaigns again and, leading a new term, completes the switch itself.
-    eventually(
+    wait_until(
         Duration::from_secs(10),
         "the switch to complete",
         || async {
