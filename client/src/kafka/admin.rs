@@ -93,6 +93,23 @@ impl Inner {
             .expect("metadata consumer present until drop")
     }
 
+    /// Awaits the answer to an admin request, giving up (transient error)
+    /// when the brokers have not answered within the timeout the request
+    /// itself carries, plus a grace.
+    async fn answer<T>(
+        &self,
+        what: &str,
+        request: impl std::future::Future<Output = Result<T, RdKafkaError>>,
+    ) -> Result<T, KafkaError> {
+        match tokio::time::timeout(self.timeout + GRACE, request).await {
+            Ok(r) => r.map_err(|e| self.err(what, &e)),
+            Err(_) => Err(KafkaError::Transient {
+                cluster: self.cluster.clone(),
+                detail: format!("{what}: no answer within {:?}", self.timeout),
+            }),
+        }
+    }
+
     fn err(&self, what: &str, e: &RdKafkaError) -> KafkaError {
         use RDKafkaErrorCode as C;
         let code = crate::kafka::error::error_code(e);
@@ -451,15 +468,7 @@ impl ClusterAdmin {
                     .request_timeout(Some(self.inner.timeout))
                     .operation_timeout(Some(self.inner.timeout));
                 let fut = self.inner.admin().create_topics([&new], &opts);
-                let res = match tokio::time::timeout(self.inner.timeout + GRACE, fut).await {
-                    Ok(r) => r.map_err(|e| self.inner.err(&what, &e))?,
-                    Err(_) => {
-                        return Err(KafkaError::Transient {
-                            cluster: self.inner.cluster.clone(),
-                            detail: format!("{what}: no answer within {:?}", self.inner.timeout),
-                        })
-                    }
-                };
+                let res = self.inner.answer(&what, fut).await?;
                 match res.into_iter().next() {
                     Some(Ok(_)) => TopicStatus::Created,
                     Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
@@ -604,15 +613,7 @@ impl ClusterAdmin {
         let opts = AdminOptions::new().request_timeout(Some(self.inner.timeout));
         let spec = ResourceSpecifier::Topic(topic);
         let fut = self.inner.admin().describe_configs([&spec], &opts);
-        let res = match tokio::time::timeout(self.inner.timeout + GRACE, fut).await {
-            Ok(r) => r.map_err(|e| self.inner.err(&what, &e))?,
-            Err(_) => {
-                return Err(KafkaError::Transient {
-                    cluster: self.inner.cluster.clone(),
-                    detail: format!("{what}: no answer within {:?}", self.inner.timeout),
-                })
-            }
-        };
+        let res = self.inner.answer(&what, fut).await?;
         match res.into_iter().next() {
             Some(Ok(r)) => Ok(Some(r)),
             Some(Err(RDKafkaErrorCode::UnknownTopicOrPartition)) => Ok(None),
@@ -674,15 +675,7 @@ impl ClusterAdmin {
         }
         let opts = AdminOptions::new().request_timeout(Some(self.inner.timeout));
         let fut = self.inner.admin().alter_configs([&alter], &opts);
-        let res = match tokio::time::timeout(self.inner.timeout + GRACE, fut).await {
-            Ok(r) => r.map_err(|e| self.inner.err(&what, &e))?,
-            Err(_) => {
-                return Err(KafkaError::Transient {
-                    cluster: self.inner.cluster.clone(),
-                    detail: format!("{what}: no answer within {:?}", self.inner.timeout),
-                })
-            }
-        };
+        let res = self.inner.answer(&what, fut).await?;
         match res.into_iter().next() {
             Some(Ok(_)) => {}
             Some(Err((_, RDKafkaErrorCode::UnknownTopicOrPartition))) => {
@@ -725,15 +718,7 @@ impl ClusterAdmin {
             .request_timeout(Some(self.inner.timeout))
             .operation_timeout(Some(self.inner.timeout));
         let fut = self.inner.admin().delete_topics(&[topic], &opts);
-        let res = match tokio::time::timeout(self.inner.timeout + GRACE, fut).await {
-            Ok(r) => r.map_err(|e| self.inner.err(&what, &e))?,
-            Err(_) => {
-                return Err(KafkaError::Transient {
-                    cluster: self.inner.cluster.clone(),
-                    detail: format!("{what}: no answer within {:?}", self.inner.timeout),
-                })
-            }
-        };
+        let res = self.inner.answer(&what, fut).await?;
         match res.into_iter().next() {
             Some(Ok(_)) => {}
             Some(Err((_, RDKafkaErrorCode::UnknownTopicOrPartition))) => return Ok(false),
