@@ -161,39 +161,18 @@ impl Committer {
         let Some(timeout) = wait else {
             return Ok(());
         };
-        let started = Instant::now();
-        let deadline = started + timeout;
-        loop {
+        self.wait_for(inner, timeout, |inner| {
             if offsets
                 .iter()
                 .all(|(tp, o)| inner.confirmed.get(tp).is_some_and(|c| c >= o))
             {
-                return Ok(());
+                return Some(Ok(()));
             }
-            if let Some((_, (_, e))) = offsets.iter().find_map(|(tp, o)| {
-                inner
-                    .failed
-                    .get(tp)
-                    .filter(|(f, _)| f >= o)
-                    .map(|f| (tp, f))
-            }) {
-                return Err(CommitWait::Failed(e.clone()));
-            }
-            let now = Instant::now();
-            if now >= deadline || Self::stalled(&inner, timeout) || inner.stop {
-                // Until an attempt succeeds, the cluster counts as
-                // unreachable: the next callers do not wait again (the
-                // running attempt may have started a little after this
-                // caller's clock, so its own age is not enough).
-                inner.failing_since.get_or_insert(now);
-                return Err(CommitWait::Pending(now - started));
-            }
-            inner = self
-                .cond
-                .wait_timeout(inner, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+            offsets
+                .iter()
+                .find_map(|(tp, o)| inner.failed.get(tp).filter(|(f, _)| f >= o))
+                .map(|(_, e)| Err(CommitWait::Failed(e.clone())))
+        })
     }
 
     /// Asks the thread to commit the consumer's stored offsets
@@ -208,15 +187,27 @@ impl Committer {
     /// Waits until the stored-offsets commit `ticket` is done, at most
     /// `timeout` (and not at all while the cluster is unreachable).
     pub(crate) fn wait_state(&self, ticket: u64, timeout: Duration) -> Result<(), CommitWait> {
-        let mut inner = self.lock();
+        self.wait_for(self.lock(), timeout, |inner| {
+            (inner.state_done >= ticket).then(|| match &inner.state_error {
+                Some((n, e)) if *n >= ticket => Err(CommitWait::Failed(e.clone())),
+                _ => Ok(()),
+            })
+        })
+    }
+
+    /// Waits until `outcome` gives an answer, at most `timeout` (and not at
+    /// all while the cluster is unreachable): then `Pending`.
+    fn wait_for(
+        &self,
+        mut inner: MutexGuard<'_, Inner>,
+        timeout: Duration,
+        mut outcome: impl FnMut(&Inner) -> Option<Result<(), CommitWait>>,
+    ) -> Result<(), CommitWait> {
         let started = Instant::now();
         let deadline = started + timeout;
         loop {
-            if inner.state_done >= ticket {
-                return match &inner.state_error {
-                    Some((n, e)) if *n >= ticket => Err(CommitWait::Failed(e.clone())),
-                    _ => Ok(()),
-                };
+            if let Some(answer) = outcome(&inner) {
+                return answer;
             }
             let now = Instant::now();
             if now >= deadline || Self::stalled(&inner, timeout) || inner.stop {
