@@ -462,16 +462,14 @@ impl Core {
             old_slots,
             ..
         } = st;
-        let held: Vec<String> = router.held_topics().map(str::to_string).collect();
         for (topic, s) in slots.iter() {
-            let want =
-                held.iter().any(|h| h == topic) || router.routing_epoch(topic) != Some(s.epoch);
+            let want = router.needs_prompt_settlements(topic, s.epoch);
             let is = s.eager.load(Ordering::Relaxed);
             if want && !is {
                 Self::make_eager(router, s, &mut acts);
             } else if !want && is {
-                // Safe at any time: the router only needs prompt reports
-                // while the topic is held or the epoch is old.
+                // Safe at any time: the router says it does not need
+                // prompt reports (see `Router::needs_prompt_settlements`).
                 s.eager.store(false, Ordering::SeqCst);
             }
         }

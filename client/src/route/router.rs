@@ -675,6 +675,18 @@ impl Router {
         self.topics.values().filter(|t| t.held).count()
     }
 
+    /// Whether the router must hear of each settlement of `(topic, epoch)`
+    /// ([`Router::on_settled`]) as it happens. True while `topic` is held (a
+    /// pending epoch waits for these records before its `Ack`) and for any
+    /// epoch but the one routed with (an older epoch's last settlement lets
+    /// the router release the topic and `Close` clusters). Otherwise nothing
+    /// waits on those counts, so an adapter may report them in batches (e.g.
+    /// before its next snapshot), as long as it reports each one.
+    pub fn needs_prompt_settlements(&self, topic: &str, epoch: u64) -> bool {
+        let held = self.topics.get(topic).is_some_and(|t| t.held);
+        held || self.routing_epoch(topic) != Some(epoch)
+    }
+
     /// The epoch `topic` is routed with (the open epoch last installed), if any.
     pub fn routing_epoch(&self, topic: &str) -> Option<u64> {
         self.topics.get(topic)?.active.as_ref().map(|a| a.n)
@@ -716,6 +728,40 @@ mod tests {
     use crate::route::testutil::*;
     use proptest::prelude::*;
     use EpochState::*;
+
+    #[test]
+    fn settlements_are_needed_promptly_while_held_and_for_old_epochs() {
+        let mut r = Router::new();
+        let open1 = route("t", 4, vec![epoch(1, &["a"], Open)]);
+        r.on_snapshot(&snapshot(&["a", "b"], vec![open1]));
+        assert!(send_epoch(&r.route("t", Some(b"k"))).is_some());
+        assert!(
+            !r.needs_prompt_settlements("t", 1),
+            "routing epoch, not held"
+        );
+        assert!(r.needs_prompt_settlements("t", 7), "not the routing epoch");
+        let pending = route(
+            "t",
+            4,
+            vec![epoch(1, &["a"], Open), epoch(2, &["b"], Pending)],
+        );
+        r.on_snapshot(&snapshot(&["a", "b"], vec![pending]));
+        assert!(r.needs_prompt_settlements("t", 1), "held for the switch");
+        let open2 = route(
+            "t",
+            4,
+            vec![epoch(1, &["a"], Sealed), epoch(2, &["b"], Open)],
+        );
+        r.on_snapshot(&snapshot(&["a", "b"], vec![open2]));
+        assert!(r.needs_prompt_settlements("t", 1), "old epoch");
+        assert_eq!(r.routing_epoch("t"), Some(2));
+        r.on_settled("t", 1);
+        assert!(
+            !r.needs_prompt_settlements("t", 2),
+            "released, routing epoch"
+        );
+        assert!(r.needs_prompt_settlements("unknown", 1));
+    }
 
     fn send_epoch(d: &Decision) -> Option<u64> {
         match d {
