@@ -208,6 +208,7 @@ async fn scenario(fence: bool) -> Outcome {
     };
     // The zombie goes on for a while after the retirement.
     let retired_at = Instant::now();
+    let deadline = retired_at + Duration::from_secs(60);
     while sends
         .lock()
         .unwrap()
@@ -216,6 +217,10 @@ async fn scenario(fence: bool) -> Outcome {
         .count()
         < 30
     {
+        assert!(
+            Instant::now() < deadline,
+            "the zombie stopped sending after the retirement"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::SeqCst);
