@@ -42,6 +42,18 @@ impl GuardedKv {
         &self.guard
     }
 
+    /// Refuses a guard other than this store's own: two guards would need a
+    /// three-key txn, and nobody nests them.
+    fn same_guard(&self, guard: &Guard) -> Result<(), RegistryError> {
+        if *guard != self.guard {
+            return Err(RegistryError::Other(format!(
+                "nested guards ({} inside {}) are not supported",
+                guard.key, self.guard.key
+            )));
+        }
+        Ok(())
+    }
+
     /// The unguarded store underneath.
     pub fn inner(&self) -> &Arc<dyn KvStore> {
         &self.inner
@@ -82,13 +94,7 @@ impl KvStore for GuardedKv {
         lease: Option<LeaseId>,
         guard: &Guard,
     ) -> Result<Revision, RegistryError> {
-        // Two guards would need a three-key txn; nobody nests them.
-        if *guard != self.guard {
-            return Err(RegistryError::Other(format!(
-                "nested guards ({} inside {}) are not supported",
-                guard.key, self.guard.key
-            )));
-        }
+        self.same_guard(guard)?;
         self.put_if(key, value, expect, lease).await
     }
 
@@ -98,12 +104,7 @@ impl KvStore for GuardedKv {
         expect: Expect,
         guard: &Guard,
     ) -> Result<Revision, RegistryError> {
-        if *guard != self.guard {
-            return Err(RegistryError::Other(format!(
-                "nested guards ({} inside {}) are not supported",
-                guard.key, self.guard.key
-            )));
-        }
+        self.same_guard(guard)?;
         self.delete_if(key, expect).await
     }
 

@@ -368,13 +368,8 @@ fn check_guard(s: &State, guard: &Guard) -> Result<(), RegistryError> {
     }
 }
 
-fn put_locked(
-    s: &mut State,
-    key: &str,
-    value: Vec<u8>,
-    expect: Expect,
-    lease: Option<LeaseId>,
-) -> Result<Revision, RegistryError> {
+/// `Conflict` unless `expect` holds for `key`'s current `mod_revision`.
+fn check_expect(s: &State, key: &str, expect: Expect) -> Result<(), RegistryError> {
     let current = s.data.get(key).map(|v| v.mod_revision);
     if !expect.matches(current) {
         return Err(RegistryError::Conflict {
@@ -383,6 +378,17 @@ fn put_locked(
             actual: current,
         });
     }
+    Ok(())
+}
+
+fn put_locked(
+    s: &mut State,
+    key: &str,
+    value: Vec<u8>,
+    expect: Expect,
+    lease: Option<LeaseId>,
+) -> Result<Revision, RegistryError> {
+    check_expect(s, key, expect)?;
     if let Some(l) = lease {
         if !s.leases.contains_key(&l) {
             return Err(RegistryError::LeaseExpired { lease: l });
@@ -424,15 +430,8 @@ fn put_locked(
 }
 
 fn delete_locked(s: &mut State, key: &str, expect: Expect) -> Result<Revision, RegistryError> {
-    let current = s.data.get(key).map(|v| v.mod_revision);
     // `Absent`: deleting what is already absent is a no-op, not a conflict.
-    if !expect.matches(current) {
-        return Err(RegistryError::Conflict {
-            key: key.to_string(),
-            expected: expect,
-            actual: current,
-        });
-    }
+    check_expect(s, key, expect)?;
     Ok(s.delete_keys(&[key.to_string()]).unwrap_or(s.revision))
 }
 
