@@ -21,10 +21,12 @@
 //!   cargo test --release -p flotilla-testkit --test producer_bench -- --ignored --nocapture --test-threads=1
 //! ```
 //!
+//! `FLOTILLA_BENCH_WINDOW` bounds the deliveries a throughput round keeps
+//! outstanding (default: all, everything sent before anything is awaited).
 //! `FLOTILLA_BENCH_RECORDS`, `FLOTILLA_BENCH_ROUNDS` and
 //! `FLOTILLA_BENCH_SWITCHES` override the sizes. Figures: `docs/benchmarks.md`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -55,6 +57,12 @@ const PROPS: [(&str, &str); 4] = [
     ("queue.buffering.max.messages", "2000000"),
     ("message.timeout.ms", "60000"),
 ];
+
+/// Deliveries a round keeps outstanding before it awaits the oldest
+/// (`FLOTILLA_BENCH_WINDOW`; default: all of them, send everything first).
+fn window() -> usize {
+    env_or("FLOTILLA_BENCH_WINDOW", usize::MAX - 1)
+}
 
 fn keys() -> Vec<String> {
     (0..KEYS).map(|k| format!("key-{k:06}")).collect()
@@ -98,7 +106,8 @@ async fn raw(
 ) -> Run {
     let cpu = cpu_time();
     let started = Instant::now();
-    let mut futs = Vec::with_capacity(records);
+    let window = window();
+    let mut futs = VecDeque::with_capacity(records.min(window + 1));
     for i in 0..records {
         let mut rec = FutureRecord::to(topic).key(&keys[i % KEYS]).payload(value);
         if header {
@@ -107,7 +116,11 @@ async fn raw(
                 value: Some("1"),
             }));
         }
-        futs.push(p.send_result(rec).map_err(|(e, _)| e).unwrap());
+        futs.push_back(p.send_result(rec).map_err(|(e, _)| e).unwrap());
+        if futs.len() > window {
+            let f = futs.pop_front().expect("window is not empty");
+            f.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
     }
     for f in futs {
         f.await.unwrap().map_err(|(e, _)| e).unwrap();
@@ -127,10 +140,15 @@ async fn fleet(
 ) -> Run {
     let cpu = cpu_time();
     let started = Instant::now();
-    let mut futs = Vec::with_capacity(records);
+    let window = window();
+    let mut futs = VecDeque::with_capacity(records.min(window + 1));
     for i in 0..records {
         let rec = FutureRecord::to(topic).key(&keys[i % KEYS]).payload(value);
-        futs.push(p.send_result(rec).map_err(|(e, _)| e).unwrap());
+        futs.push_back(p.send_result(rec).map_err(|(e, _)| e).unwrap());
+        if futs.len() > window {
+            let f = futs.pop_front().expect("window is not empty");
+            f.await.map_err(|(e, _)| e).unwrap();
+        }
     }
     for f in futs {
         f.await.map_err(|(e, _)| e).unwrap();
