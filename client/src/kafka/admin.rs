@@ -93,6 +93,45 @@ impl Inner {
             .expect("metadata consumer present until drop")
     }
 
+    /// One attempt at [`ClusterAdmin::end_offsets`]: every partition's
+    /// "latest" offset in one call, any partition's error failing the lot.
+    fn blocking_end_offsets(
+        &self,
+        what: &str,
+        topic: &str,
+        partitions: u32,
+        timeout: Duration,
+    ) -> Result<Vec<i64>, KafkaError> {
+        let mut query = TopicPartitionList::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            query
+                .add_partition_offset(topic, p as i32, Offset::End)
+                .map_err(|e| self.err(what, &e))?;
+        }
+        let answer = self
+            .meta()
+            .offsets_for_times(query, timeout)
+            .map_err(|e| self.err(what, &e))?;
+        let mut out = vec![None; partitions as usize];
+        for e in answer.elements_for_topic(topic) {
+            let p = e.partition();
+            e.error()
+                .map_err(|err| self.err(&format!("end offset of {topic}/{p}"), &err))?;
+            if let (Offset::Offset(end), Some(slot)) = (e.offset(), out.get_mut(p as usize)) {
+                *slot = Some(end);
+            }
+        }
+        out.iter()
+            .enumerate()
+            .map(|(p, end)| {
+                end.ok_or_else(|| KafkaError::Transient {
+                    cluster: self.cluster.clone(),
+                    detail: format!("end offset of {topic}/{p}: not in the broker's answer"),
+                })
+            })
+            .collect()
+    }
+
     /// Awaits the answer to an admin request, giving up (transient error)
     /// when the brokers have not answered within the timeout the request
     /// itself carries, plus a grace.
@@ -528,40 +567,28 @@ impl ClusterAdmin {
 
     /// The end offset (high watermark, exclusive) of partitions `0..partitions`
     /// of `topic`, in partition order: the handoff boundary on this cluster.
+    ///
+    /// One `ListOffsets` request per partition leader for all partitions at
+    /// once (librdkafka's `offsets_for_times` with the special timestamp
+    /// "latest"), not a watermark query per partition: the boundary read is
+    /// part of every switch's pause, and a per-partition query costs a round
+    /// trip per partition (64 partitions, 64 round trips).
     pub async fn end_offsets(&self, topic: &str, partitions: u32) -> Result<Vec<i64>, KafkaError> {
         let topic = topic.to_string();
         self.blocking(format!("end offsets of {topic}"), move |inner| {
+            let what = format!("end offsets of {topic}");
             let deadline = Instant::now() + inner.timeout;
-            let mut out = Vec::with_capacity(partitions as usize);
-            for p in 0..partitions {
+            loop {
                 let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return Err(KafkaError::Transient {
-                        cluster: inner.cluster.clone(),
-                        detail: format!(
-                            "end offsets of {topic}: timed out after {}/{partitions} partitions",
-                            p
-                        ),
-                    });
-                }
-                let high = loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match inner.meta().fetch_watermarks(&topic, p as i32, left) {
-                        Ok((_low, high)) => break high,
-                        Err(e) => {
-                            let e = inner.err(&format!("end offset of {topic}/{p}"), &e);
-                            // Leadership moves and broker restarts are retried
-                            // until the deadline.
-                            if e.is_permanent() || Instant::now() + RETRY_BACKOFF >= deadline {
-                                return Err(e);
-                            }
-                            std::thread::sleep(RETRY_BACKOFF);
-                        }
+                match inner.blocking_end_offsets(&what, &topic, partitions, left) {
+                    // Leadership moves and broker restarts are retried until
+                    // the deadline.
+                    Err(e) if !e.is_permanent() && Instant::now() + RETRY_BACKOFF < deadline => {
+                        std::thread::sleep(RETRY_BACKOFF);
                     }
-                };
-                out.push(high);
+                    other => return other,
+                }
             }
-            Ok(out)
         })
         .await
     }

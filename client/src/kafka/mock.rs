@@ -427,6 +427,9 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(admin.end_offsets("orders", 3).await.unwrap(), vec![0, 7, 3]);
+        // A topic the cluster does not have: an error naming it, not a hang.
+        let e = admin.end_offsets("no-such-topic", 2).await.unwrap_err();
+        assert!(e.to_string().contains("no-such-topic"), "{e}");
         assert_eq!(
             admin.committed_offsets("g", "orders", 3).await.unwrap(),
             vec![None, None, None]
