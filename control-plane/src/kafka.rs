@@ -38,6 +38,15 @@ pub trait FleetKafka: Send + Sync {
         topic: &str,
         partitions: u32,
     ) -> Result<Vec<Option<i64>>, KafkaError>;
+    /// Makes the cluster ready for consumer groups before it takes traffic:
+    /// waits until its group coordinator answers (on a fresh Kafka cluster,
+    /// the first group request creates `__consumer_offsets`; see
+    /// [`ClusterAdmin::ensure_group_coordinator`]). The default does nothing
+    /// (a simulated fleet has nothing to prepare).
+    async fn ensure_group_coordinator(&self, spec: &ClusterSpec) -> Result<(), KafkaError> {
+        let _ = spec;
+        Ok(())
+    }
     /// Fences writes to `topic` on the cluster before it retires: once this
     /// returns, no produce request can be acknowledged any more (late records
     /// fail at their producer instead of landing after the drained check),
@@ -167,6 +176,11 @@ impl FleetKafka for RdKafkaFleet {
             a.committed_offsets(group, topic, partitions).await
         })
         .await
+    }
+
+    async fn ensure_group_coordinator(&self, spec: &ClusterSpec) -> Result<(), KafkaError> {
+        self.with_admin(spec, |a| async move { a.ensure_group_coordinator().await })
+            .await
     }
 
     async fn fence_writes(

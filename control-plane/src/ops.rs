@@ -202,6 +202,11 @@ impl ControlPlane {
             security_profile: req.security_profile.clone(),
             created_at: now,
         };
+        if spec.state == ClusterState::Active {
+            // Consumers first use a cluster right after a route switch to it,
+            // with their partitions gated: make its coordinator ready now.
+            self.kafka.ensure_group_coordinator(&spec).await?;
+        }
         match self.registry.create_cluster(&spec).await {
             Ok(_) => Ok(AddOutcome::Created { spec }),
             Err(RegistryError::AlreadyExists { .. }) => {
@@ -256,9 +261,14 @@ impl ControlPlane {
             .0)
     }
 
-    /// `provisioning → active`. Idempotent.
+    /// `provisioning → active`, once the cluster's group coordinator answers
+    /// ([`FleetKafka::ensure_group_coordinator`]). Idempotent.
     pub async fn activate(&self, id: &str) -> Result<ClusterSpec, ControlError> {
-        self.move_state(id, ClusterState::Active).await
+        let spec = self.cluster(id).await?;
+        if spec.state == ClusterState::Provisioning {
+            self.kafka.ensure_group_coordinator(&spec).await?;
+        }
+        self.move_state_from(&spec, ClusterState::Active).await
     }
 
     /// `→ draining`: refused while an open or pending epoch writes to the cluster

@@ -178,6 +178,28 @@ async fn adapter_against_real_kafka() {
         vec![5, 0, 12]
     );
 
+    // --- group coordinator: a fresh cluster answers group requests only once
+    // its offsets topic exists (asked first, it says "not coordinator" and
+    // librdkafka retries a second later); activation waits for it ---
+    admin.ensure_group_coordinator().await.unwrap();
+    let cfg = admin.client_config().clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = cfg
+            .clone()
+            .set("group.id", "first-try")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition("orders", 0);
+        // One attempt (librdkafka does not retry "not coordinator" here).
+        consumer
+            .committed_offsets(tpl, T)
+            .expect("the coordinator answers the first group request");
+    })
+    .await
+    .unwrap();
+    admin.ensure_group_coordinator().await.unwrap();
+
     // --- committed offsets of a group ---
     assert_eq!(
         admin

@@ -30,6 +30,12 @@ const POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Pause between attempts when a blocking query fails transiently.
 const RETRY_BACKOFF: Duration = Duration::from_millis(200);
+/// The group and topic [`ClusterAdmin::ensure_group_coordinator`] asks
+/// about (neither needs to exist).
+const COORDINATOR_PROBE: &str = "flotilla-coordinator-probe";
+/// Between two asks while the offsets topic is being created: it takes a few
+/// hundred milliseconds, and asking is cheap.
+const COORDINATOR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// What [`ClusterAdmin::ensure_topic`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -627,6 +633,47 @@ impl ClusterAdmin {
                 }
             },
         )
+        .await
+    }
+
+    /// Waits until the cluster's group coordinator answers, which on a fresh
+    /// cluster makes the brokers create Kafka's offsets topic
+    /// (`__consumer_offsets`).
+    ///
+    /// Kafka creates that topic on the first group request it receives and
+    /// answers "coordinator not available" meanwhile; librdkafka then asks
+    /// again only a second later. Without this, the first consumer group to
+    /// use a new cluster — a `FleetConsumer` reading it right after a route
+    /// switch — waits one to three seconds before its first record, with
+    /// every partition of the cluster gated behind it. `flotilla cluster
+    /// activate` calls this, so the wait happens before any route can use
+    /// the cluster. Only asks for an offset (of a group and topic that need
+    /// not exist): no group is joined or created.
+    pub async fn ensure_group_coordinator(&self) -> Result<(), KafkaError> {
+        self.blocking("group coordinator".to_string(), move |inner| {
+            let what = format!("group coordinator (group {COORDINATOR_PROBE})");
+            let consumer = inner.group_consumer(COORDINATOR_PROBE, &what)?;
+            let deadline = Instant::now() + inner.timeout;
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                // Any answer comes from the coordinator: per-partition errors
+                // (there is no such topic) do not matter.
+                let mut probe = TopicPartitionList::with_capacity(1);
+                probe.add_partition(COORDINATOR_PROBE, 0);
+                match consumer
+                    .committed_offsets(probe, left)
+                    .map_err(|e| inner.err(&what, &e))
+                {
+                    Err(e)
+                        if !e.is_permanent() && Instant::now() + COORDINATOR_BACKOFF < deadline =>
+                    {
+                        std::thread::sleep(COORDINATOR_BACKOFF);
+                    }
+                    Err(e) => return Err(e),
+                    Ok(_) => return Ok(()),
+                }
+            }
+        })
         .await
     }
 
