@@ -13,11 +13,12 @@
 //!   acknowledge N+1 while it is still on its way into librdkafka. Held
 //!   records are released (routed *and* handed over) under the lock, in
 //!   order, before any newer record of the topic can be routed.
-//! - Every routed record carries a boxed delivery opaque; the producer
-//!   context's delivery callback (librdkafka's polling thread) answers the
-//!   sender and settles the record exactly once per `Send` decision — also
-//!   for records the caller stopped waiting for. Records that never reach
-//!   librdkafka are settled at once.
+//! - Every routed record carries a [`Pending`] as its delivery opaque: the
+//!   record's settlement slot and the cell its caller waits on, in one
+//!   allocation. The producer context's delivery callback (librdkafka's
+//!   polling thread) answers the caller and settles the record exactly once
+//!   per `Send` decision — also for records the caller stopped waiting for.
+//!   Records that never reach librdkafka are settled at once.
 //! - Settlement is lock-free on the common path: each (topic, epoch) has a
 //!   [`Slot`] whose atomic counter collects settled records that the router
 //!   has not been told about yet. The router only needs them promptly while
@@ -42,9 +43,12 @@
 // The error halves carry the record back, like rdkafka's own API.
 #![allow(clippy::result_large_err)]
 
+use std::cell::UnsafeCell;
 use std::collections::{HashMap, VecDeque};
+use std::ffi::c_void;
+use std::mem::ManuallyDrop;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -53,12 +57,13 @@ use futures::future::join_all;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders, OwnedMessage, ToBytes};
 use rdkafka::producer::{BaseRecord, FutureRecord, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::util::Timeout;
+use rdkafka::util::{IntoOpaque, Timeout};
 use rdkafka::ClientContext;
-// futures' oneshot, like rdkafka's FutureProducer: tokio's takes part in
-// tokio's cooperative budget, which made awaiting many deliveries measurably
-// slower (a forced yield every 128 records).
+// futures' oneshot (for held records), like rdkafka's FutureProducer:
+// tokio's takes part in tokio's cooperative budget, which made awaiting many
+// deliveries measurably slower (a forced yield every 128 records).
 use futures::channel::oneshot;
+use futures::task::AtomicWaker;
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -227,11 +232,178 @@ impl Slot {
     }
 }
 
-/// What travels with a record through librdkafka.
-struct Opaque {
+// ---- per-record delivery ----------------------------------------------------------------
+
+/// A delivery as the [`Cell`] keeps it: the error half boxed, so the cell
+/// (and with it the whole [`Pending`]) stays small.
+type Outcome = Result<Delivery, Box<(FleetSendError, OwnedMessage)>>;
+
+/// One record handed to librdkafka: what its delivery callback needs and
+/// where its caller waits, in *one* allocation that librdkafka carries as the
+/// delivery opaque (through [`DeliverySender`]) and the caller's
+/// [`DeliveryFuture`] shares. A `oneshot` channel plus a boxed opaque took
+/// two allocations per record (as rdkafka's `FutureProducer` does), and a
+/// bigger one: with glibc's allocator, each allocation made on the sending
+/// thread and freed on librdkafka's polling thread was a visible part of the
+/// per-record cost.
+struct Pending {
+    /// The settlement account of the record's (topic, epoch).
     slot: Arc<Slot>,
+    /// Key + payload bytes (for the bytes metric).
     bytes: usize,
-    tx: Option<Tx>,
+    sink: Sink,
+}
+
+/// Where a [`Pending`] record's delivery goes.
+enum Sink {
+    /// The caller waits on this cell (the common case).
+    Cell(Cell),
+    /// A record that was held: its caller has been waiting on a oneshot
+    /// since it was held (rare: switches and outages only).
+    Forward(Mutex<Option<Tx>>),
+}
+
+const EMPTY: u8 = 0;
+const DONE: u8 = 1;
+/// The sender was dropped without a delivery (librdkafka dropped the record).
+const CLOSED: u8 = 2;
+
+/// A single-use delivery slot: written once by the [`DeliverySender`], read
+/// once by the one waiting [`DeliveryFuture`].
+struct Cell {
+    state: AtomicU8,
+    /// Written only by the sender, before `state` becomes `DONE` (Release);
+    /// read only by the waiter, after it saw `DONE` (Acquire).
+    value: UnsafeCell<Option<Outcome>>,
+    waker: AtomicWaker,
+}
+
+// SAFETY: `value` is written by the sender only before it publishes `DONE`
+// and taken by the single waiter only after it observed `DONE`; the two never
+// access it at the same time (see `Cell::put` and `Cell::take`).
+unsafe impl Sync for Cell {}
+
+impl Cell {
+    fn new() -> Cell {
+        Cell {
+            state: AtomicU8::new(EMPTY),
+            value: UnsafeCell::new(None),
+            waker: AtomicWaker::new(),
+        }
+    }
+
+    /// Stores the delivery and wakes the waiter. Only the (single, consumed)
+    /// [`DeliverySender`] calls it, at most once.
+    fn put(&self, out: Outcome) {
+        // SAFETY: only the sender writes, once, before publishing DONE; the
+        // waiter does not read before it sees DONE.
+        unsafe { *self.value.get() = Some(out) };
+        self.state.store(DONE, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// The sender is gone without a delivery.
+    fn close(&self) {
+        self.state.store(CLOSED, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// The delivery if it is there: `Some(None)` when the sender is gone
+    /// without one (or it was taken already). Only the single waiter calls it.
+    fn take(&self) -> Option<Option<Outcome>> {
+        match self.state.load(Ordering::Acquire) {
+            EMPTY => None,
+            // SAFETY: DONE was published after the last write; only this
+            // (single) waiter reads, and the sender never writes again.
+            DONE => Some(unsafe { (*self.value.get()).take() }),
+            _ => Some(None),
+        }
+    }
+
+    fn poll(&self, cx: &mut Context<'_>) -> Poll<Option<Outcome>> {
+        if let Some(out) = self.take() {
+            return Poll::Ready(out);
+        }
+        // Register, then look again: a `put` in between either is seen now
+        // or wakes the registered waker.
+        self.waker.register(cx.waker());
+        match self.take() {
+            Some(out) => Poll::Ready(out),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Pending {
+    fn new(slot: Arc<Slot>, bytes: usize, sink: Sink) -> Arc<Pending> {
+        Arc::new(Pending { slot, bytes, sink })
+    }
+
+    /// A forwarding pending's oneshot sender (taken back after a failed hand-over).
+    fn take_forward(&self) -> Option<Tx> {
+        match &self.sink {
+            Sink::Forward(tx) => tx.lock().unwrap_or_else(|p| p.into_inner()).take(),
+            Sink::Cell(_) => None,
+        }
+    }
+}
+
+/// The sending half of a [`Pending`]: the record's delivery opaque in
+/// librdkafka. Answers the waiter exactly once — with the delivery, or, if
+/// dropped without one, by closing the cell (the waiter sees `Closed`, as a
+/// dropped oneshot sender did).
+struct DeliverySender(ManuallyDrop<Arc<Pending>>);
+
+impl DeliverySender {
+    fn new(p: Arc<Pending>) -> DeliverySender {
+        DeliverySender(ManuallyDrop::new(p))
+    }
+
+    /// The pending record, without answering its waiter (a hand-over that failed).
+    fn into_inner(self) -> Arc<Pending> {
+        let mut me = ManuallyDrop::new(self);
+        // SAFETY: `me` is never used or dropped again.
+        unsafe { ManuallyDrop::take(&mut me.0) }
+    }
+
+    /// Answers the waiter; returns the pending record (for its settlement).
+    fn send(self, out: FleetDeliveryResult) -> Arc<Pending> {
+        let p = self.into_inner();
+        match &p.sink {
+            Sink::Cell(c) => c.put(out.map_err(Box::new)),
+            Sink::Forward(tx) => {
+                if let Some(tx) = tx.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                    let _ = tx.send(out);
+                }
+            }
+        }
+        p
+    }
+}
+
+impl Drop for DeliverySender {
+    fn drop(&mut self) {
+        // Only the sender stores to `state`, so EMPTY here means not sent.
+        // (A forwarding sink's oneshot sender closes itself when dropped.)
+        if let Sink::Cell(c) = &self.0.sink {
+            if c.state.load(Ordering::Relaxed) == EMPTY {
+                c.close();
+            }
+        }
+        // SAFETY: dropped once, here.
+        unsafe { ManuallyDrop::drop(&mut self.0) };
+    }
+}
+
+impl IntoOpaque for DeliverySender {
+    fn into_ptr(self) -> *mut c_void {
+        Arc::into_raw(self.into_inner()) as *mut c_void
+    }
+
+    unsafe fn from_ptr(ptr: *mut c_void) -> Self {
+        // SAFETY (caller): `ptr` came from `into_ptr` and is converted back once.
+        DeliverySender::new(unsafe { Arc::from_raw(ptr as *const Pending) })
+    }
 }
 
 struct Ctx {
@@ -250,19 +422,19 @@ impl ClientContext for Ctx {
 }
 
 impl ProducerContext for Ctx {
-    type DeliveryOpaque = Box<Opaque>;
+    type DeliveryOpaque = DeliverySender;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, mut op: Box<Opaque>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, op: DeliverySender) {
         let cluster = self.cluster.clone();
         let out = match result {
             Ok(m) => {
                 self.records.increment(1);
-                self.bytes.increment(op.bytes as u64);
+                self.bytes.increment(op.0.bytes as u64);
                 Ok(Delivery {
                     cluster,
                     partition: m.partition(),
                     offset: m.offset(),
-                    epoch: op.slot.epoch,
+                    epoch: op.0.slot.epoch,
                 })
             }
             Err((e, m)) => {
@@ -274,12 +446,10 @@ impl ProducerContext for Ctx {
                 Err((FleetSendError::Kafka { cluster, error }, m.detach()))
             }
         };
-        if let Some(tx) = op.tx.take() {
-            let _ = tx.send(out);
-        }
-        if op.slot.settle() {
+        let p = op.send(out);
+        if p.slot.settle() {
             if let Some(core) = self.core.upgrade() {
-                core.absorb(&op.slot);
+                core.absorb(&p.slot);
             }
         }
     }
@@ -348,11 +518,14 @@ struct Routed {
 }
 
 enum Attempt {
-    /// Handed to librdkafka; the topic (shared, not copied per record).
-    Sent(Arc<str>),
-    Held(u64),
-    Full(Tx),
-    QueueFull(Tx, Arc<str>),
+    /// Handed to librdkafka; wait on the pending record's cell.
+    Sent(Arc<Pending>),
+    /// Held (id in the hold queue); its delivery comes through the receiver.
+    Held(u64, Rx),
+    /// The hold buffer is full.
+    Full,
+    /// librdkafka's queue of the cluster is full.
+    QueueFull(Arc<str>),
     Failed(FleetSendError),
 }
 
@@ -538,9 +711,15 @@ impl Core {
         })
     }
 
-    /// Hands a routed record to librdkafka (with or without the lock). On
-    /// failure `tx` comes back and the caller must settle the record.
-    fn hand_over(r: Routed, rec: &RecordRef<'_>, tx: Tx) -> Result<(), (Tx, Why)> {
+    /// Hands a routed record to librdkafka (with or without the lock) with
+    /// `sink` as its delivery. The pending record comes back: on success to
+    /// wait on (a `Sink::Cell`), on failure with its sink to take back, and
+    /// the caller must settle the record.
+    fn hand_over(
+        r: Routed,
+        rec: &RecordRef<'_>,
+        sink: Sink,
+    ) -> Result<Arc<Pending>, (Arc<Pending>, Why)> {
         let Routed {
             producer,
             slot,
@@ -548,12 +727,9 @@ impl Core {
             partition,
         } = r;
         let epoch = slot.epoch;
-        let opaque = Box::new(Opaque {
-            slot,
-            bytes: rec.size(),
-            tx: Some(tx),
-        });
-        let mut br = BaseRecord::<[u8], [u8], Box<Opaque>>::with_opaque_to(rec.topic, opaque)
+        let pending = Pending::new(slot, rec.size(), sink);
+        let opaque = DeliverySender::new(pending.clone());
+        let mut br = BaseRecord::<[u8], [u8], DeliverySender>::with_opaque_to(rec.topic, opaque)
             .partition(rec.partition.unwrap_or(partition as i32))
             .headers(rec.headers_with_epoch(epoch));
         if let Some(k) = rec.key {
@@ -566,20 +742,21 @@ impl Core {
             br = br.timestamp(ts);
         }
         match producer.send(br) {
-            Ok(()) => Ok(()),
-            Err((e, mut br)) => {
-                let tx = br
-                    .delivery_opaque
-                    .tx
-                    .take()
-                    .expect("opaque keeps its sender");
+            Ok(()) => Ok(pending),
+            Err((e, br)) => {
+                // Not answered: the caller still has the record (and, for a
+                // forwarding sink, takes its oneshot sender back).
+                drop(br.delivery_opaque.into_inner());
                 if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
-                    Err((tx, Why::QueueFull(cluster)))
+                    Err((pending, Why::QueueFull(cluster)))
                 } else {
                     let error = from_rdkafka(&cluster, "enqueue", &e);
                     metrics::counter!("flotilla_producer_delivery_errors_total", "cluster" => cluster.clone())
                         .increment(1);
-                    Err((tx, Why::Failed(FleetSendError::Kafka { cluster, error })))
+                    Err((
+                        pending,
+                        Why::Failed(FleetSendError::Kafka { cluster, error }),
+                    ))
                 }
             }
         }
@@ -599,14 +776,20 @@ impl Core {
             Ok(r) => r,
             Err(why) => return Err((tx, why)),
         };
-        let (topic, epoch) = (r.slot.topic.clone(), r.slot.epoch);
-        Self::hand_over(r, rec, tx).inspect_err(|_| {
-            acts.extend(st.router.on_settled(&topic, epoch));
-        })
+        match Self::hand_over(r, rec, Sink::Forward(Mutex::new(Some(tx)))) {
+            Ok(_) => Ok(()),
+            Err((p, why)) => {
+                acts.extend(st.router.on_settled(&p.slot.topic, p.slot.epoch));
+                let tx = p
+                    .take_forward()
+                    .expect("a failed hand-over keeps its sender");
+                Err((tx, why))
+            }
+        }
     }
 
     /// One attempt to send (or hold) a record; see [`Attempt`].
-    fn attempt(&self, rec: &RecordRef<'_>, tx: Tx) -> Attempt {
+    fn attempt(&self, rec: &RecordRef<'_>) -> Attempt {
         if self.shut.load(Ordering::Relaxed) {
             return Attempt::Failed(FleetSendError::Closed);
         }
@@ -620,8 +803,8 @@ impl Core {
             self.route_locked(&mut st, rec, &mut acts)
         };
         let routed = match res {
-            Ok(r) => Ok((r, tx)),
-            Err(why) => Err(self.hold_or_fail(&mut st, rec, tx, why)),
+            Ok(r) => Ok(r),
+            Err(why) => Err(self.hold_or_fail(&mut st, rec, why)),
         };
         if !acts.is_empty() {
             self.perform(&mut st, acts);
@@ -630,28 +813,26 @@ impl Core {
         match routed {
             Err(out) => out,
             // Off the lock: routed (and counted in flight) already.
-            Ok((r, tx)) => {
-                let slot = r.slot.clone();
-                match Self::hand_over(r, rec, tx) {
-                    Ok(()) => Attempt::Sent(slot.topic.clone()),
-                    Err((tx, why)) => {
-                        self.settle(&slot);
-                        match why {
-                            Why::QueueFull(c) => Attempt::QueueFull(tx, c),
-                            Why::Failed(e) => Attempt::Failed(e),
-                            Why::Hold => unreachable!("hand_over never holds"),
-                        }
+            Ok(r) => match Self::hand_over(r, rec, Sink::Cell(Cell::new())) {
+                Ok(p) => Attempt::Sent(p),
+                Err((p, why)) => {
+                    self.settle(&p.slot);
+                    match why {
+                        Why::QueueFull(c) => Attempt::QueueFull(c),
+                        Why::Failed(e) => Attempt::Failed(e),
+                        Why::Hold => unreachable!("hand_over never holds"),
                     }
                 }
-            }
+            },
         }
     }
 
     /// A record that was not routed: held (if there is room) or failed.
-    fn hold_or_fail(&self, st: &mut State, rec: &RecordRef<'_>, tx: Tx, why: Why) -> Attempt {
+    fn hold_or_fail(&self, st: &mut State, rec: &RecordRef<'_>, why: Why) -> Attempt {
         match why {
             Why::Hold => {
                 if st.held_total < self.hold_capacity {
+                    let (tx, rx) = oneshot::channel();
                     let id = st.next_id;
                     st.next_id += 1;
                     st.held_total += 1;
@@ -667,12 +848,12 @@ impl Core {
                         st.held_since.insert(rec.topic.to_string(), Instant::now());
                     }
                     metrics::gauge!("flotilla_producer_held_records").increment(1.0);
-                    Attempt::Held(id)
+                    Attempt::Held(id, rx)
                 } else {
-                    Attempt::Full(tx)
+                    Attempt::Full
                 }
             }
-            Why::QueueFull(c) => Attempt::QueueFull(tx, c),
+            Why::QueueFull(c) => Attempt::QueueFull(c),
             Why::Failed(e) => Attempt::Failed(e),
         }
     }
@@ -1317,19 +1498,25 @@ impl FleetProducer {
             Timeout::After(d) => Some(started + d),
             Timeout::Never => None,
         };
-        let (mut tx, rx) = oneshot::channel();
         loop {
             let notified = core.space.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (reason, back) = match core.attempt(&rec, tx) {
-                Attempt::Sent(_) => return await_delivery(rx, rec).await,
-                Attempt::Held(id) => return self.await_held(rx, rec, id, deadline, started).await,
+            let reason = match core.attempt(&rec) {
+                Attempt::Sent(p) => {
+                    let out = std::future::poll_fn(|cx| cell_of(&p).poll(cx)).await;
+                    return match out {
+                        Some(out) => out.map_err(|e| *e),
+                        None => Err((FleetSendError::Closed, rec.to_owned_record().into_message())),
+                    };
+                }
+                Attempt::Held(id, rx) => {
+                    return self.await_held(rx, rec, id, deadline, started).await
+                }
                 Attempt::Failed(e) => return Err((e, rec.to_owned_record().into_message())),
-                Attempt::Full(t) => (WaitReason::HoldBufferFull, t),
-                Attempt::QueueFull(t, _) => (WaitReason::QueueFull, t),
+                Attempt::Full => WaitReason::HoldBufferFull,
+                Attempt::QueueFull(_) => WaitReason::QueueFull,
             };
-            tx = back;
             let now = Instant::now();
             if deadline.is_some_and(|d| now >= d) {
                 return Err((
@@ -1396,20 +1583,22 @@ impl FleetProducer {
         K: ToBytes + ?Sized,
         P: ToBytes + ?Sized,
     {
-        let (tx, rx) = oneshot::channel();
-        let err = match self.inner.core.attempt(&RecordRef::of_future(&record), tx) {
-            Attempt::Sent(topic) => return Ok(DeliveryFuture { rx, topic }),
-            Attempt::Held(_) => {
+        let err = match self.inner.core.attempt(&RecordRef::of_future(&record)) {
+            Attempt::Sent(p) => {
                 return Ok(DeliveryFuture {
-                    rx,
-                    topic: record.topic.into(),
+                    waiting: Waiting::Cell(p),
+                })
+            }
+            Attempt::Held(_, rx) => {
+                return Ok(DeliveryFuture {
+                    waiting: Waiting::Held(rx, record.topic.into()),
                 })
             }
             Attempt::Failed(e) => e,
-            Attempt::Full(_) => FleetSendError::HoldBufferFull {
+            Attempt::Full => FleetSendError::HoldBufferFull {
                 capacity: self.inner.core.hold_capacity,
             },
-            Attempt::QueueFull(_, cluster) => FleetSendError::Kafka {
+            Attempt::QueueFull(cluster) => FleetSendError::Kafka {
                 error: from_code(&cluster, RDKafkaErrorCode::QueueFull, "enqueue"),
                 cluster,
             },
@@ -1483,32 +1672,145 @@ fn flatten(
     }
 }
 
+/// The cell a record handed over directly is waited on with.
+fn cell_of(p: &Pending) -> &Cell {
+    match &p.sink {
+        Sink::Cell(c) => c,
+        Sink::Forward(_) => unreachable!("records handed over by a caller wait on a cell"),
+    }
+}
+
 /// The delivery of a record handed over with [`FleetProducer::send_result`].
-#[derive(Debug)]
 pub struct DeliveryFuture {
-    rx: Rx,
-    topic: Arc<str>,
+    waiting: Waiting,
+}
+
+enum Waiting {
+    /// Handed to librdkafka at once (the topic is the slot's).
+    Cell(Arc<Pending>),
+    /// Held for a switch: the delivery comes through a oneshot.
+    Held(Rx, Arc<str>),
+}
+
+impl std::fmt::Debug for DeliveryFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (topic, held) = match &self.waiting {
+            Waiting::Cell(p) => (&p.slot.topic, false),
+            Waiting::Held(_, t) => (t, true),
+        };
+        f.debug_struct("DeliveryFuture")
+            .field("topic", topic)
+            .field("held", &held)
+            .finish()
+    }
 }
 
 impl std::future::Future for DeliveryFuture {
     type Output = FleetDeliveryResult;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match Pin::new(&mut self.rx).poll(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Ok(r)) => Poll::Ready(r),
-            Poll::Ready(Err(_)) => Poll::Ready(Err((
-                FleetSendError::Closed,
-                OwnedMessage::new(
-                    None,
-                    None,
-                    self.topic.to_string(),
-                    rdkafka::Timestamp::NotAvailable,
-                    -1,
-                    -1,
-                    None,
-                ),
-            ))),
+        let topic = match &mut self.waiting {
+            Waiting::Cell(p) => match cell_of(p).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(out)) => return Poll::Ready(out.map_err(|e| *e)),
+                Poll::Ready(None) => &p.slot.topic,
+            },
+            Waiting::Held(rx, topic) => match Pin::new(rx).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(r)) => return Poll::Ready(r),
+                Poll::Ready(Err(_)) => topic,
+            },
+        };
+        Poll::Ready(Err((
+            FleetSendError::Closed,
+            OwnedMessage::new(
+                None,
+                None,
+                topic.to_string(),
+                rdkafka::Timestamp::NotAvailable,
+                -1,
+                -1,
+                None,
+            ),
+        )))
+    }
+}
+
+#[cfg(test)]
+mod delivery_cell_tests {
+    use super::*;
+
+    fn pending() -> Arc<Pending> {
+        Pending::new(Arc::new(Slot::new("t", 3)), 5, Sink::Cell(Cell::new()))
+    }
+
+    fn delivered(offset: i64) -> FleetDeliveryResult {
+        Ok(Delivery {
+            cluster: "A".into(),
+            partition: 1,
+            offset,
+            epoch: 3,
+        })
+    }
+
+    #[test]
+    fn a_sender_dropped_without_a_delivery_closes_the_cell() {
+        let p = pending();
+        assert!(cell_of(&p).take().is_none(), "nothing yet");
+        drop(DeliverySender::new(p.clone()));
+        assert!(matches!(cell_of(&p).take(), Some(None)), "closed");
+        // The future reports Closed with the slot's topic.
+        let f = DeliveryFuture {
+            waiting: Waiting::Cell(p),
+        };
+        let (e, m) = futures::executor::block_on(f).unwrap_err();
+        assert_eq!(e, FleetSendError::Closed);
+        assert_eq!(m.topic(), "t");
+    }
+
+    #[test]
+    fn the_opaque_round_trip_and_a_failed_hand_over_do_not_answer() {
+        let p = pending();
+        // Through librdkafka and back (as a delivery callback gets it).
+        let ptr = DeliverySender::new(p.clone()).into_ptr();
+        // SAFETY: from `into_ptr`, converted back once.
+        let s = unsafe { DeliverySender::from_ptr(ptr) };
+        assert!(cell_of(&p).take().is_none());
+        // A failed hand-over takes the pending record back unanswered.
+        drop(s.into_inner());
+        assert!(cell_of(&p).take().is_none());
+        assert_eq!(Arc::strong_count(&p), 1, "no reference leaked");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delivery_from_another_thread_wakes_the_waiter() {
+        for i in 0..200 {
+            let p = pending();
+            let s = DeliverySender::new(p.clone());
+            let f = DeliveryFuture {
+                waiting: Waiting::Cell(p),
+            };
+            let waiter = tokio::spawn(f);
+            let sender = std::thread::spawn(move || drop(s.send(delivered(i))));
+            let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+                .await
+                .expect("woken")
+                .unwrap();
+            sender.join().unwrap();
+            assert_eq!(got.unwrap().offset, i);
         }
+    }
+
+    #[test]
+    fn a_forwarding_sink_answers_its_oneshot() {
+        let (tx, rx) = oneshot::channel();
+        let p = Pending::new(
+            Arc::new(Slot::new("t", 3)),
+            0,
+            Sink::Forward(Mutex::new(Some(tx))),
+        );
+        drop(DeliverySender::new(p).send(delivered(7)));
+        let got = futures::executor::block_on(rx).unwrap().unwrap();
+        assert_eq!(got.offset, 7);
     }
 }
