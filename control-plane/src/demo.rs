@@ -138,9 +138,8 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
                         continue;
                     }
                 };
-                let key =
-                    String::from_utf8_lossy(msg.message().key().unwrap_or_default()).into_owned();
-                let seq: u64 = std::str::from_utf8(msg.message().payload().unwrap_or_default())
+                let key = String::from_utf8_lossy(msg.key().unwrap_or_default()).into_owned();
+                let seq: u64 = std::str::from_utf8(msg.payload().unwrap_or_default())
                     .ok()
                     .and_then(|p| p.parse().ok())
                     .unwrap_or(u64::MAX);

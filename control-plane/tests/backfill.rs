@@ -147,7 +147,7 @@ fn spawn_consumer(
         let c = FleetConsumer::new(config).await.expect("start consumer");
         c.subscribe(&[&topic]).unwrap();
         loop {
-            let m = match c.recv().await {
+            let msg = match c.recv().await {
                 Ok(m) => m,
                 Err(e) => {
                     eprintln!("consumer: {e}");
@@ -155,7 +155,6 @@ fn spawn_consumer(
                     continue;
                 }
             };
-            let msg = m.message();
             let payload = std::str::from_utf8(msg.payload().unwrap()).unwrap();
             let (key, seq) = payload.split_once(':').unwrap();
             let seq: u64 = seq.trim().parse().unwrap();

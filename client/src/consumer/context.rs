@@ -7,6 +7,7 @@
 //! (automatic commits; the committer feeds it with the others), and turns
 //! librdkafka's errors and statistics into logs and metrics.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Weak;
 
 use rdkafka::client::ClientContext;
@@ -23,6 +24,11 @@ use crate::registry::ClusterId;
 pub struct FleetContext {
     cluster: ClusterId,
     shared: Weak<Shared>,
+    /// The consumer left the read set (or the fleet consumer closes): its
+    /// last callbacks (the revoke while it closes, which may come late: it
+    /// closes once the application dropped its last record) must not touch
+    /// the state of a newer consumer of the same cluster.
+    retired: AtomicBool,
 }
 
 impl std::fmt::Debug for FleetContext {
@@ -35,7 +41,25 @@ impl std::fmt::Debug for FleetContext {
 
 impl FleetContext {
     pub(crate) fn new(cluster: ClusterId, shared: Weak<Shared>) -> Self {
-        FleetContext { cluster, shared }
+        FleetContext {
+            cluster,
+            shared,
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// Marks the consumer as closing: its callbacks no longer feed the fleet
+    /// consumer's state (the user's rebalance callback still sees them).
+    pub(crate) fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+    }
+
+    /// The fleet consumer's state, unless this consumer is retired.
+    fn live_shared(&self) -> Option<std::sync::Arc<Shared>> {
+        if self.retired.load(Ordering::Acquire) {
+            return None;
+        }
+        self.shared.upgrade()
     }
 
     /// The registry id of the cluster this consumer reads.
@@ -52,7 +76,7 @@ impl FleetContext {
             Rebalance::Revoke(tpl) => RebalanceKind::Revoke(pairs(tpl)),
             Rebalance::Error(e) => RebalanceKind::Error(e.to_string()),
         };
-        if phase == RebalancePhase::After {
+        if phase == RebalancePhase::After && !self.retired.load(Ordering::Acquire) {
             match &kind {
                 RebalanceKind::Assign(ps) => shared.on_assignment(&self.cluster, ps, true),
                 RebalanceKind::Revoke(ps) => shared.on_assignment(&self.cluster, ps, false),
@@ -84,7 +108,7 @@ impl ClientContext for FleetContext {
         tracing::warn!(cluster = %self.cluster, %error, reason, "kafka client error");
         metrics::counter!("flotilla_consumer_errors_total", "cluster" => self.cluster.clone())
             .increment(1);
-        if let Some(shared) = self.shared.upgrade() {
+        if let Some(shared) = self.live_shared() {
             shared.cluster_error(&self.cluster, format!("{error}: {reason}"));
         }
     }
@@ -109,7 +133,7 @@ impl ClientContext for FleetContext {
 
 impl ConsumerContext for FleetContext {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let (Rebalance::Revoke(_), Some(shared)) = (rebalance, self.shared.upgrade()) {
+        if let (Rebalance::Revoke(_), Some(shared)) = (rebalance, self.live_shared()) {
             // Offsets of delivered records are handed to librdkafka in
             // batches: store the latest before a revoke commits what is
             // stored (auto-commit), so the next owner does not read them again.

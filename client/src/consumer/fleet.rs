@@ -2,7 +2,6 @@
 //! sans-IO fence gate. See the [module docs](super).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -11,7 +10,9 @@ use futures::future::join_all;
 use futures::{FutureExt, Stream, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError as RdKafkaError;
-use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::message::{
+    BorrowedHeaders, BorrowedMessage, Message, OwnedHeaders, OwnedMessage, Timestamp,
+};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
@@ -85,18 +86,51 @@ pub enum FleetConsumeError {
     },
 }
 
-/// A record from one cluster of the fleet. Derefs to rdkafka's
-/// [`OwnedMessage`], so `msg.payload()`, `msg.key()`, `msg.offset()`, ...
-/// (the [`Message`] trait) work as with `StreamConsumer`.
-#[derive(Debug, Clone)]
+/// A record from one cluster of the fleet, read from librdkafka without
+/// copying: it implements rdkafka's [`Message`] trait, so `msg.payload()`,
+/// `msg.key()`, `msg.offset()`, `msg.headers()`, `msg.topic()`, ... work as
+/// with `StreamConsumer`'s `BorrowedMessage`.
+///
+/// A `FleetMessage` can be kept and sent to other threads (`Send + Sync +
+/// 'static`): it keeps the rdkafka consumer of its cluster alive, so holding
+/// one past its cluster's removal from the read set (or past
+/// [`FleetConsumer::close`]) is fine, but that consumer is closed (leaves its
+/// group) only once the last record of it is dropped. Like rdkafka's
+/// `BorrowedMessage`, it also keeps the librdkafka fetch buffer it lies in:
+/// for records kept long, keep [`FleetMessage::detach`]'s `OwnedMessage`
+/// (a copy holding neither). `clone()` copies the data out of librdkafka,
+/// but the clone still holds the consumer.
 pub struct FleetMessage {
-    message: OwnedMessage,
+    // Field order matters: fields drop in declaration order, so `record`
+    // (librdkafka's message) goes before `cluster`, whose tag holds the
+    // consumer the message came from (see `ClusterTag::client`).
+    record: Record,
     cluster: Arc<ClusterTag>,
     epoch: Option<u64>,
     straggler: bool,
 }
 
+/// The rdkafka message a [`FleetMessage`] wraps.
+enum Record {
+    /// As read, in librdkafka's memory (the fast path). Only ever stored in
+    /// a [`FleetMessage`] whose `cluster` is the tag of the consumer that
+    /// read it (see the `// SAFETY:` comment in [`pump`]).
+    Borrowed(BorrowedMessage<'static>),
+    /// Copied out: records parked behind a fence, and clones. Boxed: records
+    /// are moved a few times on the fast path, and an `OwnedMessage` is large.
+    Owned(Box<OwnedMessage>),
+}
+
 impl FleetMessage {
+    fn new(record: Record, cluster: Arc<ClusterTag>) -> FleetMessage {
+        FleetMessage {
+            record,
+            cluster,
+            epoch: None,
+            straggler: false,
+        }
+    }
+
     /// Registry id of the cluster the record was read from.
     pub fn cluster(&self) -> &str {
         &self.cluster.id
@@ -114,29 +148,140 @@ impl FleetMessage {
         self.straggler
     }
 
-    /// The rdkafka message.
-    pub fn message(&self) -> &OwnedMessage {
-        &self.message
+    /// A copy of the record that owns its data (topic, key, payload,
+    /// headers), like `BorrowedMessage::detach`: it does not hold
+    /// librdkafka's memory nor the cluster's consumer.
+    pub fn detach(&self) -> OwnedMessage {
+        match &self.record {
+            Record::Borrowed(m) => m.detach(),
+            Record::Owned(m) => (**m).clone(),
+        }
     }
 
-    /// The rdkafka message, owned.
-    pub fn into_inner(self) -> OwnedMessage {
-        self.message
+    /// This record with its data copied out of librdkafka (for records that
+    /// may wait long: they must not pin librdkafka's fetch buffers).
+    fn into_owned(self) -> OwnedMessage {
+        match self.record {
+            Record::Borrowed(ref m) => m.detach(),
+            Record::Owned(m) => *m,
+        }
     }
 }
 
-impl Deref for FleetMessage {
-    type Target = OwnedMessage;
-    fn deref(&self) -> &OwnedMessage {
-        &self.message
+#[cfg(test)]
+impl FleetMessage {
+    /// The consumer this record keeps alive, and whether the record is in
+    /// librdkafka's memory (not copied).
+    pub(crate) fn client_for_test(&self) -> (std::sync::Weak<ClusterConsumer>, bool) {
+        (
+            Arc::downgrade(self.cluster.consumer()),
+            matches!(self.record, Record::Borrowed(_)),
+        )
     }
 }
 
-/// What every record of one cluster shares: its id, and handles obtained
-/// once instead of per record (the records counter, the offsets delivered
-/// but not yet stored).
+impl Clone for FleetMessage {
+    /// A detached copy ([`FleetMessage::detach`]) with the same cluster,
+    /// epoch and straggler flag.
+    fn clone(&self) -> FleetMessage {
+        FleetMessage {
+            record: Record::Owned(Box::new(self.detach())),
+            cluster: self.cluster.clone(),
+            epoch: self.epoch,
+            straggler: self.straggler,
+        }
+    }
+}
+
+impl std::fmt::Debug for FleetMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetMessage")
+            .field("cluster", &self.cluster.id)
+            .field("topic", &self.topic())
+            .field("partition", &self.partition())
+            .field("offset", &self.offset())
+            .field("epoch", &self.epoch)
+            .field("straggler", &self.straggler)
+            .field("key_len", &self.key().map(<[u8]>::len))
+            .field("payload_len", &self.payload().map(<[u8]>::len))
+            .finish()
+    }
+}
+
+impl Message for FleetMessage {
+    type Headers = BorrowedHeaders;
+
+    fn key(&self) -> Option<&[u8]> {
+        match &self.record {
+            Record::Borrowed(m) => m.key(),
+            Record::Owned(m) => m.key(),
+        }
+    }
+
+    fn payload(&self) -> Option<&[u8]> {
+        match &self.record {
+            Record::Borrowed(m) => m.payload(),
+            Record::Owned(m) => m.payload(),
+        }
+    }
+
+    unsafe fn payload_mut(&mut self) -> Option<&mut [u8]> {
+        // SAFETY: the trait's contract, passed on to the caller.
+        unsafe {
+            match &mut self.record {
+                Record::Borrowed(m) => m.payload_mut(),
+                Record::Owned(m) => m.payload_mut(),
+            }
+        }
+    }
+
+    fn topic(&self) -> &str {
+        match &self.record {
+            Record::Borrowed(m) => m.topic(),
+            Record::Owned(m) => m.topic(),
+        }
+    }
+
+    fn partition(&self) -> i32 {
+        match &self.record {
+            Record::Borrowed(m) => m.partition(),
+            Record::Owned(m) => m.partition(),
+        }
+    }
+
+    fn offset(&self) -> i64 {
+        match &self.record {
+            Record::Borrowed(m) => m.offset(),
+            Record::Owned(m) => m.offset(),
+        }
+    }
+
+    fn timestamp(&self) -> Timestamp {
+        match &self.record {
+            Record::Borrowed(m) => m.timestamp(),
+            Record::Owned(m) => m.timestamp(),
+        }
+    }
+
+    fn headers(&self) -> Option<&BorrowedHeaders> {
+        match &self.record {
+            Record::Borrowed(m) => m.headers(),
+            Record::Owned(m) => m.headers().map(OwnedHeaders::as_borrowed),
+        }
+    }
+}
+
+/// What every record of one cluster shares: its id, the consumer that read
+/// it, and handles obtained once instead of per record (the records
+/// counter, the offsets delivered but not yet stored).
 pub(crate) struct ClusterTag {
     id: ClusterId,
+    /// The cluster's consumer (its `rd_kafka_t`), kept alive as long as a
+    /// record read from it (a [`FleetMessage`], which holds this tag) may
+    /// exist. `None` only once taken by the tag's last owner: in
+    /// [`ClusterTag::drop`], or by [`close_readers`] after
+    /// [`Arc::into_inner`] proved no record holds the tag.
+    client: Option<Arc<ClusterConsumer>>,
     records: metrics::Counter,
     errors: metrics::Counter,
     /// Next offset to store per topic and partition (-1: nothing new), set
@@ -154,11 +299,12 @@ pub(crate) struct ClusterTag {
 }
 
 impl ClusterTag {
-    fn new(id: ClusterId) -> Arc<ClusterTag> {
+    fn new(id: ClusterId, client: Arc<ClusterConsumer>) -> Arc<ClusterTag> {
         Arc::new(ClusterTag {
             records: metrics::counter!("flotilla_consumer_records_total", "cluster" => id.clone()),
             errors: metrics::counter!("flotilla_consumer_errors_total", "cluster" => id.clone()),
             id,
+            client: Some(client),
             to_store: Mutex::new(Vec::new()),
             dirty: AtomicBool::new(false),
             seeks: AtomicU64::new(0),
@@ -205,6 +351,39 @@ impl ClusterTag {
     }
 }
 
+impl ClusterTag {
+    /// The cluster's consumer.
+    fn consumer(&self) -> &Arc<ClusterConsumer> {
+        self.client
+            .as_ref()
+            .expect("a tag's consumer is taken only by its last owner")
+    }
+}
+
+impl Drop for ClusterTag {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            release_consumer(c);
+        }
+    }
+}
+
+/// Drops a handle of a cluster's consumer. The last one closes the consumer
+/// (it leaves the group, which blocks), on a thread of its own: the last
+/// handle may be a record the application drops on an async worker.
+fn release_consumer(c: Arc<ClusterConsumer>) {
+    let Some(c) = Arc::into_inner(c) else {
+        return;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("flotilla-consumer-close".into())
+        .spawn(move || drop(c));
+    if let Err(e) = spawned {
+        // The closure (and the consumer) was dropped, closing it here.
+        tracing::warn!(error = %e, "cannot spawn a thread to close a consumer");
+    }
+}
+
 impl std::fmt::Debug for ClusterTag {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.id)
@@ -220,6 +399,10 @@ struct Reader {
     pump: JoinHandle<()>,
 }
 
+/// Records of one partition held back by a fence. They may wait long (until
+/// the group commits an older epoch's fence), so they are copied out of
+/// librdkafka ([`FleetMessage::into_owned`]) rather than pinning its fetch
+/// buffers; there are few (the partition is paused at the first).
 struct Parked {
     msgs: VecDeque<OwnedMessage>,
     since: Instant,
@@ -462,12 +645,10 @@ impl Shared {
             match self.admit(st, cluster, m) {
                 Some((epoch, straggler)) => {
                     let m = parked.msgs.pop_front().expect("front exists");
-                    out.push(FleetMessage {
-                        message: m,
-                        cluster: tag.clone(),
-                        epoch,
-                        straggler,
-                    });
+                    let mut m = FleetMessage::new(Record::Owned(Box::new(m)), tag.clone());
+                    m.epoch = epoch;
+                    m.straggler = straggler;
+                    out.push(m);
                 }
                 None => break,
             }
@@ -503,7 +684,7 @@ impl Shared {
         &self,
         st: &mut State,
         cluster: &str,
-        m: &OwnedMessage,
+        m: &impl Message,
     ) -> Option<(Option<u64>, bool)> {
         let gate = st.gates.get_mut(m.topic())?;
         let p = u32::try_from(m.partition()).ok()?;
@@ -548,7 +729,7 @@ impl Shared {
         &self,
         tag: &Arc<ClusterTag>,
         (seeks, rebalances): (u64, u64),
-        batch: &mut Vec<OwnedMessage>,
+        batch: &mut Vec<FleetMessage>,
     ) -> Vec<(String, i32, Offset)> {
         let cluster = tag.id.as_str();
         let mut st = self.lock();
@@ -563,7 +744,7 @@ impl Shared {
         let mut reseek = Vec::new();
         let mut out = Vec::with_capacity(batch.len());
         let mut paused = Vec::new();
-        for m in batch.drain(..) {
+        for mut m in batch.drain(..) {
             if !st.sought.is_empty() || !st.parked.is_empty() {
                 let slot: Slot = (cluster.to_string(), m.topic().to_string(), m.partition());
                 if let Some((n, to)) = st.sought.get(&slot).copied() {
@@ -580,17 +761,16 @@ impl Shared {
                         // offset reset): what is parked will be read again.
                         parked.msgs.clear();
                     }
-                    parked.msgs.push_back(m);
+                    parked.msgs.push_back(m.into_owned());
                     continue;
                 }
             }
             match self.admit(&mut st, cluster, &m) {
-                Some((epoch, straggler)) => out.push(FleetMessage {
-                    message: m,
-                    cluster: tag.clone(),
-                    epoch,
-                    straggler,
-                }),
+                Some((epoch, straggler)) => {
+                    m.epoch = epoch;
+                    m.straggler = straggler;
+                    out.push(m);
+                }
                 None => {
                     tracing::debug!(
                         cluster,
@@ -603,7 +783,7 @@ impl Shared {
                     st.parked.insert(
                         (cluster.to_string(), m.topic().to_string(), m.partition()),
                         Parked {
-                            msgs: VecDeque::from([m]),
+                            msgs: VecDeque::from([m.into_owned()]),
                             since: Instant::now(),
                         },
                     );
@@ -929,10 +1109,10 @@ impl Shared {
                     st.retry_at.remove(&c);
                     st.cluster_errors.remove(&c);
                     let consumer = Arc::new(consumer);
-                    let tag = ClusterTag::new(c.clone());
+                    let tag = ClusterTag::new(c.clone(), consumer.clone());
                     let committer =
                         Committer::start(c.clone(), consumer.clone(), Arc::downgrade(self));
-                    let pump = tokio::spawn(pump(self.clone(), tag.clone(), consumer.clone()));
+                    let pump = tokio::spawn(pump(self.clone(), tag.clone()));
                     st.readers.insert(
                         c,
                         Reader {
@@ -1017,17 +1197,23 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Closes consumers (leaving their groups blocks) on a plain thread, so
 /// neither the async runtime nor its shutdown waits for them. The receiver
-/// completes when they are closed.
+/// completes when they are closed — or, for a cluster whose records the
+/// application still holds, when only those records keep its consumer: the
+/// last one dropped closes it then ([`ClusterTag`] drop, on a thread of its
+/// own).
 fn close_readers(readers: Vec<Reader>) -> tokio::sync::oneshot::Receiver<()> {
+    for r in &readers {
+        // From now on (even if it closes much later) its callbacks leave
+        // alone the state of a newer consumer of the same cluster.
+        r.consumer.context().retire();
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     let spawned = std::thread::Builder::new()
         .name("flotilla-consumer-close".into())
         .spawn(move || {
-            let mut consumers = Vec::new();
-            for r in readers {
+            for r in &readers {
                 r.pump.abort();
                 r.committer.stop();
-                consumers.push(r.consumer);
             }
             // The aborted pumps release their handles as soon as the runtime
             // drops them; closing must happen here, not on a runtime thread
@@ -1035,24 +1221,31 @@ fn close_readers(readers: Vec<Reader>) -> tokio::sync::oneshot::Receiver<()> {
             // on a dead cluster releases its handle when that call returns,
             // and closes the consumer then.
             let deadline = Instant::now() + Duration::from_secs(5);
-            for c in consumers {
-                let mut c = c;
-                loop {
-                    match Arc::try_unwrap(c) {
-                        Ok(c) => {
-                            drop(c);
-                            break;
-                        }
-                        Err(back) if Instant::now() < deadline => {
-                            c = back;
-                            std::thread::sleep(Duration::from_millis(5));
-                        }
-                        Err(back) => {
-                            drop(back);
-                            break;
-                        }
+            for r in readers {
+                let Reader {
+                    consumer,
+                    tag,
+                    pump,
+                    ..
+                } = r;
+                // Ours and the tag's: the pump and the committer are done.
+                while !(pump.is_finished() && Arc::strong_count(&consumer) <= 2)
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                drop(consumer);
+                if let Some(mut tag) = Arc::into_inner(tag) {
+                    // No record of the cluster is held: close it here (unless
+                    // the committer still holds it: then it closes it).
+                    if let Some(c) = tag.client.take() {
+                        drop(tag);
+                        drop(c);
                     }
                 }
+                // Otherwise records of the cluster are held by the
+                // application (or were in the ready queue of a consumer being
+                // dropped): the last one closes the consumer.
             }
             let _ = tx.send(());
         });
@@ -1113,6 +1306,8 @@ impl Drop for FleetConsumer {
             t.abort();
         }
         let readers = std::mem::take(&mut self.shared.lock().readers);
+        // Records not handed out hold their clusters' consumers open.
+        self.shared.ready().q.clear();
         if !readers.is_empty() {
             // Closing an rdkafka consumer blocks (it leaves the group).
             drop(close_readers(readers.into_values().collect()));
@@ -1583,6 +1778,8 @@ impl FleetConsumer {
             t.abort();
         }
         let readers = std::mem::take(&mut self.shared.lock().readers);
+        // Records not handed out hold their clusters' consumers open.
+        self.shared.ready().q.clear();
         let done = close_readers(readers.into_values().collect());
         if tokio::time::timeout(CLOSE_TIMEOUT, done).await.is_err() {
             tracing::warn!("per-cluster consumers did not close within {CLOSE_TIMEOUT:?}; leaving them to finish in the background");
@@ -1595,14 +1792,16 @@ impl FleetConsumer {
     }
 }
 
-/// Reads one cluster's consumer: pulls what librdkafka has in batches,
-/// detaches the records and hands them to the gate and the ready queue that
-/// `recv` pops from. It polls the consumer on its own (rebalances and commit
-/// callbacks are served while the application processes a record) and stops
-/// reading while the ready queue is full, leaving the rest in librdkafka.
-async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>, consumer: Arc<ClusterConsumer>) {
+/// Reads one cluster's consumer (`tag`'s): pulls what librdkafka has in
+/// batches and hands the records, not copied, to the gate and the ready queue
+/// that `recv` pops from. It polls the consumer on its own (rebalances and
+/// commit callbacks are served while the application processes a record) and
+/// stops reading while the ready queue is full, leaving the rest in
+/// librdkafka.
+async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>) {
+    let consumer = tag.consumer();
     let mut stream = consumer.stream();
-    let mut batch: Vec<OwnedMessage> = Vec::with_capacity(BATCH);
+    let mut batch: Vec<FleetMessage> = Vec::with_capacity(BATCH);
     loop {
         shared.wait_for_space().await;
         let seen = (
@@ -1612,7 +1811,31 @@ async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>, consumer: Arc<ClusterCo
         let mut next = stream.next().await;
         loop {
             match next {
-                Some(Ok(m)) => batch.push(m.detach()),
+                Some(Ok(m)) => {
+                    // SAFETY: the lifetime of a `BorrowedMessage` only ties it
+                    // to a borrow of its consumer; its memory is its own
+                    // (rdkafka 0.39: an `Arc` of the librdkafka event holding
+                    // the message; dropping the last destroys the event, the
+                    // message itself is not freed apart). What that drop needs
+                    // is the consumer's `rd_kafka_t` still alive — librdkafka
+                    // wants every message destroyed before the handle is
+                    // closed or destroyed. It is: the message goes only into a
+                    // `FleetMessage` (or this batch, dropped before `tag`)
+                    // whose `cluster` is `tag`, whose `client` is an `Arc` of
+                    // the consumer `stream` reads. The tag gives that `Arc` up
+                    // only when it is dropped (after every `FleetMessage`
+                    // holding it; fields drop in declaration order, `record`
+                    // before `cluster`) or once `Arc::into_inner` proved no
+                    // record holds it (`close_readers`). So the consumer is
+                    // closed and destroyed after its last message. Messages
+                    // stay valid after later polls, seeks and rebalances (they
+                    // are refcounted in librdkafka), and `BorrowedMessage` is
+                    // `Send + Sync` (librdkafka is thread-safe).
+                    let m = unsafe {
+                        std::mem::transmute::<BorrowedMessage<'_>, BorrowedMessage<'static>>(m)
+                    };
+                    batch.push(FleetMessage::new(Record::Borrowed(m), tag.clone()));
+                }
                 Some(Err(e)) => shared.pump_error(&tag, e),
                 None => return,
             }
@@ -1631,7 +1854,7 @@ async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>, consumer: Arc<ClusterCo
                 }
             }
         }
-        shared.flush_stores(&tag, &consumer);
+        shared.flush_stores(&tag, consumer);
         // librdkafka's stream is always ready while records are buffered:
         // let the other tasks of this worker run between batches.
         tokio::task::yield_now().await;

@@ -498,6 +498,106 @@ async fn a_retired_cluster_counts_as_consumed_up_to_its_fence() {
     env.shutdown().await;
 }
 
+/// Waits (at most 20 s) until nothing holds the consumer `weak` points to
+/// any more: it was closed and destroyed.
+async fn wait_released<T>(weak: &std::sync::Weak<T>, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while weak.strong_count() > 0 {
+        assert!(Instant::now() < deadline, "{what}: consumer never released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_held_past_their_clusters_removal_and_the_close_stay_readable() {
+    let parts = 1;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    let fence_a = env.produce(0, 3, parts, 1).await;
+    let c = FleetConsumer::new(env.config("g-held")).await.unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    // Records of a, read without copying (not committed, not dropped).
+    let held_a = recv_n(&c, 3, Duration::from_secs(30)).await;
+    assert!(held_a.iter().all(|m| m.cluster() == "a"));
+    let (client_a, borrowed) = held_a[0].client_for_test();
+    assert!(borrowed, "not read without copying");
+    // A clone is a copy, and holds the consumer too; `detach` does not.
+    let clone = held_a[1].clone();
+    assert!(!clone.client_for_test().1);
+    assert_eq!(clone.payload(), Some(&b"0-1"[..]));
+    assert_eq!(clone.offset(), 1);
+    let copy = held_a[1].detach();
+
+    // a is sealed and retired: it leaves the read set and its consumer is
+    // closed by the fleet consumer while the application still holds its
+    // records.
+    let route = TopicRoute {
+        version: SCHEMA_VERSION,
+        topic: TOPIC.into(),
+        partitions: parts,
+        epochs: vec![
+            epoch(
+                1,
+                &["a"],
+                EpochState::Sealed,
+                &[("a", fence_a), ("b", vec![0])],
+            ),
+            epoch(2, &["b"], EpochState::Open, &[]),
+        ],
+    };
+    let (_, rev) = env.registry.route(TOPIC).await.unwrap().unwrap();
+    env.registry
+        .put_route(&route, Expect::ModRevision(rev))
+        .await
+        .unwrap();
+    env.registry
+        .set_cluster_state("a", crate::registry::ClusterState::Retired)
+        .await
+        .unwrap();
+    env.produce(1, 2, parts, 2).await;
+    let from_b = recv_n(&c, 2, Duration::from_secs(30)).await;
+    assert!(from_b.iter().all(|m| m.cluster() == "b"), "{from_b:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.clusters().contains(&"a".to_string()) {
+        assert!(Instant::now() < deadline, "a was never closed once retired");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.read_set(TOPIC), BTreeSet::from(["b".to_string()]));
+    // The records of a are still whole, and keep a's consumer alive.
+    for (k, m) in held_a.iter().enumerate() {
+        assert_eq!(m.payload(), Some(format!("0-{k}").as_bytes()));
+        assert_eq!(m.key(), Some(format!("0-{k}").as_bytes()));
+        assert_eq!((m.topic(), m.partition(), m.offset()), (TOPIC, 0, k as i64));
+        assert_eq!(m.epoch(), Some(1));
+        assert_eq!(m.headers().and_then(epoch_of), Some(1));
+        let owned = m.detach();
+        assert_eq!(owned.payload(), m.payload());
+        assert_eq!(owned.headers().and_then(epoch_of), Some(1));
+    }
+    assert!(
+        client_a.strong_count() > 0,
+        "a's consumer was destroyed while its records are held"
+    );
+    // The last record dropped releases (closes and destroys) a's consumer;
+    // a detached copy does not hold it.
+    drop(held_a);
+    assert!(client_a.strong_count() > 0, "the clone holds a's consumer");
+    assert_eq!(clone.epoch(), Some(1));
+    drop(clone);
+    wait_released(&client_a, "a").await;
+    assert_eq!(copy.payload(), Some(&b"0-1"[..]));
+
+    // The same across `close`: b's records outlive the fleet consumer.
+    let (client_b, borrowed) = from_b[0].client_for_test();
+    assert!(borrowed, "not read without copying");
+    c.close().await;
+    assert_eq!(from_b[0].payload(), Some(&b"1-0"[..]));
+    assert_eq!(from_b[1].payload(), Some(&b"1-1"[..]));
+    assert!(client_b.strong_count() > 0);
+    drop(from_b);
+    wait_released(&client_b, "b").await;
+    env.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_on_a_dead_cluster_is_pending_not_blocking_and_lands_when_it_is_back() {
     let env = Env::start(2, vec![epoch(1, &["a", "b"], EpochState::Open, &[])]).await;

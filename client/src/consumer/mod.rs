@@ -25,7 +25,9 @@
 //!   fence (a zombie producer) is delivered, counted and logged, never dropped.
 //! - **Reading**: one pump task per cluster moves batches of records from
 //!   librdkafka through the gate into one bounded ready queue that `recv`
-//!   pops from (see `fleet.rs`).
+//!   pops from (see `fleet.rs`), without copying them: a [`FleetMessage`]
+//!   holds librdkafka's message and keeps its cluster's consumer alive
+//!   (records parked behind a fence are copied out).
 //! - **Commits** go through one committer thread per cluster (`committer.rs`):
 //!   a synchronous commit waits at most the commit timeout and returns
 //!   [`FleetConsumeError::CommitPending`] if the cluster does not answer; the
@@ -64,6 +66,16 @@ pub use crate::producer::{epoch_of, parse_epoch_header, EPOCH_HEADER};
 mod tests {
     use super::*;
     use rdkafka::message::{Header, OwnedHeaders};
+
+    #[test]
+    fn fleet_message_can_be_kept_and_sent_and_is_small() {
+        fn keepable<T: Send + Sync + 'static>() {}
+        keepable::<FleetMessage>();
+        // Records are moved a few times between librdkafka and `recv`: a
+        // large one (an `OwnedMessage` inline) cost more than the copy it saves.
+        let size = std::mem::size_of::<FleetMessage>();
+        assert!(size <= 64, "FleetMessage is {size} bytes");
+    }
 
     #[test]
     fn epoch_header_is_decimal_ascii() {
