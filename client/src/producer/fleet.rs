@@ -591,11 +591,10 @@ impl Core {
         }
     }
 
-    /// Tells the router that `n` records of `slot` settled.
+    /// Tells the router that `n` records of `slot` settled (one call, not
+    /// one per record: the tick reports up to a tick's worth of deliveries).
     fn report(router: &mut Router, slot: &Slot, n: u64, acts: &mut Vec<Action>) {
-        for _ in 0..n {
-            acts.extend(router.on_settled(&slot.topic, slot.epoch));
-        }
+        acts.extend(router.on_settled_many(&slot.topic, slot.epoch, n));
     }
 
     /// Makes `slot` eager and reports what it collected so far.

@@ -8,6 +8,7 @@
 //! | [`Router::route`]`(topic, key)`          | [`Decision`]: `Send`, `Hold` or `NoRoute` |
 //! | [`Router::on_snapshot`]`(&snapshot)`     | `Vec<`[`Action`]`>`                       |
 //! | [`Router::on_settled`]`(topic, epoch)`   | `Vec<Action>` (usually empty)            |
+//! | [`Router::on_settled_many`]`(.., n)`     | the same, for `n` records at once        |
 //! | [`Router::on_flushed`]`(topic, epoch)`   | `Vec<Action>`                            |
 //!
 //! # In-flight accounting (the router counts)
@@ -554,7 +555,14 @@ impl Router {
     /// produced). Returns actions when that completes a flush.
     /// Ignored under [`Settlement::PerFlush`].
     pub fn on_settled(&mut self, topic: &str, epoch: u64) -> Vec<Action> {
-        if self.settlement == Settlement::PerFlush {
+        self.on_settled_many(topic, epoch, 1)
+    }
+
+    /// `n` records sent with `epoch` have settled: the same as `n` calls of
+    /// [`Router::on_settled`], in one (an adapter that collects settlements
+    /// reports them in bulk without a call per record).
+    pub fn on_settled_many(&mut self, topic: &str, epoch: u64, n: u64) -> Vec<Action> {
+        if self.settlement == Settlement::PerFlush || n == 0 {
             return Vec::new();
         }
         let Some(t) = self.topics.get_mut(topic) else {
@@ -563,7 +571,7 @@ impl Router {
         let mut drained = false;
         match t.active.as_mut() {
             Some(a) if a.n == epoch => {
-                a.inflight = a.inflight.saturating_sub(1);
+                a.inflight = a.inflight.saturating_sub(n);
                 drained = a.inflight == 0 && (t.held || a.flush_requested);
                 if a.inflight == 0 {
                     // Exact counts: an outstanding flush has nothing left to cover.
@@ -572,7 +580,7 @@ impl Router {
             }
             _ => {
                 if let Some(o) = t.older.get_mut(&epoch) {
-                    o.inflight = o.inflight.saturating_sub(1);
+                    o.inflight = o.inflight.saturating_sub(n);
                     drained = o.inflight == 0;
                 }
             }
@@ -964,6 +972,33 @@ mod tests {
         assert_eq!(r.on_settled("t", 1), vec![ack("t", 2)]);
         // Late duplicates are harmless.
         assert!(r.on_settled("t", 1).is_empty());
+        assert_eq!(r.in_flight("t", 1), 0);
+    }
+
+    #[test]
+    fn settlements_reported_in_bulk_count_like_single_ones() {
+        let mut r = Router::new();
+        r.on_snapshot(&snapshot(
+            &["a", "b"],
+            vec![route("t", 1, vec![epoch(1, &["a"], Open)])],
+        ));
+        for _ in 0..5 {
+            r.route("t", None);
+        }
+        let acts = r.on_snapshot(&snapshot(
+            &["a", "b"],
+            vec![route(
+                "t",
+                1,
+                vec![epoch(1, &["a"], Open), epoch(2, &["a", "b"], Pending)],
+            )],
+        ));
+        assert!(acts.contains(&flush("t", 1)));
+        assert!(r.on_settled_many("t", 1, 0).is_empty());
+        assert_eq!(r.in_flight("t", 1), 5);
+        assert!(r.on_settled_many("t", 1, 4).is_empty());
+        assert_eq!(r.in_flight("t", 1), 1);
+        assert_eq!(r.on_settled_many("t", 1, 1), vec![ack("t", 2)]);
         assert_eq!(r.in_flight("t", 1), 0);
     }
 
