@@ -153,18 +153,19 @@ async fn setup(n: usize) -> Bench {
             security_profile: None,
             created_at: 0,
         };
+        let admin = ClusterAdmin::connect(
+            &spec,
+            &KafkaProperties::new(),
+            &SecurityProfiles::empty(),
+            Duration::from_secs(20),
+        )
+        .await
+        .unwrap();
+        // What `flotilla cluster activate` does before a cluster takes
+        // traffic (a fresh cluster creates its offsets topic).
+        admin.ensure_group_coordinator().await.unwrap();
         registry.create_cluster(&spec).await.unwrap();
-        admins.insert(
-            id,
-            ClusterAdmin::connect(
-                &spec,
-                &KafkaProperties::new(),
-                &SecurityProfiles::empty(),
-                Duration::from_secs(20),
-            )
-            .await
-            .unwrap(),
-        );
+        admins.insert(id, admin);
         bootstraps.push(fleet.cluster(i).bootstrap());
     }
     Bench {
