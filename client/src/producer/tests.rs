@@ -752,6 +752,9 @@ fn permanent_errors_are_not_retriable() {
 fn fleet_producer_is_send_sync_clone() {
     fn check<T: Send + Sync + Clone + 'static>() {}
     check::<FleetProducer>();
+    // Delivery futures move between tasks and threads like rdkafka's.
+    fn future<T: Send + Sync + Unpin + 'static>() {}
+    future::<DeliveryFuture>();
     fn service<S: tower::Service<OwnedRecord, Response = Delivery, Error = FleetSendError>>() {}
     service::<FleetProducer>();
 }
