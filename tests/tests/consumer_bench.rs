@@ -10,6 +10,9 @@
 //!
 //! The three benchmarks take a lock so they never run at the same time.
 
+#[path = "common/switch.rs"]
+mod switch;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -29,6 +32,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use switch::{drive_switch, Producers};
 
 /// Throughput benchmark: a topic of 1 M records of 100 B (≈ 110 MB on the
 /// wire), read with librdkafka's prefetch bounded to `PREFETCH_KB` per
@@ -118,7 +122,7 @@ fn write_set(ids: &[&str]) -> Vec<WeightedCluster> {
 
 struct Bench {
     registry: Registry,
-    admins: BTreeMap<String, ClusterAdmin>,
+    admins: HashMap<String, ClusterAdmin>,
     bootstraps: Vec<String>,
     // Dropped last: the clusters and etcd stop with the bench.
     _fleet: KafkaFleet,
@@ -137,7 +141,7 @@ async fn setup(n: usize) -> Bench {
             .unwrap(),
     );
     let registry = Registry::new(kv, "bench");
-    let mut admins = BTreeMap::new();
+    let mut admins = HashMap::new();
     let mut bootstraps = Vec::new();
     for i in 0..n {
         let id = ((b'a' + i as u8) as char).to_string();
@@ -225,68 +229,25 @@ impl Bench {
         FleetConsumer::new(cfg).await.expect("fleet consumer")
     }
 
-    /// The controller's switch, by hand (DESIGN "Handoff protocol" 1-3), as in
-    /// `consumer_live_switch.rs`: epoch N+1 pending, every live producer acks
-    /// it, the end offsets of every cluster of N and N+1 become the fence, N is
-    /// sealed and N+1 opened. Returns N+1 and the instant the seal was written.
+    /// The controller's switch, by hand (DESIGN "Handoff protocol" 1-3):
+    /// epoch N+1 pending, every live producer acks it, the end offsets of
+    /// every cluster of N and N+1 become the fence, N is sealed and N+1
+    /// opened. Returns N+1 and the instant the seal was written.
     async fn switch(&self, topic: &str, next: &[&str]) -> (u64, Instant) {
-        let (mut route, rev) = self.registry.route(topic).await.unwrap().unwrap();
-        let n = route.last_epoch_n() + 1;
-        route.epochs.push(Epoch {
-            n,
-            write: write_set(next),
-            state: EpochState::Pending,
-            fence: BTreeMap::new(),
-            created_at: 0,
-            ack_deadline: None,
-        });
-        let rev = self
-            .registry
-            .put_route(&route, Expect::ModRevision(rev))
-            .await
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let snap = self.registry.snapshot().await.unwrap();
-            let producers: Vec<_> = snap.producers().collect();
-            if !producers.is_empty()
-                && producers
-                    .iter()
-                    .all(|p| p.acked.get(topic).is_some_and(|&e| e >= n))
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "producers never acked epoch {n}");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let open_i = route
-            .epochs
-            .iter()
-            .position(|e| e.state == EpochState::Open)
-            .unwrap();
-        let clusters: BTreeSet<String> = route.epochs[open_i]
-            .clusters()
-            .cloned()
-            .chain(next.iter().map(|c| c.to_string()))
-            .collect();
-        let mut fence = BTreeMap::new();
-        for c in clusters {
-            fence.insert(
-                c.clone(),
-                self.admins[&c]
-                    .end_offsets(topic, PARTITIONS)
-                    .await
-                    .unwrap(),
-            );
-        }
-        route.epochs[open_i].state = EpochState::Sealed;
-        route.epochs[open_i].fence = fence;
-        route.epochs.last_mut().unwrap().state = EpochState::Open;
-        self.registry
-            .put_route(&route, Expect::ModRevision(rev))
-            .await
-            .unwrap();
-        (n, Instant::now())
+        let p = Producers::AtLeastOne;
+        let poll = Duration::from_millis(5);
+        let write = write_set(next);
+        let s = drive_switch(
+            &self.registry,
+            topic,
+            PARTITIONS,
+            write,
+            &self.admins,
+            p,
+            poll,
+        )
+        .await;
+        (s.epoch, s.sealed_at)
     }
 }
 

@@ -26,7 +26,10 @@
 //! `FLOTILLA_BENCH_RECORDS`, `FLOTILLA_BENCH_ROUNDS` and
 //! `FLOTILLA_BENCH_SWITCHES` override the sizes. Figures: `docs/benchmarks.md`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+#[path = "common/switch.rs"]
+mod switch;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,12 +41,12 @@ use flotilla_client::registry::{
     ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, Registry, TopicRoute,
     WeightedCluster, SCHEMA_VERSION,
 };
-use flotilla_client::route::{propose, seal};
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_testkit::{create_topic, EtcdServer, KafkaFleet};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use switch::{drive_switch, Producers};
 
 /// Records per round (`FLOTILLA_BENCH_RECORDS` overrides).
 const RECORDS: usize = 1_000_000;
@@ -405,87 +408,6 @@ fn summary(what: &str, v: &[f64]) -> String {
     )
 }
 
-/// Per-switch timings seen by the driver.
-struct Driven {
-    /// Proposal committed → every live producer acked.
-    acked: Duration,
-    /// Proposal committed → boundary read on every cluster of both epochs.
-    boundary: Duration,
-    /// Proposal committed → sealed (what the controller would call the pause).
-    sealed: Duration,
-    epoch: u64,
-}
-
-/// One switch as the controller does it: pending → every live producer acks →
-/// end offsets of every cluster of both epochs (read concurrently) → seal in
-/// one CAS. Unlike the controller daemon, which reconciles every `--interval`
-/// (2 s by default), this driver polls the registry every 2 ms: the figures
-/// are the protocol's pause, not the daemon's reaction time.
-async fn drive_switch(
-    reg: &Registry,
-    topic: &str,
-    write: Vec<WeightedCluster>,
-    admins: &HashMap<String, ClusterAdmin>,
-) -> Driven {
-    let snap = reg.snapshot().await.unwrap();
-    let (route, _) = reg
-        .update_route(topic, |r| {
-            Ok(Some(propose(
-                r,
-                topic,
-                PARTITIONS,
-                write.clone(),
-                &snap.clusters,
-                0,
-                60_000,
-            )?))
-        })
-        .await
-        .unwrap()
-        .unwrap();
-    let started = Instant::now();
-    let pending = route.pending_epoch().expect("pending").n;
-    let open = route.open_epoch().expect("open").clone();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let snap = reg.snapshot().await.unwrap();
-        let producers: Vec<_> = snap.producers().collect();
-        assert_eq!(producers.len(), PAUSE_PRODUCERS, "live producers");
-        if producers
-            .iter()
-            .all(|p| p.acked.get(topic) == Some(&pending))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "producers never acked {pending}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-    let acked = started.elapsed();
-    let clusters: HashSet<&String> = open
-        .clusters()
-        .chain(route.pending_epoch().unwrap().clusters())
-        .collect();
-    // All clusters at once, as the controller's seal does.
-    let reads = futures::future::join_all(clusters.iter().map(|c| async move {
-        let offs = admins[*c].end_offsets(topic, PARTITIONS).await.unwrap();
-        ((*c).clone(), offs)
-    }))
-    .await;
-    let boundary: BTreeMap<String, Vec<i64>> = reads.into_iter().collect();
-    let boundary_at = started.elapsed();
-    reg.update_route(topic, |r| {
-        Ok(Some(seal(r.unwrap(), pending, boundary.clone())?))
-    })
-    .await
-    .unwrap();
-    Driven {
-        acked,
-        boundary: boundary_at,
-        sealed: started.elapsed(),
-        epoch: pending,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --release -- --ignored --nocapture"]
 async fn switch_pause_under_load() {
@@ -608,7 +530,16 @@ async fn switch_pause_under_load() {
     eprintln!("load average at the first switch: {}", loadavg());
     for i in 0..switches {
         let before = samples.lock().unwrap().len();
-        let d = drive_switch(&reg, TOPIC, plan[i % plan.len()].clone(), &admins).await;
+        let d = drive_switch(
+            &reg,
+            TOPIC,
+            PARTITIONS,
+            plan[i % plan.len()].clone(),
+            &admins,
+            Producers::Exactly(PAUSE_PRODUCERS),
+            Duration::from_millis(2),
+        )
+        .await;
         // Every producer routes with the new epoch (and has recorded its hold).
         let deadline = Instant::now() + Duration::from_secs(10);
         while producers

@@ -11,6 +11,9 @@
 //!   silent drop).
 //! - etcd down at start, unknown topic: clear errors.
 
+#[path = "common/switch.rs"]
+mod switch;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,13 +26,13 @@ use flotilla_client::registry::{
     ClusterRole, ClusterSpec, ClusterState, EpochState, Expect, Registry, TopicRoute,
     WeightedCluster, SCHEMA_VERSION,
 };
-use flotilla_client::route::{propose, seal};
 use flotilla_client::{FleetProducer, FleetProducerConfig, FleetSendError};
 use flotilla_testkit::{create_topic, EtcdServer, KafkaFleet};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use switch::{drive_switch, Producers};
 
 const FLEET: &str = "prodtest";
 const PARTITIONS: u32 = 4;
@@ -76,68 +79,19 @@ fn producer_config(id: &str, message_timeout_ms: u64) -> FleetProducerConfig {
     c
 }
 
-/// One switch by hand, as the controller does it: pending → wait for every
-/// live producer's ack → read the boundary on every cluster of both epochs →
-/// seal in one CAS. Returns how long the producers were held (pending → sealed).
+/// One switch by hand, as the controller does it; returns how long the
+/// producers were held (pending → sealed).
 async fn switch(
     reg: &Registry,
     topic: &str,
     write: Vec<WeightedCluster>,
     admins: &HashMap<String, ClusterAdmin>,
 ) -> Duration {
-    let snap = reg.snapshot().await.unwrap();
-    let started = Instant::now();
-    let (route, _) = reg
-        .update_route(topic, |r| {
-            Ok(Some(propose(
-                r,
-                topic,
-                PARTITIONS,
-                write.clone(),
-                &snap.clusters,
-                0,
-                60_000,
-            )?))
-        })
+    let p = Producers::Exactly(PRODUCERS);
+    let poll = Duration::from_millis(10);
+    drive_switch(reg, topic, PARTITIONS, write, admins, p, poll)
         .await
-        .unwrap()
-        .unwrap();
-    let pending = route.pending_epoch().expect("pending").n;
-    let open = route.open_epoch().expect("open").clone();
-    // Every live producer acknowledges.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let snap = reg.snapshot().await.unwrap();
-        let producers: Vec<_> = snap.producers().collect();
-        assert_eq!(producers.len(), PRODUCERS, "live producers: {producers:?}");
-        if producers
-            .iter()
-            .all(|p| p.acked.get(topic) == Some(&pending))
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "producers never acked {pending}: {producers:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // The boundary.
-    let mut boundary = BTreeMap::new();
-    let clusters: HashSet<&String> = open
-        .clusters()
-        .chain(route.pending_epoch().unwrap().clusters())
-        .collect();
-    for c in clusters {
-        let offs = admins[c].end_offsets(topic, PARTITIONS).await.unwrap();
-        boundary.insert(c.clone(), offs);
-    }
-    reg.update_route(topic, |r| {
-        Ok(Some(seal(r.unwrap(), pending, boundary.clone())?))
-    })
-    .await
-    .unwrap();
-    started.elapsed()
+        .sealed
 }
 
 #[derive(Debug, Clone)]
