@@ -19,9 +19,14 @@
 //!   unreachable (an attempt older than the timeout, or a transient failure
 //!   being retried): it gets [`CommitWait::Pending`] and carries on.
 //!
-//! A partition revoked from this member is forgotten: its next owner reads
-//! from the group's committed offset, and committing an old owner's offset
-//! late could move the group's position backwards.
+//! When a rebalance revokes partitions, the revoke callback has the thread
+//! commit what is queued for them (and a requested commit of the stored
+//! offsets) and waits for it, at most the commit timeout, before the revoke
+//! completes ([`Committer::flush`]): the partitions' next owner starts after
+//! them. What is still unconfirmed then is forgotten: committing an old
+//! owner's offset late could move the group's position backwards. Closing
+//! the consumer (or a cluster leaving the read set) drains the queue the same
+//! way ([`Committer::drain`]) before the thread stops.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
@@ -41,6 +46,8 @@ type Tp = (String, i32);
 
 /// How long the thread waits before retrying a commit that failed transiently.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+/// The same while [`Committer::flush`] waits (a revoke or a close is held up).
+const URGENT_RETRY_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Why a synchronous commit returned without a confirmation.
 #[derive(Debug)]
@@ -56,6 +63,8 @@ pub(crate) enum CommitWait {
 struct Inner {
     /// Offsets to commit, not yet handed to librdkafka.
     pending: BTreeMap<Tp, i64>,
+    /// The offsets of the attempt running now.
+    in_flight: BTreeMap<Tp, i64>,
     /// Highest offset the cluster confirmed per partition (this member's commits).
     confirmed: BTreeMap<Tp, i64>,
     /// Offsets whose commit failed for good, with the error.
@@ -72,6 +81,9 @@ struct Inner {
     /// Since when commits have been failing transiently (retried) or a
     /// caller gave up waiting; cleared by an attempt that succeeds.
     failing_since: Option<Instant>,
+    /// Callers waiting in [`Committer::flush`]: a failed attempt is retried
+    /// at once, not after the backoff.
+    urgent: usize,
     stop: bool,
 }
 
@@ -112,8 +124,8 @@ impl Committer {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stops the thread after its running attempt (what is pending is dropped:
-    /// the cluster left the read set or the consumer closes).
+    /// Stops the thread after its running attempt (what is still pending is
+    /// dropped: [`Committer::drain`] first).
     pub(crate) fn stop(&self) {
         self.lock().stop = true;
         self.cond.notify_all();
@@ -130,6 +142,71 @@ impl Committer {
     /// Offsets waiting to be committed (not yet confirmed), per partition.
     pub(crate) fn pending(&self) -> BTreeMap<Tp, i64> {
         self.lock().pending.clone()
+    }
+
+    /// Whether a commit of `partitions` (all if `None`) is queued or being
+    /// sent, or a commit of the stored offsets was asked and is not done.
+    fn busy(inner: &Inner, partitions: Option<&[Tp]>, state: u64) -> bool {
+        if inner.state_done < state {
+            return true;
+        }
+        match partitions {
+            None => !inner.pending.is_empty() || !inner.in_flight.is_empty(),
+            Some(ps) => ps
+                .iter()
+                .any(|tp| inner.pending.contains_key(tp) || inner.in_flight.contains_key(tp)),
+        }
+    }
+
+    /// Whether [`Committer::flush`] of `partitions` would wait (there is
+    /// something to commit for them); false once stopped.
+    pub(crate) fn has_work(&self, partitions: Option<&[Tp]>) -> bool {
+        let inner = self.lock();
+        !inner.stop && Self::busy(&inner, partitions, inner.state_asked)
+    }
+
+    /// Commits now what is queued or being sent for `partitions` (every
+    /// partition if `None`), and the stored offsets if their commit was
+    /// asked, and waits until the cluster answered (confirmed, or refused
+    /// for good), at most `timeout` — also while the cluster is known to be
+    /// unreachable (retrying at once rather than after the backoff). For a
+    /// revoke (the partitions' next owner must start after what this member
+    /// committed) and before the thread stops. `Pending` if time ran out
+    /// (what is left is then up to the caller: forgotten on a revoke,
+    /// dropped by `stop`).
+    pub(crate) fn flush(
+        &self,
+        partitions: Option<&[Tp]>,
+        timeout: Duration,
+    ) -> Result<(), CommitWait> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut inner = self.lock();
+        let state = inner.state_asked;
+        inner.urgent += 1;
+        self.cond.notify_all();
+        let r = loop {
+            if !Self::busy(&inner, partitions, state) {
+                break Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline || inner.stop {
+                break Err(CommitWait::Pending(now - started));
+            }
+            inner = self
+                .cond
+                .wait_timeout(inner, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
+        inner.urgent -= 1;
+        r
+    }
+
+    /// [`Committer::flush`] of everything: what the application committed
+    /// (or asked to commit) is committed before the consumer leaves its group.
+    pub(crate) fn drain(&self, timeout: Duration) -> Result<(), CommitWait> {
+        self.flush(None, timeout)
     }
 
     /// Whether the cluster is known to be unreachable for commits right now.
@@ -242,7 +319,9 @@ impl Committer {
                 inner.in_flight_since = Some(Instant::now());
                 let state = (inner.state_taken < inner.state_asked).then_some(inner.state_asked);
                 inner.state_taken = inner.state_asked;
-                (std::mem::take(&mut inner.pending), state)
+                let batch = std::mem::take(&mut inner.pending);
+                inner.in_flight.clone_from(&batch);
+                (batch, state)
             };
             let mut retry = false;
             let mut ok: Vec<(Tp, i64)> = Vec::new();
@@ -288,6 +367,7 @@ impl Committer {
             });
             let mut inner = self.lock();
             inner.in_flight_since = None;
+            inner.in_flight.clear();
             for (tp, o) in ok {
                 let c = inner.confirmed.entry(tp).or_insert(o);
                 *c = (*c).max(o);
@@ -326,9 +406,15 @@ impl Committer {
             }
             self.cond.notify_all();
             if retry && !inner.stop {
+                // Sooner while a revoke or a close waits for the commit.
+                let backoff = if inner.urgent > 0 {
+                    URGENT_RETRY_BACKOFF
+                } else {
+                    RETRY_BACKOFF
+                };
                 drop(
                     self.cond
-                        .wait_timeout(inner, RETRY_BACKOFF)
+                        .wait_timeout(inner, backoff)
                         .unwrap_or_else(|p| p.into_inner()),
                 );
             }

@@ -1,14 +1,25 @@
 //! [`FleetContext`]: the rdkafka `ConsumerContext` of every per-cluster consumer.
 //!
 //! It forwards rebalances to the user's callback (with the cluster they
-//! happened on), drops records parked or ready for partitions this member
-//! loses (and their queued commits), stores delivered offsets before a
-//! revoke, feeds the fence gate with the offsets librdkafka commits by itself
-//! (automatic commits; the committer feeds it with the others), and turns
-//! librdkafka's errors and statistics into logs and metrics.
+//! happened on); before a revoke completes it commits what the application
+//! committed for the revoked partitions and is still queued (and a requested
+//! commit of the stored offsets), and stores the offsets of delivered
+//! records (which `enable.auto.commit` commits as the partitions go); it
+//! drops records parked or ready for partitions this member loses, feeds the
+//! fence gate with the offsets librdkafka commits by itself (automatic
+//! commits; the committer feeds it with the others), and turns librdkafka's
+//! errors and statistics into logs and metrics.
+//!
+//! The rebalance callbacks run on the thread polling the consumer: its pump
+//! (a tokio task, inside `poll_next`), or the thread closing it (the revoke
+//! of the close). The commit before a revoke is made by the committer
+//! thread (whose synchronous commit does not need this poll); the callback
+//! waits for it at most the commit timeout, holding no lock the committer
+//! takes (the fleet consumer's state lock is never held while polling).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Weak;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -16,8 +27,9 @@ use rdkafka::error::{KafkaError as RdKafkaError, KafkaResult};
 use rdkafka::statistics::Statistics;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::committer::Committer;
 use super::config::{RebalanceEvent, RebalanceKind, RebalancePhase};
-use super::fleet::Shared;
+use super::fleet::{blocking, PendingStores, Shared};
 use crate::registry::ClusterId;
 
 /// The context of one per-cluster consumer of a [`FleetConsumer`](super::FleetConsumer).
@@ -29,6 +41,13 @@ pub struct FleetContext {
     /// closes once the application dropped its last record) must not touch
     /// the state of a newer consumer of the same cluster.
     retired: AtomicBool,
+    /// This consumer's own offsets of delivered records not yet stored and
+    /// its committer: they are this consumer's (not the fleet consumer's
+    /// state), so its revokes reach them even once it is retired.
+    stores: Arc<PendingStores>,
+    committer: OnceLock<Arc<Committer>>,
+    /// How long a revoke waits for the commits of the revoked partitions.
+    commit_timeout: Duration,
 }
 
 impl std::fmt::Debug for FleetContext {
@@ -40,11 +59,53 @@ impl std::fmt::Debug for FleetContext {
 }
 
 impl FleetContext {
-    pub(crate) fn new(cluster: ClusterId, shared: Weak<Shared>) -> Self {
+    pub(crate) fn new(
+        cluster: ClusterId,
+        shared: Weak<Shared>,
+        stores: Arc<PendingStores>,
+        commit_timeout: Duration,
+    ) -> Self {
         FleetContext {
             cluster,
             shared,
             retired: AtomicBool::new(false),
+            stores,
+            committer: OnceLock::new(),
+            commit_timeout,
+        }
+    }
+
+    /// The offsets of delivered records not yet stored.
+    pub(crate) fn stores(&self) -> &Arc<PendingStores> {
+        &self.stores
+    }
+
+    /// Sets the consumer's committer (started once the consumer exists).
+    pub(crate) fn set_committer(&self, committer: Arc<Committer>) {
+        let _ = self.committer.set(committer);
+    }
+
+    /// Before `partitions` are revoked: commits what is queued for them (and
+    /// a requested commit of the stored offsets), waiting at most the commit
+    /// timeout, so their next owner starts after what this member committed.
+    /// Not when the assignment was lost (the member is out of the group: the
+    /// cluster would refuse, and the partitions may have moved on).
+    fn commit_before_revoke(&self, base: &BaseConsumer<Self>, partitions: &[(String, i32)]) {
+        let Some(committer) = self.committer.get() else {
+            return;
+        };
+        if !committer.has_work(Some(partitions)) {
+            return;
+        }
+        if base.assignment_lost() {
+            tracing::debug!(cluster = %self.cluster, "assignment lost: queued commits of the revoked partitions are dropped");
+            return;
+        }
+        // On a multi-thread runtime's worker (the pump), the other tasks move
+        // to another thread meanwhile.
+        let r = blocking(|| committer.flush(Some(partitions), self.commit_timeout));
+        if let Err(w) = r {
+            tracing::warn!(cluster = %self.cluster, outcome = ?w, "commits of revoked partitions not confirmed before the revoke; their records may be delivered again");
         }
     }
 
@@ -133,17 +194,26 @@ impl ClientContext for FleetContext {
 
 impl ConsumerContext for FleetContext {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let (Rebalance::Revoke(_), Some(shared)) = (rebalance, self.live_shared()) {
-            // Offsets of delivered records are handed to librdkafka in
-            // batches: store the latest before a revoke commits what is
-            // stored (auto-commit), so the next owner does not read them again.
-            if let Some(tpl) = shared.take_stores(&self.cluster) {
+        // The user's callback first: what it commits or stores for the
+        // revoked partitions goes with them.
+        self.forward(RebalancePhase::Before, rebalance);
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // What the application committed (queued on the committer) is
+            // committed before the revoke completes. Then the offsets of
+            // delivered records, handed to librdkafka in batches, are stored:
+            // with auto-commit librdkafka commits what is stored as the
+            // partitions go (on a rebalance and on close), so their next
+            // owner does not read them again. Without it nothing commits
+            // them (commit after processing). Stored after the commit, so a
+            // pending `commit()` of the stored offsets does not also take
+            // the records delivered since the last batch (not processed yet).
+            self.commit_before_revoke(base, &pairs(tpl));
+            if let Some(tpl) = self.stores.take() {
                 if let Err(e) = base.store_offsets(&tpl) {
                     tracing::debug!(cluster = %self.cluster, error = %e, "cannot store offsets before a revoke");
                 }
             }
         }
-        self.forward(RebalancePhase::Before, rebalance);
     }
 
     fn post_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -169,6 +169,14 @@ impl FleetMessage {
 }
 
 #[cfg(test)]
+impl FleetConsumer {
+    /// Records waiting in the ready queue for `recv`.
+    pub(crate) fn ready_len(&self) -> usize {
+        self.shared.ready().q.len()
+    }
+}
+
+#[cfg(test)]
 impl FleetMessage {
     /// The consumer this record keeps alive, and whether the record is in
     /// librdkafka's memory (not copied).
@@ -284,12 +292,10 @@ pub(crate) struct ClusterTag {
     client: Option<Arc<ClusterConsumer>>,
     records: metrics::Counter,
     errors: metrics::Counter,
-    /// Next offset to store per topic and partition (-1: nothing new), set
-    /// when a record is delivered and handed to librdkafka in one call per
-    /// batch ([`Shared::flush_stores`]) rather than one per record.
-    /// A few topics per cluster: a linear scan beats hashing the name.
-    to_store: Mutex<Vec<(String, Vec<i64>)>>,
-    dirty: AtomicBool,
+    /// Offsets of delivered records not yet handed to librdkafka; shared
+    /// with the consumer's context, which stores them before a revoke (also
+    /// the one of its close).
+    stores: Arc<PendingStores>,
     /// Bumped by [`FleetConsumer::seek`]: a batch read before a seek of a
     /// partition must not deliver that partition's records.
     seeks: AtomicU64,
@@ -299,19 +305,35 @@ pub(crate) struct ClusterTag {
 }
 
 impl ClusterTag {
-    fn new(id: ClusterId, client: Arc<ClusterConsumer>) -> Arc<ClusterTag> {
+    fn new(
+        id: ClusterId,
+        client: Arc<ClusterConsumer>,
+        stores: Arc<PendingStores>,
+    ) -> Arc<ClusterTag> {
         Arc::new(ClusterTag {
             records: metrics::counter!("flotilla_consumer_records_total", "cluster" => id.clone()),
             errors: metrics::counter!("flotilla_consumer_errors_total", "cluster" => id.clone()),
             id,
             client: Some(client),
-            to_store: Mutex::new(Vec::new()),
-            dirty: AtomicBool::new(false),
+            stores,
             seeks: AtomicU64::new(0),
             rebalances: AtomicU64::new(0),
         })
     }
+}
 
+/// The offsets delivered on one cluster's consumer and not yet in
+/// librdkafka's offset store: the next offset per topic and partition (-1:
+/// nothing new), set when a record is delivered and handed to librdkafka in
+/// one call per batch ([`Shared::flush_stores`]) rather than one per record.
+/// A few topics per cluster: a linear scan beats hashing the name.
+#[derive(Default)]
+pub(crate) struct PendingStores {
+    to_store: Mutex<Vec<(String, Vec<i64>)>>,
+    dirty: AtomicBool,
+}
+
+impl PendingStores {
     fn store_later(&self, topic: &str, partition: i32, next: i64) {
         let Ok(p) = usize::try_from(partition) else {
             return;
@@ -333,7 +355,7 @@ impl ClusterTag {
     }
 
     /// The offsets to store since the last call, if any.
-    fn take_stores(&self) -> Option<TopicPartitionList> {
+    pub(crate) fn take(&self) -> Option<TopicPartitionList> {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return None;
         }
@@ -546,23 +568,18 @@ impl Shared {
     /// Hands the offsets delivered since the last call to librdkafka's offset
     /// store (one call per batch instead of one per record).
     fn flush_stores(&self, tag: &ClusterTag, consumer: &ClusterConsumer) {
-        if let Some(tpl) = tag.take_stores() {
+        if let Some(tpl) = tag.stores.take() {
             if let Err(e) = consumer.store_offsets(&tpl) {
                 tracing::debug!(cluster = %tag.id, error = %e, "cannot store offsets (partitions revoked?)");
             }
         }
     }
 
-    /// The offsets delivered on `cluster` and not yet stored, taken (for the
-    /// rebalance callback, which stores them before a revoke commits them).
-    pub(crate) fn take_stores(&self, cluster: &str) -> Option<TopicPartitionList> {
-        let tag = self.lock().readers.get(cluster)?.tag.clone();
-        tag.take_stores()
-    }
-
     /// A rebalance assigned (`assigned`) or revoked these partitions of
     /// `cluster`: what was parked or ready for them is re-read by whoever
-    /// owns them now, and their pending commits are dropped.
+    /// owns them now, and their commits still unconfirmed after the revoke
+    /// callback's flush (the cluster did not answer within the commit
+    /// timeout) are dropped.
     pub(crate) fn on_assignment(
         &self,
         cluster: &str,
@@ -830,7 +847,9 @@ impl Shared {
         msg.cluster.records.increment(1);
         if self.auto_store {
             let next = msg.offset() + 1;
-            msg.cluster.store_later(msg.topic(), msg.partition(), next);
+            msg.cluster
+                .stores
+                .store_later(msg.topic(), msg.partition(), next);
             if self.auto_commit {
                 let p = msg.partition() as usize;
                 let cluster = msg.cluster();
@@ -1078,7 +1097,7 @@ impl Shared {
             }
         }
         if !closing.is_empty() {
-            drop(close_readers(closing));
+            drop(close_readers(closing, self.config.commit_timeout));
         }
         for (c, consumer, topics) in resubscribe {
             let ts: Vec<&str> = topics.iter().map(String::as_str).collect();
@@ -1109,9 +1128,11 @@ impl Shared {
                     st.retry_at.remove(&c);
                     st.cluster_errors.remove(&c);
                     let consumer = Arc::new(consumer);
-                    let tag = ClusterTag::new(c.clone(), consumer.clone());
+                    let stores = consumer.context().stores().clone();
+                    let tag = ClusterTag::new(c.clone(), consumer.clone(), stores);
                     let committer =
                         Committer::start(c.clone(), consumer.clone(), Arc::downgrade(self));
+                    consumer.context().set_committer(committer.clone());
                     let pump = tokio::spawn(pump(self.clone(), tag.clone()));
                     st.readers.insert(
                         c,
@@ -1162,7 +1183,12 @@ impl Shared {
             base.set("client.id", self.client_id.clone());
         }
         let cc = client_config(spec, &base, &cfg.profiles)?;
-        let ctx = FleetContext::new(spec.id.clone(), Arc::downgrade(self));
+        let ctx = FleetContext::new(
+            spec.id.clone(),
+            Arc::downgrade(self),
+            Arc::new(PendingStores::default()),
+            cfg.commit_timeout,
+        );
         let consumer: ClusterConsumer = cc.create_with_context(ctx).map_err(|e| {
             FleetConsumeError::Cluster(KafkaError::Config {
                 cluster: spec.id.clone(),
@@ -1183,7 +1209,7 @@ impl Shared {
 /// Runs a blocking wait; on a multi-thread tokio runtime in
 /// `block_in_place`, so the worker's other tasks (the pumps among them) move
 /// to another thread meanwhile.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(f)
@@ -1196,12 +1222,19 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Closes consumers (leaving their groups blocks) on a plain thread, so
-/// neither the async runtime nor its shutdown waits for them. The receiver
+/// neither the async runtime nor its shutdown waits for them. First what the
+/// application committed and is still queued is committed (at most
+/// `drain_timeout` in all, the commit timeout); the delivered offsets are
+/// stored by the revoke of the close itself (so `enable.auto.commit` commits
+/// them as the consumer leaves). The receiver
 /// completes when they are closed — or, for a cluster whose records the
 /// application still holds, when only those records keep its consumer: the
 /// last one dropped closes it then ([`ClusterTag`] drop, on a thread of its
 /// own).
-fn close_readers(readers: Vec<Reader>) -> tokio::sync::oneshot::Receiver<()> {
+fn close_readers(
+    readers: Vec<Reader>,
+    drain_timeout: Duration,
+) -> tokio::sync::oneshot::Receiver<()> {
     for r in &readers {
         // From now on (even if it closes much later) its callbacks leave
         // alone the state of a newer consumer of the same cluster.
@@ -1213,6 +1246,13 @@ fn close_readers(readers: Vec<Reader>) -> tokio::sync::oneshot::Receiver<()> {
         .spawn(move || {
             for r in &readers {
                 r.pump.abort();
+            }
+            let drain_deadline = Instant::now() + drain_timeout;
+            for r in &readers {
+                let left = drain_deadline.saturating_duration_since(Instant::now());
+                if let Err(w) = r.committer.drain(left) {
+                    tracing::warn!(cluster = %r.tag.id, outcome = ?w, pending = ?r.committer.pending(), "commits not confirmed before the consumer closes; their records may be delivered again");
+                }
                 r.committer.stop();
             }
             // The aborted pumps release their handles as soon as the runtime
@@ -1310,7 +1350,10 @@ impl Drop for FleetConsumer {
         self.shared.ready().q.clear();
         if !readers.is_empty() {
             // Closing an rdkafka consumer blocks (it leaves the group).
-            drop(close_readers(readers.into_values().collect()));
+            drop(close_readers(
+                readers.into_values().collect(),
+                self.shared.config.commit_timeout,
+            ));
         }
         if let Ok(h) = tokio::runtime::Handle::try_current() {
             let shared = self.shared.clone();
@@ -1780,7 +1823,10 @@ impl FleetConsumer {
         let readers = std::mem::take(&mut self.shared.lock().readers);
         // Records not handed out hold their clusters' consumers open.
         self.shared.ready().q.clear();
-        let done = close_readers(readers.into_values().collect());
+        let done = close_readers(
+            readers.into_values().collect(),
+            self.shared.config.commit_timeout,
+        );
         if tokio::time::timeout(CLOSE_TIMEOUT, done).await.is_err() {
             tracing::warn!("per-cluster consumers did not close within {CLOSE_TIMEOUT:?}; leaving them to finish in the background");
         }

@@ -684,3 +684,296 @@ async fn a_commit_on_a_dead_cluster_is_pending_not_blocking_and_lands_when_it_is
     c.close().await;
     env.shutdown().await;
 }
+
+/// The offsets group `group` has committed on cluster `i`, read by an
+/// independent client (not a member).
+async fn group_committed(env: &Env, i: usize, group: &str, parts: u32) -> Vec<Option<i64>> {
+    let admin = crate::kafka::ClusterAdmin::connect_bootstrap(
+        &env.bootstrap(i),
+        &crate::kafka::KafkaProperties::new(),
+        Duration::from_secs(20),
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match admin.committed_offsets(group, TOPIC, parts).await {
+            Ok(o) => return o,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "cannot read {group}'s offsets: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Receives `n` records within `d` without committing them.
+async fn recv_n_uncommitted(c: &FleetConsumer, n: usize, d: Duration) -> Vec<FleetMessage> {
+    let deadline = Instant::now() + d;
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} records within {d:?}",
+            out.len()
+        );
+        if let Some(m) = recv_for(c, Duration::from_millis(500)).await {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// Waits (at most `d`) until nothing is queued for commit: what was queued
+/// has been taken by the committer (sent, or being sent).
+fn wait_taken(c: &FleetConsumer, d: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + d;
+    while !c.pending_commits().is_empty() {
+        if Instant::now() >= deadline {
+            return Err(format!("still queued: {:?}", c.pending_commits()));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_queued_when_a_rebalance_revokes_its_partition_lands_before_the_revoke_completes()
+{
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Mutex, OnceLock, Weak};
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    env.produce(0, 6, parts, 1).await;
+    let group = "g-revoke";
+    // librdkafka's mock group coordinator refuses commits while the group
+    // prepares a rebalance (Kafka accepts them from the current generation):
+    // with the cooperative protocol a member's partitions are revoked after
+    // the group is stable again, which the mock lets it commit in.
+    let config = |g: &str| {
+        env.config(g)
+            .set("session.timeout.ms", "10000")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+    };
+    // The first member commits its last record of each partition when a
+    // revoke begins (the usual Kafka pattern), asynchronously: those of the
+    // revoked partitions are queued behind the first commit, which the slow
+    // broker keeps in flight.
+    let me: Arc<OnceLock<Weak<FleetConsumer>>> = Arc::new(OnceLock::new());
+    let held: Arc<Mutex<Vec<FleetMessage>>> = Arc::new(Mutex::new(Vec::new()));
+    let problems: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let queued: Arc<Mutex<Vec<i32>>> = Arc::new(Mutex::new(Vec::new()));
+    let revoked = Arc::new(AtomicBool::new(false));
+    let cb = {
+        let (me, held, problems, queued, revoked) = (
+            me.clone(),
+            held.clone(),
+            problems.clone(),
+            queued.clone(),
+            revoked.clone(),
+        );
+        move |e: &RebalanceEvent| {
+            let RebalanceKind::Revoke(ps) = &e.kind else {
+                return;
+            };
+            if e.phase == RebalancePhase::After {
+                if !queued.lock().unwrap().is_empty() {
+                    revoked.store(true, Ordering::SeqCst);
+                }
+                return;
+            }
+            let mut msgs = std::mem::take(&mut *held.lock().unwrap());
+            let Some(c) = me.get().and_then(Weak::upgrade) else {
+                return;
+            };
+            if msgs.len() != 2 || ps.is_empty() {
+                return;
+            }
+            // Revoked partitions last: they are the ones queued.
+            let is_revoked = |m: &FleetMessage| ps.iter().any(|(_, p)| *p == m.partition());
+            msgs.sort_by_key(is_revoked);
+            let mut r = c
+                .commit_message(&msgs[0], CommitMode::Async)
+                .map_err(|e| e.to_string());
+            r = r.and_then(|()| wait_taken(&c, Duration::from_secs(10)));
+            let mut later = Vec::new();
+            for m in &msgs[1..] {
+                r = r.and_then(|()| {
+                    c.commit_message(m, CommitMode::Async)
+                        .map_err(|e| e.to_string())
+                });
+                later.push(m.partition());
+            }
+            let waiting = c.pending_commits().get("a").cloned().unwrap_or_default();
+            let revoked_later: Vec<i32> = later
+                .into_iter()
+                .filter(|p| ps.iter().any(|(_, q)| q == p))
+                .collect();
+            match r {
+                Ok(())
+                    if !revoked_later.is_empty()
+                        && revoked_later
+                            .iter()
+                            .all(|p| waiting.contains_key(&(TOPIC.to_string(), *p))) =>
+                {
+                    *queued.lock().unwrap() = revoked_later
+                }
+                Ok(()) => problems.lock().unwrap().push(format!(
+                    "no commit of a revoked partition queued: revoked {ps:?}, queued {waiting:?}"
+                )),
+                Err(e) => problems.lock().unwrap().push(e),
+            }
+        }
+    };
+    let c1 = Arc::new(
+        FleetConsumer::new(
+            config(group)
+                .commit_timeout(Duration::from_secs(20))
+                .on_rebalance(cb),
+        )
+        .await
+        .unwrap(),
+    );
+    me.set(Arc::downgrade(&c1)).unwrap();
+    c1.subscribe(&[TOPIC]).unwrap();
+    let got = recv_n_uncommitted(&c1, 6, Duration::from_secs(30)).await;
+    for p in 0..parts as i32 {
+        let last = got
+            .iter()
+            .filter(|m| m.partition() == p)
+            .max_by_key(|m| m.offset())
+            .unwrap();
+        assert_eq!(last.offset(), 2);
+        held.lock().unwrap().push(last.clone());
+    }
+    drop(got);
+    // Every response of a's broker takes 1.5 s from now on.
+    env.fleet
+        .as_ref()
+        .unwrap()
+        .cluster(0)
+        .broker_rtt(1, Duration::from_millis(1500))
+        .unwrap();
+    // A second member joins: the first one's partitions are revoked.
+    let c2 = FleetConsumer::new(config(group)).await.unwrap();
+    c2.subscribe(&[TOPIC]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !revoked.load(Ordering::SeqCst) {
+        let p = problems.lock().unwrap().clone();
+        assert!(p.is_empty(), "{p:?}");
+        assert!(Instant::now() < deadline, "no revoke after the commits");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The revoke has completed: the commits of the revoked partitions are
+    // the group's.
+    let committed = group_committed(&env, 0, group, parts).await;
+    let queued = queued.lock().unwrap().clone();
+    for p in &queued {
+        assert_eq!(
+            committed[*p as usize],
+            Some(3),
+            "the commit queued for partition {p} when it was revoked was dropped: {committed:?}"
+        );
+    }
+    env.fleet
+        .as_ref()
+        .unwrap()
+        .cluster(0)
+        .broker_rtt(1, Duration::ZERO)
+        .unwrap();
+    c2.close().await;
+    Arc::into_inner(c1).unwrap().close().await;
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_commits_every_delivered_record_under_auto_commit() {
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    env.produce(0, 10, parts, 1).await;
+    let group = "g-close-auto";
+    // No auto-commit tick and no driver tick (neither timed nor from a
+    // registry change: the lease is not renewed) before the close: only the
+    // pumps hand delivered offsets to librdkafka meanwhile, and the close
+    // commits.
+    let c = FleetConsumer::new(
+        env.config(group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "600000")
+            .poll_interval(Duration::from_secs(600))
+            .lease_ttl(Duration::from_secs(600)),
+    )
+    .await
+    .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    // Every record read (and the pump done with its batches) before the
+    // application takes the first: their offsets are handed to librdkafka
+    // by nobody but the close.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.ready_len() < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} records read",
+            c.ready_len()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(recv_n_uncommitted(&c, 10, Duration::from_secs(30)).await);
+    c.close().await;
+    assert_eq!(
+        group_committed(&env, 0, group, parts).await,
+        vec![Some(5), Some(5)],
+        "delivered records not committed by the close"
+    );
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_commits_what_the_application_committed_and_nothing_else() {
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    env.produce(0, 6, parts, 1).await;
+    let group = "g-close-manual";
+    let c = FleetConsumer::new(
+        env.config(group)
+            .set("session.timeout.ms", "30000")
+            .commit_timeout(Duration::from_secs(20)),
+    )
+    .await
+    .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    let mut got = recv_n_uncommitted(&c, 6, Duration::from_secs(30)).await;
+    got.sort_by_key(|m| (m.partition(), m.offset()));
+    // Partition 0: processed and committed.
+    c.commit_message(&got[2], CommitMode::Sync).unwrap();
+    // Partition 1: the first two committed asynchronously, the second one
+    // queued behind the first (kept in flight by a slow broker); the third
+    // delivered but not processed (not committed).
+    env.fleet
+        .as_ref()
+        .unwrap()
+        .cluster(0)
+        .broker_rtt(1, Duration::from_millis(1500))
+        .unwrap();
+    c.commit_message(&got[3], CommitMode::Async).unwrap();
+    wait_taken(&c, Duration::from_secs(10)).unwrap();
+    c.commit_message(&got[4], CommitMode::Async).unwrap();
+    assert!(!c.pending_commits().is_empty());
+    drop(got);
+    c.close().await;
+    env.fleet
+        .as_ref()
+        .unwrap()
+        .cluster(0)
+        .broker_rtt(1, Duration::ZERO)
+        .unwrap();
+    assert_eq!(
+        group_committed(&env, 0, group, parts).await,
+        vec![Some(3), Some(2)],
+        "the close lost a commit, or committed a record the application did not"
+    );
+    env.shutdown().await;
+}

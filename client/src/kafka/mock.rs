@@ -54,6 +54,11 @@ enum Command {
         errors: Vec<RDKafkaRespErr>,
         reply: Reply,
     },
+    BrokerRtt {
+        broker: i32,
+        rtt: Duration,
+        reply: Reply,
+    },
     Shutdown,
 }
 
@@ -135,6 +140,11 @@ impl MockKafka {
                             cluster.request_errors(api, &errors);
                             reply(r, Ok(()))
                         }
+                        Command::BrokerRtt {
+                            broker,
+                            rtt,
+                            reply: r,
+                        } => reply(r, cluster.broker_round_trip_time(broker, rtt)),
                         Command::Shutdown => break,
                     }
                 }
@@ -259,6 +269,15 @@ impl MockKafka {
         self.call(
             |reply| Command::RequestErrors { api, errors, reply },
             "request errors",
+        )
+    }
+
+    /// Delays every response of broker `broker` (1-based; -1: every broker)
+    /// by `rtt`, as a slow network or broker would; zero clears it.
+    pub fn broker_rtt(&self, broker: i32, rtt: Duration) -> Result<(), KafkaError> {
+        self.call(
+            |reply| Command::BrokerRtt { broker, rtt, reply },
+            "broker rtt",
         )
     }
 
