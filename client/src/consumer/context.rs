@@ -194,8 +194,14 @@ impl ClientContext for FleetContext {
 
 impl ConsumerContext for FleetContext {
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        // The user's callback first: what it commits or stores for the
-        // revoked partitions goes with them.
+        if let (Rebalance::Revoke(tpl), Some(shared)) = (rebalance, self.live_shared()) {
+            // No more records of the revoked partitions for the application
+            // (while the revoke waits for its commits, it would process and
+            // commit more, the last ones too late).
+            shared.on_revoking(&self.cluster, &pairs(tpl));
+        }
+        // The user's callback: what it commits or stores for the revoked
+        // partitions goes with them.
         self.forward(RebalancePhase::Before, rebalance);
         if let Rebalance::Revoke(tpl) = rebalance {
             // What the application committed (queued on the committer) is

@@ -67,9 +67,11 @@ pub enum FleetConsumeError {
     /// queued and the consumer keeps committing it in the background until
     /// the cluster answers (a later commit of a higher offset supersedes it),
     /// so fences it completes are passed then. Carry on reading: the other
-    /// clusters keep flowing. If this member loses the partition meanwhile
-    /// (its group session on the cluster expired), the commit is dropped and
-    /// the record may be delivered again (at least once).
+    /// clusters keep flowing. If a rebalance revokes the partition
+    /// meanwhile, the commit is made before the revoke completes if the
+    /// cluster answers within the commit timeout; if it does not (or this
+    /// member's group session on the cluster expired), the commit is dropped
+    /// and the record may be delivered again (at least once).
     #[error("commit on cluster {cluster} not confirmed after {waited:?}; queued and retried until the cluster answers")]
     CommitPending {
         /// Registry id of the cluster.
@@ -604,12 +606,26 @@ impl Shared {
             }
         }
         for (t, p) in partitions {
-            let slot = (cluster.to_string(), t.clone(), *p);
-            st.parked.remove(&slot);
-            st.user_paused.remove(&slot);
+            st.user_paused.remove(&(cluster.to_string(), t.clone(), *p));
         }
-        // Released by a fence (or read) but not yet handed out: the
-        // partition's next owner reads them from the committed offset.
+        self.drop_unread(&mut st, cluster, partitions);
+    }
+
+    /// A revoke of these partitions of `cluster` begins: what is parked or
+    /// ready for them is dropped now, so the application is handed none of
+    /// them while the revoke commits what it committed (their next owner
+    /// reads them from the group's committed offset).
+    pub(crate) fn on_revoking(&self, cluster: &str, partitions: &[(String, i32)]) {
+        let mut st = self.lock();
+        self.drop_unread(&mut st, cluster, partitions);
+    }
+
+    /// Drops what is parked or ready (released by a fence, or read, but not
+    /// yet handed out) for these partitions of `cluster`.
+    fn drop_unread(&self, st: &mut State, cluster: &str, partitions: &[(String, i32)]) {
+        for (t, p) in partitions {
+            st.parked.remove(&(cluster.to_string(), t.clone(), *p));
+        }
         let revoked: BTreeSet<(&str, i32)> =
             partitions.iter().map(|(t, p)| (t.as_str(), *p)).collect();
         let mut r = self.ready();
@@ -1521,6 +1537,10 @@ impl FleetConsumer {
     /// only queues the commit (never blocks); the fence gate learns of it
     /// when the cluster confirms it.
     ///
+    /// A queued commit is not lost to a rebalance nor to
+    /// [`FleetConsumer::close`]: a revoke of the partition, and the close,
+    /// commit it first (waiting at most the commit timeout).
+    ///
     /// The wait blocks the calling thread, like rdkafka's; on a multi-thread
     /// tokio runtime it is done in `block_in_place`, so the worker's other
     /// tasks move on meanwhile.
@@ -1814,8 +1834,11 @@ impl FleetConsumer {
         &self.shared.config.registry
     }
 
-    /// Stops the consumer: closes every per-cluster consumer (leaving the
-    /// groups) and deletes its registry record.
+    /// Stops the consumer: commits what is queued for commit (at most the
+    /// commit timeout), closes every per-cluster consumer (leaving the
+    /// groups; with `enable.auto.commit` they commit the offsets of every
+    /// record delivered) and deletes its registry record. Records delivered
+    /// but not committed under commit after processing are not committed.
     pub async fn close(mut self) {
         for t in self.tasks.drain(..) {
             t.abort();

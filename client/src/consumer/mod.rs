@@ -31,7 +31,10 @@
 //! - **Commits** go through one committer thread per cluster (`committer.rs`):
 //!   a synchronous commit waits at most the commit timeout and returns
 //!   [`FleetConsumeError::CommitPending`] if the cluster does not answer; the
-//!   commit stays queued and is retried until it does.
+//!   commit stays queued and is retried until it does. A revoke commits what
+//!   is queued for its partitions before it completes, and closing commits
+//!   what is queued before the consumers leave their groups (each at most
+//!   the commit timeout).
 //! - **Failures**: a read cluster down does not stop the others (nor does a
 //!   commit on it); a registry outage keeps the last snapshot.
 //!
