@@ -21,6 +21,9 @@
 //!   cargo test --release -p flotilla-testkit --test producer_bench -- --ignored --nocapture --test-threads=1
 //! ```
 //!
+//! `FLOTILLA_BENCH_TRACE=1` (with `RUST_LOG`, e.g.
+//! `flotilla_client::producer=debug`) logs the producers' switch steps with
+//! timestamps and the wall-clock time of every proposal.
 //! `FLOTILLA_BENCH_WINDOW` bounds the deliveries a throughput round keeps
 //! outstanding (default: all, everything sent before anything is awaited).
 //! `FLOTILLA_BENCH_RECORDS`, `FLOTILLA_BENCH_ROUNDS` and
@@ -411,6 +414,11 @@ fn summary(what: &str, v: &[f64]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run with --release -- --ignored --nocapture"]
 async fn switch_pause_under_load() {
+    if std::env::var_os("FLOTILLA_BENCH_TRACE").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .init();
+    }
     const TOPIC: &str = "pause";
     let samples = holds::samples();
     let switches = std::env::var("FLOTILLA_BENCH_SWITCHES")
@@ -530,6 +538,13 @@ async fn switch_pause_under_load() {
     eprintln!("load average at the first switch: {}", loadavg());
     for i in 0..switches {
         let before = samples.lock().unwrap().len();
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        if std::env::var_os("FLOTILLA_BENCH_TRACE").is_some() {
+            eprintln!("switch {} proposed at unix {wall:.3}", i + 1);
+        }
         let d = drive_switch(
             &reg,
             TOPIC,

@@ -182,6 +182,40 @@ impl<'a> RecordRef<'a> {
     }
 }
 
+/// Makes a new idempotent producer ask for its producer id now.
+///
+/// librdkafka asks for it when a metadata response arrives, but only from a
+/// broker whose connection is already up; a new producer's first response
+/// comes before that, so it falls back to a 500 ms timer, and every record
+/// routed to the new cluster meanwhile waits (measured: the first delivery of
+/// a fresh producer took 505 ms, 30 of 30 times, against 7 ms after this).
+/// Two brokers-only metadata requests in a row find the connection up by the
+/// second. It matters because clusters are opened on route switches: a
+/// switch soon after a cluster was opened had to wait for those records.
+fn prime_producer_id(p: &Kafka, timeout: Duration) {
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    for _ in 0..2 {
+        let mut meta: *const rdkafka::bindings::rd_kafka_metadata_t = std::ptr::null();
+        // SAFETY: the client handle is alive (we hold the producer); with
+        // `all_topics = 0` and no topic handle librdkafka asks for brokers
+        // only; on success it hands us `meta`, which we destroy at once.
+        let err = unsafe {
+            rdkafka::bindings::rd_kafka_metadata(
+                p.client().native_ptr(),
+                0,
+                std::ptr::null_mut(),
+                &mut meta,
+                ms,
+            )
+        };
+        if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return;
+        }
+        // SAFETY: `meta` came from a successful `rd_kafka_metadata` above.
+        unsafe { rdkafka::bindings::rd_kafka_metadata_destroy(meta) };
+    }
+}
+
 fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
     loop {
@@ -1110,9 +1144,19 @@ impl Core {
             errors: metrics::counter!("flotilla_producer_delivery_errors_total", "cluster" => cluster.clone()),
             cluster,
         };
-        cfg.create_with_context::<_, Kafka>(ctx)
+        let producer = cfg
+            .create_with_context::<_, Kafka>(ctx)
             .map(Arc::new)
-            .map_err(|e| from_rdkafka(&spec.id, "create producer", &e))
+            .map_err(|e| from_rdkafka(&spec.id, "create producer", &e))?;
+        let p = producer.clone();
+        let timeout = self.connect_timeout;
+        // In the background: it takes a round trip or two (~50 ms here), and
+        // the opening must not lengthen a switch's hold. Best effort: at worst
+        // the first records wait for librdkafka's own timer.
+        drop(tokio::task::spawn_blocking(move || {
+            prime_producer_id(&p, timeout)
+        }));
+        Ok(producer)
     }
 
     /// Opens what the snapshot's open epochs need, hands the snapshot to the
