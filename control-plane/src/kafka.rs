@@ -38,12 +38,16 @@ pub trait FleetKafka: Send + Sync {
         topic: &str,
         partitions: u32,
     ) -> Result<Vec<Option<i64>>, KafkaError>;
-    /// Makes the cluster ready for consumer groups before it takes traffic:
-    /// waits until its group coordinator answers (on a fresh Kafka cluster,
-    /// the first group request creates `__consumer_offsets`; see
-    /// [`ClusterAdmin::ensure_group_coordinator`]). The default does nothing
-    /// (a simulated fleet has nothing to prepare).
-    async fn ensure_group_coordinator(&self, spec: &ClusterSpec) -> Result<(), KafkaError> {
+    /// Readies the cluster for traffic before it may be routed to: waits until
+    /// its group coordinator answers (on a fresh Kafka cluster, the first
+    /// group request creates `__consumer_offsets`; see
+    /// [`ClusterAdmin::ensure_group_coordinator`]), and — best effort, a
+    /// warning if not — until it hands out idempotent producer ids
+    /// ([`ClusterAdmin::ensure_producer_ids`]). Either would otherwise be paid
+    /// by the first consumers and producers to use the cluster, right after a
+    /// route switch. The default does nothing (a simulated fleet has nothing
+    /// to prepare).
+    async fn prepare_cluster(&self, spec: &ClusterSpec) -> Result<(), KafkaError> {
         let _ = spec;
         Ok(())
     }
@@ -178,9 +182,17 @@ impl FleetKafka for RdKafkaFleet {
         .await
     }
 
-    async fn ensure_group_coordinator(&self, spec: &ClusterSpec) -> Result<(), KafkaError> {
-        self.with_admin(spec, |a| async move { a.ensure_group_coordinator().await })
-            .await
+    async fn prepare_cluster(&self, spec: &ClusterSpec) -> Result<(), KafkaError> {
+        self.with_admin(spec, |a| async move {
+            a.ensure_group_coordinator().await?;
+            // A cluster can serve producers without idempotence (a client
+            // setting), so this one does not refuse the activation.
+            if let Err(e) = a.ensure_producer_ids().await {
+                tracing::warn!(cluster = %spec.id, error = %e, "cluster gives no idempotent producer id yet; the first idempotent producers will wait for one");
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn fence_writes(

@@ -203,9 +203,9 @@ impl ControlPlane {
             created_at: now,
         };
         if spec.state == ClusterState::Active {
-            // Consumers first use a cluster right after a route switch to it,
-            // with their partitions gated: make its coordinator ready now.
-            self.kafka.ensure_group_coordinator(&spec).await?;
+            // Clients first use a cluster right after a route switch to it
+            // (consumers with their partitions gated): ready it now.
+            self.kafka.prepare_cluster(&spec).await?;
         }
         match self.registry.create_cluster(&spec).await {
             Ok(_) => Ok(AddOutcome::Created { spec }),
@@ -261,12 +261,12 @@ impl ControlPlane {
             .0)
     }
 
-    /// `provisioning → active`, once the cluster's group coordinator answers
-    /// ([`FleetKafka::ensure_group_coordinator`]). Idempotent.
+    /// `provisioning → active`, once the cluster is ready for traffic
+    /// ([`FleetKafka::prepare_cluster`]). Idempotent.
     pub async fn activate(&self, id: &str) -> Result<ClusterSpec, ControlError> {
         let spec = self.cluster(id).await?;
         if spec.state == ClusterState::Provisioning {
-            self.kafka.ensure_group_coordinator(&spec).await?;
+            self.kafka.prepare_cluster(&spec).await?;
         }
         self.move_state_from(&spec, ClusterState::Active).await
     }

@@ -166,8 +166,10 @@ async fn setup(n: usize) -> Bench {
         .await
         .unwrap();
         // What `flotilla cluster activate` does before a cluster takes
-        // traffic (a fresh cluster creates its offsets topic).
+        // traffic (a fresh cluster creates its offsets topic and fetches its
+        // first producer ids).
         admin.ensure_group_coordinator().await.unwrap();
+        admin.ensure_producer_ids().await.unwrap();
         registry.create_cluster(&spec).await.unwrap();
         admins.insert(id, admin);
         bootstraps.push(fleet.cluster(i).bootstrap());

@@ -199,6 +199,9 @@ async fn adapter_against_real_kafka() {
     .await
     .unwrap();
     admin.ensure_group_coordinator().await.unwrap();
+    // --- producer ids: a fresh cluster hands one out (activation waits) ---
+    admin.ensure_producer_ids().await.unwrap();
+    admin.ensure_producer_ids().await.unwrap();
 
     // --- committed offsets of a group ---
     assert_eq!(

@@ -636,6 +636,24 @@ impl ClusterAdmin {
         .await
     }
 
+    /// Waits until the cluster hands out idempotent producer ids: on a fresh
+    /// cluster the first request makes the brokers fetch a block of ids from
+    /// their controller (about half a second on Kafka 4.4 here), which the
+    /// first records a `FleetProducer` routes to the cluster — right after a
+    /// switch to it — would otherwise wait for. `flotilla cluster activate`
+    /// calls this, best effort. Creates (and drops) one idempotent producer;
+    /// writes nothing.
+    pub async fn ensure_producer_ids(&self) -> Result<(), KafkaError> {
+        self.blocking("producer ids".to_string(), move |inner| {
+            crate::kafka::producer_id::await_producer_id(
+                &inner.cluster,
+                &inner.config,
+                inner.timeout,
+            )
+        })
+        .await
+    }
+
     /// Waits until the cluster's group coordinator answers, which on a fresh
     /// cluster makes the brokers create Kafka's offsets topic
     /// (`__consumer_offsets`).

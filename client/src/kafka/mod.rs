@@ -7,6 +7,7 @@
 //! - [`admin`]: [`ClusterAdmin`] — topics, end offsets, committed offsets.
 //! - [`error`]: [`KafkaError`] and the classification of rdkafka errors into
 //!   permanent (never reroute) and transient.
+//! - `producer_id`: idempotent producer ids without librdkafka's 500 ms wait.
 //! - [`mock`]: [`MockFleet`] of in-process librdkafka mock clusters for the demo.
 
 pub mod admin;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod identity;
 pub mod mock;
+pub(crate) mod producer_id;
 
 pub use admin::{ClusterAdmin, TopicStatus};
 pub use config::{

@@ -74,6 +74,7 @@ use super::{
     OwnedRecord, WaitReason, EPOCH_HEADER,
 };
 use crate::kafka::error::{from_code, from_rdkafka};
+use crate::kafka::producer_id::prime_producer_id;
 use crate::kafka::{check_cluster, client_config, KafkaError, KafkaProperties, SecurityProfiles};
 use crate::registry::etcd::EtcdKv;
 use crate::registry::{
@@ -179,40 +180,6 @@ impl<'a> RecordRef<'a> {
             key: EPOCH_HEADER,
             value: Some(digits),
         })
-    }
-}
-
-/// Makes a new idempotent producer ask for its producer id now.
-///
-/// librdkafka asks for it when a metadata response arrives, but only from a
-/// broker whose connection is already up; a new producer's first response
-/// comes before that, so it falls back to a 500 ms timer, and every record
-/// routed to the new cluster meanwhile waits (measured: the first delivery of
-/// a fresh producer took 505 ms, 30 of 30 times, against 7 ms after this).
-/// Two brokers-only metadata requests in a row find the connection up by the
-/// second. It matters because clusters are opened on route switches: a
-/// switch soon after a cluster was opened had to wait for those records.
-fn prime_producer_id(p: &Kafka, timeout: Duration) {
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    for _ in 0..2 {
-        let mut meta: *const rdkafka::bindings::rd_kafka_metadata_t = std::ptr::null();
-        // SAFETY: the client handle is alive (we hold the producer); with
-        // `all_topics = 0` and no topic handle librdkafka asks for brokers
-        // only; on success it hands us `meta`, which we destroy at once.
-        let err = unsafe {
-            rdkafka::bindings::rd_kafka_metadata(
-                p.client().native_ptr(),
-                0,
-                std::ptr::null_mut(),
-                &mut meta,
-                ms,
-            )
-        };
-        if err != rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            return;
-        }
-        // SAFETY: `meta` came from a successful `rd_kafka_metadata` above.
-        unsafe { rdkafka::bindings::rd_kafka_metadata_destroy(meta) };
     }
 }
 
@@ -1154,7 +1121,7 @@ impl Core {
         // the opening must not lengthen a switch's hold. Best effort: at worst
         // the first records wait for librdkafka's own timer.
         drop(tokio::task::spawn_blocking(move || {
-            prime_producer_id(&p, timeout)
+            prime_producer_id(p.client(), timeout)
         }));
         Ok(producer)
     }
