@@ -460,6 +460,10 @@ async fn switch_pause_under_load() {
         )
         .await
         .unwrap();
+        // What `flotilla cluster activate` does before a cluster takes
+        // traffic (a fresh cluster fetches its first producer ids).
+        admin.ensure_group_coordinator().await.unwrap();
+        admin.ensure_producer_ids().await.unwrap();
         // Warm the admin (connection, metadata) as a running controller's is.
         admin.end_offsets(TOPIC, PARTITIONS).await.unwrap();
         admins.insert(id.to_string(), admin);
