@@ -75,6 +75,31 @@ impl Env {
         }
     }
 
+    /// Seals epoch 1 (cluster a) with the boundaries `fence_a` on a and
+    /// `fence_b` on b and opens epoch 2 (cluster b), as the controller's seal
+    /// would.
+    async fn seal_a_open_b(&self, partitions: u32, fence_a: Vec<i64>, fence_b: Vec<i64>) {
+        let route = TopicRoute {
+            version: SCHEMA_VERSION,
+            topic: TOPIC.into(),
+            partitions,
+            epochs: vec![
+                epoch(
+                    1,
+                    &["a"],
+                    EpochState::Sealed,
+                    &[("a", fence_a), ("b", fence_b)],
+                ),
+                epoch(2, &["b"], EpochState::Open, &[]),
+            ],
+        };
+        let (_, rev) = self.registry.route(TOPIC).await.unwrap().unwrap();
+        self.registry
+            .put_route(&route, Expect::ModRevision(rev))
+            .await
+            .unwrap();
+    }
+
     fn bootstrap(&self, i: usize) -> String {
         self.fleet
             .as_ref()
@@ -217,25 +242,7 @@ async fn sealed_epoch_gates_the_next_cluster_until_committed_to_the_fence() {
     let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
     let fence_a = env.produce(0, 8, parts, 1).await;
     let fence_b = vec![0i64; parts as usize];
-    let route = TopicRoute {
-        version: SCHEMA_VERSION,
-        topic: TOPIC.into(),
-        partitions: parts,
-        epochs: vec![
-            epoch(
-                1,
-                &["a"],
-                EpochState::Sealed,
-                &[("a", fence_a.clone()), ("b", fence_b)],
-            ),
-            epoch(2, &["b"], EpochState::Open, &[]),
-        ],
-    };
-    let (_, rev) = env.registry.route(TOPIC).await.unwrap().unwrap();
-    env.registry
-        .put_route(&route, Expect::ModRevision(rev))
-        .await
-        .unwrap();
+    env.seal_a_open_b(parts, fence_a.clone(), fence_b).await;
     env.produce(1, 6, parts, 2).await;
 
     let c = FleetConsumer::new(env.config("g2")).await.unwrap();
@@ -371,25 +378,7 @@ async fn stragglers_above_a_fence_are_delivered_and_counted() {
     let parts = 1;
     let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
     let fence_a = env.produce(0, 3, parts, 1).await;
-    let route = TopicRoute {
-        version: SCHEMA_VERSION,
-        topic: TOPIC.into(),
-        partitions: parts,
-        epochs: vec![
-            epoch(
-                1,
-                &["a"],
-                EpochState::Sealed,
-                &[("a", fence_a), ("b", vec![0])],
-            ),
-            epoch(2, &["b"], EpochState::Open, &[]),
-        ],
-    };
-    let (_, rev) = env.registry.route(TOPIC).await.unwrap().unwrap();
-    env.registry
-        .put_route(&route, Expect::ModRevision(rev))
-        .await
-        .unwrap();
+    env.seal_a_open_b(parts, fence_a, vec![0]).await;
     env.produce(0, 2, parts, 1).await;
     env.produce(1, 2, parts, 2).await;
     let c = FleetConsumer::new(env.config("g4")).await.unwrap();
@@ -413,25 +402,7 @@ async fn with_auto_commit_a_member_reaching_a_fence_commits_it_at_once() {
     let parts = 2;
     let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
     let fence_a = env.produce(0, 6, parts, 1).await;
-    let route = TopicRoute {
-        version: SCHEMA_VERSION,
-        topic: TOPIC.into(),
-        partitions: parts,
-        epochs: vec![
-            epoch(
-                1,
-                &["a"],
-                EpochState::Sealed,
-                &[("a", fence_a), ("b", vec![0, 0])],
-            ),
-            epoch(2, &["b"], EpochState::Open, &[]),
-        ],
-    };
-    let (_, rev) = env.registry.route(TOPIC).await.unwrap().unwrap();
-    env.registry
-        .put_route(&route, Expect::ModRevision(rev))
-        .await
-        .unwrap();
+    env.seal_a_open_b(parts, fence_a, vec![0, 0]).await;
     env.produce(1, 4, parts, 2).await;
     // Auto-commit every minute: only the commit at the fence lets b through in time.
     let c = FleetConsumer::new(
@@ -464,25 +435,7 @@ async fn a_retired_cluster_counts_as_consumed_up_to_its_fence() {
     let parts = 2;
     let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
     let fence_a = env.produce(0, 4, parts, 1).await;
-    let route = TopicRoute {
-        version: SCHEMA_VERSION,
-        topic: TOPIC.into(),
-        partitions: parts,
-        epochs: vec![
-            epoch(
-                1,
-                &["a"],
-                EpochState::Sealed,
-                &[("a", fence_a), ("b", vec![0, 0])],
-            ),
-            epoch(2, &["b"], EpochState::Open, &[]),
-        ],
-    };
-    let (_, rev) = env.registry.route(TOPIC).await.unwrap().unwrap();
-    env.registry
-        .put_route(&route, Expect::ModRevision(rev))
-        .await
-        .unwrap();
+    env.seal_a_open_b(parts, fence_a, vec![0, 0]).await;
     env.registry
         .set_cluster_state("a", crate::registry::ClusterState::Retired)
         .await
@@ -530,25 +483,7 @@ async fn records_held_past_their_clusters_removal_and_the_close_stay_readable() 
     // a is sealed and retired: it leaves the read set and its consumer is
     // closed by the fleet consumer while the application still holds its
     // records.
-    let route = TopicRoute {
-        version: SCHEMA_VERSION,
-        topic: TOPIC.into(),
-        partitions: parts,
-        epochs: vec![
-            epoch(
-                1,
-                &["a"],
-                EpochState::Sealed,
-                &[("a", fence_a), ("b", vec![0])],
-            ),
-            epoch(2, &["b"], EpochState::Open, &[]),
-        ],
-    };
-    let (_, rev) = env.registry.route(TOPIC).await.unwrap().unwrap();
-    env.registry
-        .put_route(&route, Expect::ModRevision(rev))
-        .await
-        .unwrap();
+    env.seal_a_open_b(parts, fence_a, vec![0]).await;
     env.registry
         .set_cluster_state("a", crate::registry::ClusterState::Retired)
         .await
