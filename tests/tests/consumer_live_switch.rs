@@ -5,7 +5,10 @@
 //! has acknowledged it, read the end offsets as the fence, seal N and open N+1.
 //! A group of two consumers must deliver every record once, in order per key.
 
-use std::collections::{BTreeMap, BTreeSet};
+#[path = "common/switch.rs"]
+mod switch;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,6 +27,7 @@ use rdkafka::consumer::CommitMode;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
+use switch::{drive_switch, Producers};
 
 const TOPIC: &str = "live";
 const PARTITIONS: u32 = 3;
@@ -41,61 +45,18 @@ fn write_set(ids: &[&str]) -> Vec<WeightedCluster> {
 }
 
 /// The controller's switch, by hand (DESIGN "Handoff protocol" 1-3).
-async fn switch(registry: &Registry, admins: &BTreeMap<String, ClusterAdmin>, next: &[&str]) {
-    let (mut route, rev) = registry.route(TOPIC).await.unwrap().unwrap();
-    let n = route.last_epoch_n() + 1;
-    route.epochs.push(Epoch {
-        n,
-        write: write_set(next),
-        state: EpochState::Pending,
-        fence: BTreeMap::new(),
-        created_at: 0,
-        ack_deadline: None,
-    });
-    let rev = registry
-        .put_route(&route, Expect::ModRevision(rev))
-        .await
-        .unwrap();
-    // Every live producer acknowledges N+1 (it flushed everything of N).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let snap = registry.snapshot().await.unwrap();
-        let producers: Vec<_> = snap.producers().collect();
-        if !producers.is_empty()
-            && producers
-                .iter()
-                .all(|p| p.acked.get(TOPIC).is_some_and(|&e| e >= n))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "producers never acked epoch {n}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The boundary: end offsets on every cluster of N and N+1.
-    let open_i = route
-        .epochs
-        .iter()
-        .position(|e| e.state == EpochState::Open)
-        .unwrap();
-    let clusters: BTreeSet<String> = route.epochs[open_i]
-        .clusters()
-        .cloned()
-        .chain(next.iter().map(|c| c.to_string()))
-        .collect();
-    let mut fence = BTreeMap::new();
-    for c in clusters {
-        fence.insert(
-            c.clone(),
-            admins[&c].end_offsets(TOPIC, PARTITIONS).await.unwrap(),
-        );
-    }
-    route.epochs[open_i].state = EpochState::Sealed;
-    route.epochs[open_i].fence = fence;
-    route.epochs.last_mut().unwrap().state = EpochState::Open;
-    registry
-        .put_route(&route, Expect::ModRevision(rev))
-        .await
-        .unwrap();
+async fn switch(registry: &Registry, admins: &HashMap<String, ClusterAdmin>, next: &[&str]) {
+    let (p, poll) = (Producers::AtLeastOne, Duration::from_millis(20));
+    drive_switch(
+        registry,
+        TOPIC,
+        PARTITIONS,
+        write_set(next),
+        admins,
+        p,
+        poll,
+    )
+    .await;
 }
 
 #[derive(Debug, Clone)]
@@ -152,7 +113,7 @@ async fn live_switches_with_the_fleet_producer_keep_key_order() {
             .unwrap(),
     );
     let registry = Registry::new(kv, "live");
-    let mut admins = BTreeMap::new();
+    let mut admins = HashMap::new();
     for (i, id) in IDS.iter().enumerate() {
         create_topic(&fleet.cluster(i).bootstrap(), TOPIC, PARTITIONS as i32)
             .await
