@@ -272,7 +272,10 @@ async fn a_zombie_cannot_get_a_record_acknowledged_after_the_fence() {
     let fenced_at = o.fenced_at.expect("the controller reported no fence");
     let acked = o.sends.iter().filter(|s| s.result.is_ok()).count();
     let after_fence: Vec<&Send> = o.sends.iter().filter(|s| s.enqueued > fenced_at).collect();
-    assert!(acked > 20, "the zombie got only {acked} acks");
+    // The scenario waits until the group has read 20 of the zombie's records
+    // before it moves the topic: those were acknowledged before the fence
+    // (how many more depends on how fast the controller fences).
+    assert!(acked >= 20, "the zombie got only {acked} acks");
     assert!(
         !after_fence.is_empty(),
         "the zombie sent nothing after the fence"
