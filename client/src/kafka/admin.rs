@@ -99,6 +99,26 @@ impl Inner {
             .expect("metadata consumer present until drop")
     }
 
+    /// Calls `attempt` with the time left until this admin's timeout,
+    /// again after `backoff` while it fails with a transient error and
+    /// another attempt fits before the deadline.
+    fn retry_transient<T>(
+        &self,
+        backoff: Duration,
+        mut attempt: impl FnMut(Duration) -> Result<T, KafkaError>,
+    ) -> Result<T, KafkaError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match attempt(left) {
+                Err(e) if !e.is_permanent() && Instant::now() + backoff < deadline => {
+                    std::thread::sleep(backoff);
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// One attempt at [`ClusterAdmin::end_offsets`]: every partition's
     /// "latest" offset in one call, any partition's error failing the lot.
     fn blocking_end_offsets(
@@ -583,18 +603,10 @@ impl ClusterAdmin {
         let topic = topic.to_string();
         self.blocking(format!("end offsets of {topic}"), move |inner| {
             let what = format!("end offsets of {topic}");
-            let deadline = Instant::now() + inner.timeout;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match inner.blocking_end_offsets(&what, &topic, partitions, left) {
-                    // Leadership moves and broker restarts are retried until
-                    // the deadline.
-                    Err(e) if !e.is_permanent() && Instant::now() + RETRY_BACKOFF < deadline => {
-                        std::thread::sleep(RETRY_BACKOFF);
-                    }
-                    other => return other,
-                }
-            }
+            // Leadership moves and broker restarts are retried until the deadline.
+            inner.retry_transient(RETRY_BACKOFF, |left| {
+                inner.blocking_end_offsets(&what, &topic, partitions, left)
+            })
         })
         .await
     }
@@ -619,18 +631,9 @@ impl ClusterAdmin {
                 // A fresh cluster creates __consumer_offsets on the first group
                 // request and answers "not coordinator" meanwhile: retry
                 // transient errors until the deadline.
-                let deadline = Instant::now() + inner.timeout;
-                loop {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    match inner.blocking_committed(&consumer, &what, &topic, partitions, left) {
-                        Err(e)
-                            if !e.is_permanent() && Instant::now() + RETRY_BACKOFF < deadline =>
-                        {
-                            std::thread::sleep(RETRY_BACKOFF);
-                        }
-                        other => return other,
-                    }
-                }
+                inner.retry_transient(RETRY_BACKOFF, |left| {
+                    inner.blocking_committed(&consumer, &what, &topic, partitions, left)
+                })
             },
         )
         .await
@@ -671,26 +674,16 @@ impl ClusterAdmin {
         self.blocking("group coordinator".to_string(), move |inner| {
             let what = format!("group coordinator (group {COORDINATOR_PROBE})");
             let consumer = inner.group_consumer(COORDINATOR_PROBE, &what)?;
-            let deadline = Instant::now() + inner.timeout;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
+            inner.retry_transient(COORDINATOR_BACKOFF, |left| {
                 // Any answer comes from the coordinator: per-partition errors
                 // (there is no such topic) do not matter.
                 let mut probe = TopicPartitionList::with_capacity(1);
                 probe.add_partition(COORDINATOR_PROBE, 0);
-                match consumer
+                consumer
                     .committed_offsets(probe, left)
+                    .map(drop)
                     .map_err(|e| inner.err(&what, &e))
-                {
-                    Err(e)
-                        if !e.is_permanent() && Instant::now() + COORDINATOR_BACKOFF < deadline =>
-                    {
-                        std::thread::sleep(COORDINATOR_BACKOFF);
-                    }
-                    Err(e) => return Err(e),
-                    Ok(_) => return Ok(()),
-                }
-            }
+            })
         })
         .await
     }
