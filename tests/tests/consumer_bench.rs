@@ -23,7 +23,7 @@ use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
 use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
 use flotilla_client::registry::{
     ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, KvStore, Registry,
-    TopicRoute, WeightedCluster, SCHEMA_VERSION,
+    TopicRoute, SCHEMA_VERSION,
 };
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_testkit::etcd::EtcdServer;
@@ -32,7 +32,7 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use switch::{drive_switch, Producers};
+use switch::{drive_switch, write_set, Producers};
 
 /// Throughput benchmark: a topic of 1 M records of 100 B (≈ 110 MB on the
 /// wire), read with librdkafka's prefetch bounded to `PREFETCH_KB` per
@@ -109,15 +109,6 @@ fn decode(p: &[u8]) -> (u64, u64) {
         u64::from_le_bytes(p[..8].try_into().unwrap()),
         u64::from_le_bytes(p[8..16].try_into().unwrap()),
     )
-}
-
-fn write_set(ids: &[&str]) -> Vec<WeightedCluster> {
-    ids.iter()
-        .map(|c| WeightedCluster {
-            cluster: c.to_string(),
-            weight: 100,
-        })
-        .collect()
 }
 
 struct Bench {

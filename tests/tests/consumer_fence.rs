@@ -6,6 +6,9 @@
 //! the rest of its epoch keeps flowing. Every record is delivered, per-key order
 //! holds across every switch, and duplicates are counted.
 
+#[path = "common/switch.rs"]
+mod switch;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +20,7 @@ use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
 use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
 use flotilla_client::registry::{
     ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, KvStore, Registry,
-    TopicRoute, WeightedCluster, SCHEMA_VERSION,
+    TopicRoute, SCHEMA_VERSION,
 };
 use flotilla_client::route::murmur2::partition_for_key;
 use flotilla_client::route::rendezvous::RendezvousTable;
@@ -27,6 +30,7 @@ use rdkafka::consumer::CommitMode;
 use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
+use switch::write_set;
 use tokio::task::JoinHandle;
 
 const TOPIC: &str = "fenced";
@@ -67,15 +71,6 @@ fn spec(i: usize, fleet: &KafkaFleet) -> ClusterSpec {
         security_profile: None,
         created_at: 0,
     }
-}
-
-fn write_set(ids: &[&str]) -> Vec<WeightedCluster> {
-    ids.iter()
-        .map(|c| WeightedCluster {
-            cluster: c.to_string(),
-            weight: 100,
-        })
-        .collect()
 }
 
 fn idx(id: &str) -> usize {

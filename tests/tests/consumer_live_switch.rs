@@ -18,7 +18,7 @@ use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
 use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
 use flotilla_client::registry::{
     ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, KvStore, Registry,
-    TopicRoute, WeightedCluster, SCHEMA_VERSION,
+    TopicRoute, SCHEMA_VERSION,
 };
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_testkit::etcd::EtcdServer;
@@ -27,22 +27,13 @@ use rdkafka::consumer::CommitMode;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
-use switch::{drive_switch, Producers};
+use switch::{drive_switch, write_set, Producers};
 
 const TOPIC: &str = "live";
 const PARTITIONS: u32 = 3;
 const KEYS: usize = 30;
 const TOTAL: usize = 1500;
 const IDS: [&str; 2] = ["a", "b"];
-
-fn write_set(ids: &[&str]) -> Vec<WeightedCluster> {
-    ids.iter()
-        .map(|c| WeightedCluster {
-            cluster: c.to_string(),
-            weight: 100,
-        })
-        .collect()
-}
 
 /// The controller's switch, by hand (DESIGN "Handoff protocol" 1-3).
 async fn switch(registry: &Registry, admins: &HashMap<String, ClusterAdmin>, next: &[&str]) {

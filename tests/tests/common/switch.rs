@@ -38,6 +38,16 @@ pub struct Switched {
     pub sealed_at: Instant,
 }
 
+/// A write set of `ids`, every cluster with the same weight.
+pub fn write_set(ids: &[&str]) -> Vec<WeightedCluster> {
+    ids.iter()
+        .map(|c| WeightedCluster {
+            cluster: c.to_string(),
+            weight: 100,
+        })
+        .collect()
+}
+
 /// Switches `topic` to write to `write`, polling the registry every `poll`
 /// for the acknowledgements (30 s deadline).
 pub async fn drive_switch(
