@@ -10,6 +10,8 @@
 //!
 //! The three benchmarks take a lock so they never run at the same time.
 
+#[path = "common/cpu.rs"]
+mod cpu;
 #[path = "common/switch.rs"]
 mod switch;
 
@@ -42,7 +44,7 @@ const RECORDS: usize = 1_000_000;
 const KEYS: usize = 10_000;
 const PARTITIONS: u32 = 4;
 const VALUE: usize = 100;
-const ROUNDS: usize = 6;
+const ROUNDS: usize = 10;
 const PREFETCH_KB: &str = "16384";
 /// Latency benchmark: records per second, seconds of measured traffic per
 /// phase, and seconds of unmeasured warm-up per path before.
@@ -295,10 +297,29 @@ fn work(payload: &[u8], passes: u32) -> u64 {
 /// Passes of [`work`] per record in the "with processing" rounds.
 const WORK_PASSES: u32 = 16;
 /// Rounds with processing (after the plain ones).
-const WORK_ROUNDS: usize = 2;
+const WORK_ROUNDS: usize = 4;
 
-/// (time to the first record, time from the first to the last record).
-type Timing = (Duration, Duration);
+/// One timed read of the whole topic.
+#[derive(Clone, Copy)]
+struct Timing {
+    /// From creating the consumer to its first record.
+    startup: Duration,
+    /// From the first record to the last.
+    wall: Duration,
+    /// CPU time of this process (all threads) from the first record to the
+    /// last: the client's cost, less disturbed by other load than `wall`.
+    cpu: Duration,
+}
+
+impl Timing {
+    fn rate(&self) -> f64 {
+        RECORDS as f64 / self.wall.as_secs_f64()
+    }
+
+    fn cpu_us(&self) -> f64 {
+        self.cpu.as_secs_f64() * 1e6 / RECORDS as f64
+    }
+}
 
 async fn consume_raw(bootstrap: &str, topic: &str, group: &str, passes: u32) -> Timing {
     let started = Instant::now();
@@ -308,15 +329,20 @@ async fn consume_raw(bootstrap: &str, topic: &str, group: &str, passes: u32) -> 
     let mut bytes = 0usize;
     for _ in 0..RECORDS {
         let m = c.recv().await.unwrap();
-        first.get_or_insert_with(Instant::now);
+        first.get_or_insert_with(|| (Instant::now(), cpu::cpu_time()));
         bytes += m.payload().map_or(0, |p| p.len());
         if passes > 0 {
             work(m.payload().unwrap_or_default(), passes);
         }
     }
+    let (first, cpu0) = first.unwrap();
+    let timing = Timing {
+        startup: first - started,
+        wall: first.elapsed(),
+        cpu: cpu::cpu_time() - cpu0,
+    };
     assert_eq!(bytes, RECORDS * VALUE);
-    let first = first.unwrap();
-    (first - started, first.elapsed())
+    timing
 }
 
 async fn consume_fleet(b: &Bench, topic: &str, group: &str, passes: u32) -> Timing {
@@ -329,7 +355,7 @@ async fn consume_fleet(b: &Bench, topic: &str, group: &str, passes: u32) -> Timi
     while n < RECORDS {
         match c.recv().await {
             Ok(m) => {
-                first.get_or_insert_with(Instant::now);
+                first.get_or_insert_with(|| (Instant::now(), cpu::cpu_time()));
                 bytes += m.payload().map_or(0, |p| p.len());
                 if passes > 0 {
                     work(m.payload().unwrap_or_default(), passes);
@@ -339,17 +365,89 @@ async fn consume_fleet(b: &Bench, topic: &str, group: &str, passes: u32) -> Timi
             Err(e) => eprintln!("fleet consumer: {e}"),
         }
     }
-    let first = first.unwrap();
-    let timing = (first - started, first.elapsed());
+    let (first, cpu0) = first.unwrap();
+    let timing = Timing {
+        startup: first - started,
+        wall: first.elapsed(),
+        cpu: cpu::cpu_time() - cpu0,
+    };
     assert_eq!(bytes, RECORDS * VALUE);
     c.close().await;
     timing
+}
+
+/// Runs `rounds` rounds of one raw and one fleet read (alternating which goes
+/// first) with `passes` of work per record, prints each round and a summary
+/// (ratio of the sums of the read times, median of the per-round ratios,
+/// CPU per record of each).
+async fn compare(b: &Bench, topic: &str, label: &str, rounds: usize, passes: u32) {
+    let mut raw = Vec::new();
+    let mut fleet = Vec::new();
+    for round in 0..rounds {
+        let (rg, fg) = (
+            format!("{label}raw-{round}"),
+            format!("{label}fleet-{round}"),
+        );
+        let (r, f) = if round % 2 == 0 {
+            let r = consume_raw(&b.bootstraps[0], topic, &rg, passes).await;
+            let f = consume_fleet(b, topic, &fg, passes).await;
+            (r, f)
+        } else {
+            let f = consume_fleet(b, topic, &fg, passes).await;
+            let r = consume_raw(&b.bootstraps[0], topic, &rg, passes).await;
+            (r, f)
+        };
+        eprintln!(
+            "{label}round {round}: StreamConsumer {:.0} rec/s {:.2} us CPU/rec ({:?} to the first record), \
+             FleetConsumer {:.0} rec/s {:.2} us CPU/rec ({:?} to the first record), ratio {:.2}",
+            r.rate(),
+            r.cpu_us(),
+            r.startup,
+            f.rate(),
+            f.cpu_us(),
+            f.startup,
+            f.rate() / r.rate(),
+        );
+        raw.push(r);
+        fleet.push(f);
+    }
+    let sum = |v: &[Timing], g: fn(&Timing) -> Duration| v.iter().map(g).sum::<Duration>();
+    let (wall_raw, wall_fleet) = (sum(&raw, |t| t.wall), sum(&fleet, |t| t.wall));
+    let (cpu_raw, cpu_fleet) = (sum(&raw, |t| t.cpu), sum(&fleet, |t| t.cpu));
+    let n = (RECORDS * rounds) as f64;
+    let mut ratios: Vec<f64> = raw
+        .iter()
+        .zip(&fleet)
+        .map(|(r, f)| f.rate() / r.rate())
+        .collect();
+    ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = if rounds % 2 == 1 {
+        ratios[rounds / 2]
+    } else {
+        (ratios[rounds / 2 - 1] + ratios[rounds / 2]) / 2.0
+    };
+    eprintln!(
+        "{label}{rounds} rounds ({RECORDS} x {VALUE} B, {PARTITIONS} partitions, \
+         queued.max.messages.kbytes={PREFETCH_KB}, {passes} work passes/rec): \
+         ratio of sums {:.3} (StreamConsumer {:.0} rec/s, FleetConsumer {:.0} rec/s); \
+         per-round ratios {ratios:.2?} (median {median:.3}); \
+         client CPU per record: StreamConsumer {:.3} us, FleetConsumer {:.3} us (ratio {:.3}); \
+         load {}",
+        wall_raw.as_secs_f64() / wall_fleet.as_secs_f64(),
+        n / wall_raw.as_secs_f64(),
+        n / wall_fleet.as_secs_f64(),
+        cpu_raw.as_secs_f64() * 1e6 / n,
+        cpu_fleet.as_secs_f64() * 1e6 / n,
+        cpu_fleet.as_secs_f64() / cpu_raw.as_secs_f64(),
+        cpu::loadavg(),
+    );
 }
 
 #[test]
 #[ignore = "benchmark: run with --release -- --ignored --nocapture"]
 fn fleet_consumer_vs_stream_consumer_throughput() {
     run(async {
+        eprintln!("load average before: {}", cpu::loadavg());
         let b = setup(1).await;
         let topic = "tput";
         b.topic(topic, &["a"]).await;
@@ -368,102 +466,13 @@ fn fleet_consumer_vs_stream_consumer_throughput() {
             }
         }
         drop(p);
-        let rate = |d: Duration| RECORDS as f64 / d.as_secs_f64();
-        let (mut best_raw, mut best_fleet) = (0f64, 0f64);
-        let (mut tot_raw, mut tot_fleet) = (0f64, 0f64);
-        let (mut sum_raw, mut sum_fleet) = (Duration::ZERO, Duration::ZERO);
-        let mut ratios = Vec::new();
         // Warm-up (not measured): the first group on a fresh broker creates
         // `__consumer_offsets`, and the JIT compiles the fetch path.
         consume_raw(&b.bootstraps[0], topic, "warm-raw", 0).await;
         consume_fleet(&b, topic, "warm-fleet", 0).await;
-        for round in 0..ROUNDS {
-            // Alternate which one goes first.
-            let (r, f) = if round % 2 == 0 {
-                let r = consume_raw(&b.bootstraps[0], topic, &format!("raw-{round}"), 0).await;
-                let f = consume_fleet(&b, topic, &format!("fleet-{round}"), 0).await;
-                (r, f)
-            } else {
-                let f = consume_fleet(&b, topic, &format!("fleet-{round}"), 0).await;
-                let r = consume_raw(&b.bootstraps[0], topic, &format!("raw-{round}"), 0).await;
-                (r, f)
-            };
-            eprintln!(
-                "round {round}: StreamConsumer {:.0} rec/s ({:?} + {:?} to the first record), \
-                 FleetConsumer {:.0} rec/s ({:?} + {:?} to the first record), ratio {:.2}; \
-                 with start-up: {:.0} vs {:.0} rec/s",
-                rate(r.1),
-                r.1,
-                r.0,
-                rate(f.1),
-                f.1,
-                f.0,
-                rate(f.1) / rate(r.1),
-                rate(r.0 + r.1),
-                rate(f.0 + f.1),
-            );
-            best_raw = best_raw.max(rate(r.1));
-            best_fleet = best_fleet.max(rate(f.1));
-            sum_raw += r.1;
-            sum_fleet += f.1;
-            ratios.push(rate(f.1) / rate(r.1));
-            tot_raw = tot_raw.max(rate(r.0 + r.1));
-            tot_fleet = tot_fleet.max(rate(f.0 + f.1));
-        }
-        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        eprintln!(
-            "{ROUNDS} rounds ({RECORDS} x {VALUE} B, {PARTITIONS} partitions, \
-             queued.max.messages.kbytes={PREFETCH_KB}): ratio of sums (steady) {:.2} \
-             (StreamConsumer {:.0} rec/s, FleetConsumer {:.0} rec/s over all rounds); \
-             per-round ratios {ratios:.2?} (median {:.2}); best of {ROUNDS}: StreamConsumer \
-             {best_raw:.0} rec/s, FleetConsumer {best_fleet:.0} rec/s, ratio {:.2} \
-             (with start-up: {tot_raw:.0} vs {tot_fleet:.0} rec/s, ratio {:.2})",
-            sum_raw.as_secs_f64() / sum_fleet.as_secs_f64(),
-            (RECORDS * ROUNDS) as f64 / sum_raw.as_secs_f64(),
-            (RECORDS * ROUNDS) as f64 / sum_fleet.as_secs_f64(),
-            (ratios[ROUNDS / 2 - 1] + ratios[ROUNDS / 2]) / 2.0,
-            best_fleet / best_raw,
-            tot_fleet / tot_raw
-        );
+        compare(&b, topic, "", ROUNDS, 0).await;
         // With processing: the application does a little work per record.
-        let (mut w_raw, mut w_fleet) = (Duration::ZERO, Duration::ZERO);
-        for round in 0..WORK_ROUNDS {
-            let (r, f) = if round % 2 == 0 {
-                let r = consume_raw(
-                    &b.bootstraps[0],
-                    topic,
-                    &format!("wraw-{round}"),
-                    WORK_PASSES,
-                )
-                .await;
-                let f = consume_fleet(&b, topic, &format!("wfleet-{round}"), WORK_PASSES).await;
-                (r, f)
-            } else {
-                let f = consume_fleet(&b, topic, &format!("wfleet-{round}"), WORK_PASSES).await;
-                let r = consume_raw(
-                    &b.bootstraps[0],
-                    topic,
-                    &format!("wraw-{round}"),
-                    WORK_PASSES,
-                )
-                .await;
-                (r, f)
-            };
-            eprintln!(
-                "with processing ({WORK_PASSES} FNV passes per record), round {round}: StreamConsumer {:.0} rec/s, FleetConsumer {:.0} rec/s, ratio {:.2}",
-                rate(r.1),
-                rate(f.1),
-                rate(f.1) / rate(r.1)
-            );
-            w_raw += r.1;
-            w_fleet += f.1;
-        }
-        eprintln!(
-            "with processing: ratio of sums {:.2} (StreamConsumer {:.0} rec/s, FleetConsumer {:.0} rec/s)",
-            w_raw.as_secs_f64() / w_fleet.as_secs_f64(),
-            (RECORDS * WORK_ROUNDS) as f64 / w_raw.as_secs_f64(),
-            (RECORDS * WORK_ROUNDS) as f64 / w_fleet.as_secs_f64(),
-        );
+        compare(&b, topic, "with processing: ", WORK_ROUNDS, WORK_PASSES).await;
     });
 }
 
