@@ -918,6 +918,19 @@ mod tests_support {
         }
     }
 
+    /// Registers consumer group `group` as reading `topic`.
+    pub(super) async fn register_group(cp: &ControlPlane, group: &str, topic: &str) {
+        cp.registry()
+            .register_group(&GroupRecord {
+                version: SCHEMA_VERSION,
+                group: group.into(),
+                topics: vec![topic.into()],
+                created_at: now_millis(),
+            })
+            .await
+            .unwrap();
+    }
+
     pub(super) fn silent_producer() -> ClientRecord {
         ClientRecord {
             version: SCHEMA_VERSION,
@@ -1002,15 +1015,7 @@ mod tests {
     async fn retirement_waits_for_stragglers_above_the_fence() {
         let kv = MemoryKv::new();
         let (cp, kafka) = fleet(&kv).await;
-        cp.registry()
-            .register_group(&GroupRecord {
-                version: SCHEMA_VERSION,
-                group: "g".into(),
-                topics: vec!["t".into()],
-                created_at: now_millis(),
-            })
-            .await
-            .unwrap();
+        register_group(&cp, "g", "t").await;
         cp.set_route(set(&["a"], 3_000), now_millis())
             .await
             .unwrap();
@@ -1068,15 +1073,7 @@ mod late_tests {
     async fn a_late_producer_holds_retirement_until_it_acks_a_later_epoch() {
         let kv = MemoryKv::new();
         let (cp, kafka) = fleet(&kv).await;
-        cp.registry()
-            .register_group(&GroupRecord {
-                version: SCHEMA_VERSION,
-                group: "g".into(),
-                topics: vec!["t".into()],
-                created_at: now_millis(),
-            })
-            .await
-            .unwrap();
+        register_group(&cp, "g", "t").await;
         cp.set_route(set(&["a"], 1_000), now_millis())
             .await
             .unwrap();

@@ -9,6 +9,11 @@ use flotilla_client::registry::{ClusterState, EpochState, Expect, KvStore, Regis
 use flotilla_testkit::etcd::EtcdServer;
 use flotilla_testkit::kafka::KafkaFleet;
 
+/// A command line split into arguments (none of them contains a space).
+fn args(line: &str) -> Vec<&str> {
+    line.split_whitespace().collect()
+}
+
 struct Env {
     etcd: EtcdServer,
     fleet: String,
@@ -111,96 +116,46 @@ async fn every_command_and_every_bad_input() {
         ClusterState::Provisioning
     );
 
-    // Bad inputs, each refused with the registry unchanged.
-    let e = env
-        .refused(&["cluster", "add", "b", "--bootstrap", &a])
-        .await;
-    assert!(e.contains("already registered"), "{e}");
-    let e = env
-        .refused(&["cluster", "add", "c", "--bootstrap", "not a host"])
-        .await;
-    assert!(e.contains("not a host"), "{e}");
-    let e = env
-        .refused(&[
-            "route",
-            "set",
-            "orders",
-            "--cluster",
-            "nope=1",
-            "--partitions",
-            "3",
-        ])
-        .await;
-    assert!(e.contains("nope"), "{e}");
-    let e = env
-        .refused(&[
-            "route",
-            "set",
-            "orders",
-            "--cluster",
-            "a=x",
-            "--partitions",
-            "3",
-        ])
-        .await;
-    assert!(e.contains("bad weight"), "{e}");
-    let e = env
-        .refused(&[
-            "route",
-            "set",
-            "orders",
-            "--cluster",
-            "a=0",
-            "--partitions",
-            "3",
-        ])
-        .await;
-    assert!(e.contains("at least 1"), "{e}");
-    let e = env
-        .refused(&[
-            "route",
-            "set",
-            "orders",
-            "--cluster",
-            "b=1",
-            "--partitions",
-            "3",
-        ])
-        .await;
-    assert!(
-        e.contains("provisioning"),
-        "a route to a cluster that is not active: {e}"
-    );
-    let e = env
-        .refused(&["route", "set", "orders", "--cluster", "a=1"])
-        .await;
-    assert!(e.contains("--partitions"), "{e}");
-    let e = env.refused(&["cluster", "activate", "ghost"]).await;
-    assert!(e.contains("unknown cluster `ghost`"), "{e}");
+    // Bad inputs, each refused with the registry unchanged: (arguments, what
+    // the error must name).
+    let add_b_again = format!("cluster add b --bootstrap {a}");
+    let bad = [
+        (args(&add_b_again), "already registered"),
+        (
+            vec!["cluster", "add", "c", "--bootstrap", "not a host"],
+            "not a host",
+        ),
+        (
+            args("route set orders --cluster nope=1 --partitions 3"),
+            "nope",
+        ),
+        (
+            args("route set orders --cluster a=x --partitions 3"),
+            "bad weight",
+        ),
+        (
+            args("route set orders --cluster a=0 --partitions 3"),
+            "at least 1",
+        ),
+        // A route to a cluster that is not active.
+        (
+            args("route set orders --cluster b=1 --partitions 3"),
+            "provisioning",
+        ),
+        (args("route set orders --cluster a=1"), "--partitions"),
+        (args("cluster activate ghost"), "unknown cluster `ghost`"),
+    ];
+    for (argv, names) in &bad {
+        let e = env.refused(argv).await;
+        assert!(e.contains(names), "{argv:?}: {e}");
+    }
 
     // route set creates epoch 1 open and the topic on the cluster.
-    let out = env.ok(&[
-        "route",
-        "set",
-        "orders",
-        "--cluster",
-        "a=1",
-        "--partitions",
-        "3",
-    ]);
+    let out = env.ok(&args("route set orders --cluster a=1 --partitions 3"));
     assert!(out.contains("route created"), "{out}");
     env.ok(&["cluster", "activate", "b"]);
     // No producer is registered, so the switch seals at once with --wait.
-    let out = env.ok(&[
-        "route",
-        "set",
-        "orders",
-        "--cluster",
-        "a=1",
-        "--cluster",
-        "b=1",
-        "--wait",
-    ]);
+    let out = env.ok(&args("route set orders --cluster a=1 --cluster b=1 --wait"));
     assert!(out.contains("switch completed"), "{out}");
     let (route, _) = reg.route("orders").await.unwrap().unwrap();
     assert_eq!(route.epochs.len(), 2);
@@ -212,26 +167,10 @@ async fn every_command_and_every_bad_input() {
     );
     // The same write set again: nothing to do.
     assert!(env
-        .ok(&[
-            "route",
-            "set",
-            "orders",
-            "--cluster",
-            "a=1",
-            "--cluster",
-            "b=1"
-        ])
+        .ok(&args("route set orders --cluster a=1 --cluster b=1"))
         .contains("unchanged"));
     let e = env
-        .refused(&[
-            "route",
-            "set",
-            "orders",
-            "--cluster",
-            "a=1",
-            "--partitions",
-            "5",
-        ])
+        .refused(&args("route set orders --cluster a=1 --partitions 5"))
         .await;
     assert!(e.contains("3 partitions"), "{e}");
 
@@ -248,7 +187,7 @@ async fn every_command_and_every_bad_input() {
     assert!(e.contains("orders"), "{e}");
     // Without --wait (and no controller running) the switch stays pending; abort it.
     assert!(env
-        .ok(&["route", "set", "orders", "--cluster", "b=1"])
+        .ok(&args("route set orders --cluster b=1"))
         .contains("pending"));
     assert!(env.ok(&["route", "abort", "orders"]).contains("aborted"));
     let (route, _) = reg.route("orders").await.unwrap().unwrap();
@@ -260,20 +199,12 @@ async fn every_command_and_every_bad_input() {
     );
     let e = env.refused(&["route", "abort", "orders"]).await;
     assert!(e.contains("no pending switch"), "{e}");
-    env.ok(&["route", "set", "orders", "--cluster", "b=1", "--wait"]);
+    env.ok(&args("route set orders --cluster b=1 --wait"));
     // Draining with --wait reconciles once: that pass fences a's writes.
     let out = env.ok(&["cluster", "drain", "a", "--wait"]);
     assert!(out.contains("writes fenced: a: orders"), "{out}");
     let e = env
-        .refused(&[
-            "route",
-            "set",
-            "orders",
-            "--cluster",
-            "a=1",
-            "--cluster",
-            "b=1",
-        ])
+        .refused(&args("route set orders --cluster a=1 --cluster b=1"))
         .await;
     assert!(e.contains("draining"), "a route to a draining cluster: {e}");
     let e = env.refused(&["cluster", "activate", "a"]).await;
@@ -284,9 +215,7 @@ async fn every_command_and_every_bad_input() {
         reg.cluster("a").await.unwrap().unwrap().0.state,
         ClusterState::Retired
     );
-    let e = env
-        .refused(&["route", "set", "orders", "--cluster", "a=1"])
-        .await;
+    let e = env.refused(&args("route set orders --cluster a=1")).await;
     assert!(e.contains("retired"), "a route to a retired cluster: {e}");
     // b is in the open epoch: retire refused.
     let e = env.refused(&["cluster", "retire", "b"]).await;
