@@ -10,20 +10,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_client::consumer::{FleetConsumer, FleetConsumerConfig};
-use flotilla_client::kafka::{KafkaProperties, SecurityProfiles};
-use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
 use flotilla_client::registry::{ClusterRole, ClusterState, Registry};
 use flotilla_control::backfill::{
     Backfill, BackfillError, BackfillOptions, Bound, Hook, HookPoint, Phase, ProgressMode,
     StartRequest,
 };
 use flotilla_control::controller::now_millis;
-use flotilla_control::{AddCluster, ControlPlane, RdKafkaFleet, SetRoute};
+use flotilla_control::{ControlPlane, SetRoute};
 use flotilla_testkit::etcd::EtcdServer;
 use flotilla_testkit::kafka::KafkaFleet;
+
+mod support;
 use rdkafka::config::ClientConfig;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use support::{add_active_cluster, rdkafka_control_plane};
 
 const KEYS: u64 = 1_000;
 const PARTITIONS: i32 = 4;
@@ -42,15 +43,7 @@ fn records() -> u64 {
 }
 
 async fn control_plane(etcd: &EtcdServer, fleet: &str) -> ControlPlane {
-    let kv = EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
-        .await
-        .unwrap();
-    let kafka = RdKafkaFleet::new(
-        KafkaProperties::new(),
-        SecurityProfiles::empty(),
-        Duration::from_secs(10),
-    );
-    ControlPlane::new(Registry::new(Arc::new(kv), fleet), Arc::new(kafka))
+    rdkafka_control_plane(etcd, fleet, true).await
 }
 
 fn options(hook: Option<Hook>) -> BackfillOptions {
@@ -426,16 +419,7 @@ async fn backfill_through_two_temporary_clusters_then_crash_and_resume() {
 
     // ---- 1. the whole workflow, in process, with a previous route to restore.
     let cp = control_plane(&etcd, "main").await;
-    let add = AddCluster {
-        id: "src".into(),
-        bootstrap: kafka.cluster(0).bootstrap(),
-        weight: 100,
-        role: ClusterRole::Permanent,
-        labels: Default::default(),
-        security_profile: None,
-        activate: true,
-    };
-    cp.add_cluster(add, now_millis()).await.unwrap();
+    add_active_cluster(&cp, "src", kafka.cluster(0).bootstrap()).await;
     fill_source(&kafka.cluster(0).bootstrap(), "history", n).await;
     cp.set_route(
         SetRoute {

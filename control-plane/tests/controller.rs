@@ -2,44 +2,19 @@
 
 use std::path::Path;
 use std::process::{Child, Command};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_client::kafka::{KafkaProperties, SecurityProfiles};
-use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
-use flotilla_client::registry::{
-    ClientKind, ClientRecord, ClusterRole, EpochState, Registry, SCHEMA_VERSION,
-};
+use flotilla_client::registry::{ClientKind, ClientRecord, EpochState, SCHEMA_VERSION};
 use flotilla_control::controller::now_millis;
-use flotilla_control::{
-    AddCluster, ControlError, ControlPlane, RdKafkaFleet, RouteOutcome, SetRoute,
-};
+use flotilla_control::{ControlError, ControlPlane, RouteOutcome, SetRoute};
 use flotilla_testkit::etcd::EtcdServer;
 use flotilla_testkit::kafka::KafkaFleet;
 
-async fn control_plane(etcd: &EtcdServer, fleet: &str) -> ControlPlane {
-    let kv = EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
-        .await
-        .unwrap();
-    let kafka = RdKafkaFleet::new(
-        KafkaProperties::new(),
-        SecurityProfiles::empty(),
-        Duration::from_secs(10),
-    );
-    ControlPlane::new(Registry::new(Arc::new(kv), fleet), Arc::new(kafka))
-}
+mod support;
+use support::{add_active_cluster, rdkafka_control_plane, wait_until};
 
-async fn add(cp: &ControlPlane, id: &str, bootstrap: String) {
-    let req = AddCluster {
-        id: id.into(),
-        bootstrap,
-        weight: 100,
-        role: ClusterRole::Permanent,
-        labels: Default::default(),
-        security_profile: None,
-        activate: true,
-    };
-    cp.add_cluster(req, now_millis()).await.unwrap();
+async fn control_plane(etcd: &EtcdServer, fleet: &str) -> ControlPlane {
+    rdkafka_control_plane(etcd, fleet, true).await
 }
 
 fn set(topic: &str, clusters: &[&str], ack_timeout_ms: u64) -> SetRoute {
@@ -51,22 +26,6 @@ fn set(topic: &str, clusters: &[&str], ack_timeout_ms: u64) -> SetRoute {
     }
 }
 
-/// Polls `cond` until it holds or `within` passes.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out after {within:?} waiting for {what}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_operators_racing_the_same_route_change_exactly_one_wins() {
     let kafka = KafkaFleet::start(3).expect("kafka");
@@ -76,7 +35,7 @@ async fn two_operators_racing_the_same_route_change_exactly_one_wins() {
         control_plane(&etcd, "race").await,
     );
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
-        add(&op1, id, kafka.cluster(i).bootstrap()).await;
+        add_active_cluster(&op1, id, kafka.cluster(i).bootstrap()).await;
     }
     op1.set_route(set("t", &["a"], 60_000), now_millis())
         .await
@@ -151,8 +110,8 @@ async fn killed_leader_mid_switch_is_replaced_and_the_switch_completes() {
     let kafka = KafkaFleet::start(2).expect("kafka");
     let etcd = EtcdServer::start().expect("etcd");
     let cp = control_plane(&etcd, "failover").await;
-    add(&cp, "a", kafka.cluster(0).bootstrap()).await;
-    add(&cp, "b", kafka.cluster(1).bootstrap()).await;
+    add_active_cluster(&cp, "a", kafka.cluster(0).bootstrap()).await;
+    add_active_cluster(&cp, "b", kafka.cluster(1).bootstrap()).await;
     cp.set_route(set("t", &["a"], 60_000), now_millis())
         .await
         .unwrap();
@@ -181,7 +140,7 @@ async fn killed_leader_mid_switch_is_replaced_and_the_switch_completes() {
         spawn_controller(&etcd, "c1", &files[0]),
         spawn_controller(&etcd, "c2", &files[1]),
     ];
-    eventually(Duration::from_secs(15), "a leader", || async {
+    wait_until(Duration::from_secs(15), "a leader", || async {
         files.iter().any(|f| f.exists())
     })
     .await;
@@ -203,13 +162,13 @@ async fn killed_leader_mid_switch_is_replaced_and_the_switch_completes() {
     lease.update(acked).await.unwrap();
 
     let started = Instant::now();
-    eventually(
+    wait_until(
         Duration::from_secs(15),
         "the other controller to lead",
         || async { files[1 - leader].exists() },
     )
     .await;
-    eventually(
+    wait_until(
         Duration::from_secs(15),
         "the switch to complete",
         || async { cp.route("t").await.unwrap().open_epoch().map(|e| e.n) == Some(2) },
@@ -242,8 +201,8 @@ async fn producers_that_die_or_stay_silent_do_not_block_a_switch_past_its_deadli
     let kafka = KafkaFleet::start(2).expect("kafka");
     let etcd = EtcdServer::start().expect("etcd");
     let cp = control_plane(&etcd, "deadline").await;
-    add(&cp, "a", kafka.cluster(0).bootstrap()).await;
-    add(&cp, "b", kafka.cluster(1).bootstrap()).await;
+    add_active_cluster(&cp, "a", kafka.cluster(0).bootstrap()).await;
+    add_active_cluster(&cp, "b", kafka.cluster(1).bootstrap()).await;
     cp.set_route(set("t", &["a"], 60_000), now_millis())
         .await
         .unwrap();
@@ -269,7 +228,7 @@ async fn producers_that_die_or_stay_silent_do_not_block_a_switch_past_its_deadli
     // Once etcd expires its lease it is gone from the registry and the switch seals,
     // long before the 60 s ack deadline.
     let started = Instant::now();
-    eventually(
+    wait_until(
         Duration::from_secs(15),
         "the dead producer's switch to seal",
         || async {
@@ -292,7 +251,7 @@ async fn producers_that_die_or_stay_silent_do_not_block_a_switch_past_its_deadli
         .unwrap();
     let r = controller.reconcile_once(now_millis()).await.unwrap();
     assert_eq!(r.waiting.len(), 1, "before the deadline it waits: {r:?}");
-    eventually(
+    wait_until(
         Duration::from_secs(15),
         "the switch to seal at its deadline",
         || async {

@@ -36,22 +36,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_client::consumer::{FleetConsumeError, FleetConsumer, FleetConsumerConfig};
-use flotilla_client::kafka::{KafkaProperties, SecurityProfiles};
-use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
-use flotilla_client::registry::{
-    ClusterRole, ClusterSpec, ClusterState, EpochState, Registry, TopicRoute,
-};
+use flotilla_client::registry::{ClusterSpec, ClusterState, EpochState, Registry, TopicRoute};
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_control::controller::now_millis;
-use flotilla_control::{
-    AddCluster, ControlError, ControlPlane, Controller, RdKafkaFleet, RouteOutcome, SetRoute,
-};
+use flotilla_control::{ControlError, ControlPlane, Controller, RouteOutcome, SetRoute};
 use flotilla_testkit::etcd::EtcdServer;
 use flotilla_testkit::kafka::KafkaFleet;
+
+mod support;
 use rdkafka::consumer::CommitMode;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
+use support::{add_active_cluster, rdkafka_control_plane};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -614,27 +611,10 @@ async fn scenario(kill_c: bool) {
     let etcd = EtcdServer::start().expect("etcd");
     let mut fleet = tokio::task::block_in_place(|| KafkaFleet::start(3)).expect("kafka");
     eprintln!("[{:?}] etcd and 3 Kafka clusters up", t0.elapsed());
-    let kv = EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
-        .await
-        .unwrap();
-    let kafka = RdKafkaFleet::new(
-        KafkaProperties::new(),
-        SecurityProfiles::empty(),
-        Duration::from_secs(10),
-    );
-    let cp = ControlPlane::new(Registry::new(Arc::new(kv), "e2e"), Arc::new(kafka));
+    let cp = rdkafka_control_plane(&etcd, "e2e", true).await;
     let registry = cp.registry().clone();
     for (i, id) in ["a", "b", "c"].iter().enumerate() {
-        let req = AddCluster {
-            id: id.to_string(),
-            bootstrap: fleet.cluster(i).bootstrap(),
-            weight: 100,
-            role: ClusterRole::Permanent,
-            labels: Default::default(),
-            security_profile: None,
-            activate: true,
-        };
-        cp.add_cluster(req, now_millis()).await.unwrap();
+        add_active_cluster(&cp, id, fleet.cluster(i).bootstrap()).await;
     }
     let first = SetRoute {
         topic: TOPIC.into(),

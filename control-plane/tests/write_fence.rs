@@ -17,16 +17,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
-use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
-use flotilla_client::registry::{ClusterRole, GroupRecord, Registry, SCHEMA_VERSION};
+use flotilla_client::registry::{GroupRecord, SCHEMA_VERSION};
 use flotilla_control::controller::now_millis;
-use flotilla_control::{AddCluster, ControlPlane, Controller, RdKafkaFleet, SetRoute};
+use flotilla_control::{Controller, SetRoute};
 use flotilla_testkit::etcd::EtcdServer;
 use flotilla_testkit::kafka::KafkaFleet;
+
+mod support;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
+use support::{add_active_cluster, rdkafka_control_plane};
 
 const TOPIC: &str = "orders";
 const GROUP: &str = "readers";
@@ -48,23 +50,6 @@ struct Outcome {
     consumed_at_retirement: BTreeSet<(i32, i64)>,
     /// When the controller reported the fence set (with the fence only).
     fenced_at: Option<Instant>,
-}
-
-async fn control_plane(etcd: &EtcdServer, fleet: &str, fence: bool) -> ControlPlane {
-    let kv = EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
-        .await
-        .unwrap();
-    let kafka = RdKafkaFleet::new(
-        KafkaProperties::new(),
-        SecurityProfiles::empty(),
-        Duration::from_secs(10),
-    );
-    let kafka = if fence {
-        kafka
-    } else {
-        kafka.without_write_fence()
-    };
-    ControlPlane::new(Registry::new(Arc::new(kv), fleet), Arc::new(kafka))
 }
 
 /// The zombie: bursts of 10 sends to cluster `bootstrap`, one burst every
@@ -143,18 +128,9 @@ fn spawn_reader(
 async fn scenario(fence: bool) -> Outcome {
     let kafka = KafkaFleet::start(2).expect("kafka");
     let etcd = EtcdServer::start().expect("etcd");
-    let cp = control_plane(&etcd, "fence", fence).await;
+    let cp = rdkafka_control_plane(&etcd, "fence", fence).await;
     for (i, id) in ["a", "b"].iter().enumerate() {
-        let req = AddCluster {
-            id: (*id).into(),
-            bootstrap: kafka.cluster(i).bootstrap(),
-            weight: 1,
-            role: ClusterRole::Permanent,
-            labels: Default::default(),
-            security_profile: None,
-            activate: true,
-        };
-        cp.add_cluster(req, now_millis()).await.unwrap();
+        add_active_cluster(&cp, id, kafka.cluster(i).bootstrap()).await;
     }
     cp.registry()
         .register_group(&GroupRecord {

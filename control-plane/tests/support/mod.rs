@@ -1,5 +1,5 @@
-//! Test doubles and helpers shared by the controller's integration tests on
-//! real etcd (`leadership.rs`, `reactive.rs`).
+//! Test doubles and helpers shared by the control plane's integration tests
+//! on real etcd (and, where they need it, real Kafka).
 
 // Each test file uses only part of this module.
 #![allow(dead_code)]
@@ -9,15 +9,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use flotilla_client::kafka::KafkaError;
+use flotilla_client::kafka::{KafkaError, KafkaProperties, SecurityProfiles};
 use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
 use flotilla_client::registry::{
-    ClusterRole, ClusterSpec, Expect, Guard, KvEntry, KvStore, LeaseId, RegistryError, Revision,
-    WatchStream,
+    ClusterRole, ClusterSpec, Expect, Guard, KvEntry, KvStore, LeaseId, Registry, RegistryError,
+    Revision, WatchStream,
 };
 use flotilla_control::controller::now_millis;
 use flotilla_control::kafka::WriteFenceStatus;
-use flotilla_control::{AddCluster, ControlPlane, FleetKafka};
+use flotilla_control::{AddCluster, ControlPlane, FleetKafka, RdKafkaFleet};
 use flotilla_testkit::etcd::EtcdServer;
 use tokio::sync::watch;
 
@@ -211,19 +211,41 @@ pub async fn etcd_kv(etcd: &EtcdServer) -> Arc<dyn KvStore> {
     )
 }
 
-/// Registers and activates permanent clusters `ids` (bootstrap `<id>:9092`).
+/// A control plane on `etcd` under fleet name `fleet`, talking to real Kafka
+/// clusters; `fence`: whether draining fences a cluster's writes (ACLs).
+pub async fn rdkafka_control_plane(etcd: &EtcdServer, fleet: &str, fence: bool) -> ControlPlane {
+    let kafka = RdKafkaFleet::new(
+        KafkaProperties::new(),
+        SecurityProfiles::empty(),
+        Duration::from_secs(10),
+    );
+    let kafka = if fence {
+        kafka
+    } else {
+        kafka.without_write_fence()
+    };
+    ControlPlane::new(Registry::new(etcd_kv(etcd).await, fleet), Arc::new(kafka))
+}
+
+/// Registers and activates permanent cluster `id` at `bootstrap`.
+pub async fn add_active_cluster(cp: &ControlPlane, id: &str, bootstrap: String) {
+    let req = AddCluster {
+        id: id.to_string(),
+        bootstrap,
+        weight: 100,
+        role: ClusterRole::Permanent,
+        labels: Default::default(),
+        security_profile: None,
+        activate: true,
+    };
+    cp.add_cluster(req, now_millis()).await.unwrap();
+}
+
+/// Registers and activates permanent clusters `ids` (bootstrap `<id>:9092`;
+/// for control planes whose Kafka is a test double).
 pub async fn add_active_clusters(cp: &ControlPlane, ids: &[&str]) {
     for id in ids {
-        let req = AddCluster {
-            id: id.to_string(),
-            bootstrap: format!("{id}:9092"),
-            weight: 1,
-            role: ClusterRole::Permanent,
-            labels: Default::default(),
-            security_profile: None,
-            activate: true,
-        };
-        cp.add_cluster(req, now_millis()).await.unwrap();
+        add_active_cluster(cp, id, format!("{id}:9092")).await;
     }
 }
 
