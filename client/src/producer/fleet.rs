@@ -55,8 +55,8 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use rdkafka::error::{KafkaError as RdKafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Header, Message, OwnedHeaders, OwnedMessage, ToBytes};
-use rdkafka::producer::{BaseRecord, FutureRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::message::{DeliveryResult, Headers, Message, OwnedHeaders, OwnedMessage, ToBytes};
+use rdkafka::producer::{FutureRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::util::{IntoOpaque, Timeout};
 use rdkafka::ClientContext;
 // futures' oneshot (for held records), like rdkafka's FutureProducer:
@@ -69,9 +69,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::config::{FleetProducerConfig, OutageMode};
+use super::headers::{self, HeaderList, HeaderPool, Returns, SenderCache};
 use super::{
-    headers_from_vec, Delivery, FleetDeliveryResult, FleetProducerError, FleetSendError,
-    OwnedRecord, WaitReason, EPOCH_HEADER,
+    Delivery, FleetDeliveryResult, FleetProducerError, FleetSendError, OwnedRecord, WaitReason,
 };
 use crate::kafka::error::{from_code, from_rdkafka};
 use crate::kafka::producer_id::prime_producer_id;
@@ -167,33 +167,30 @@ impl<'a> RecordRef<'a> {
         self.key.map_or(0, <[u8]>::len) + self.payload.map_or(0, <[u8]>::len)
     }
 
-    /// The user's headers plus the epoch header (decimal ASCII).
-    fn headers_with_epoch(&self, epoch: u64) -> OwnedHeaders {
-        let base = match self.headers {
-            HRef::None => OwnedHeaders::new_with_capacity(1),
-            HRef::Rd(h) => h.clone(),
-            HRef::Vec(v) => headers_from_vec(v),
+    /// The user's headers plus the epoch header (decimal ASCII), in a
+    /// fresh list. Records without headers of their own get a recycled
+    /// epoch-only list instead ([`SenderCache::take`]).
+    fn headers_with_epoch(&self, epoch: u64) -> HeaderList {
+        let mut list = match self.headers {
+            HRef::None => HeaderList::with_capacity(1),
+            HRef::Rd(h) => {
+                let mut l = HeaderList::with_capacity(h.count() + 1);
+                for h in h.iter() {
+                    l.add(h.key, h.value);
+                }
+                l
+            }
+            HRef::Vec(v) => {
+                let mut l = HeaderList::with_capacity(v.len() + 1);
+                for (k, v) in v {
+                    l.add(k, v.as_deref());
+                }
+                l
+            }
         };
-        let mut buf = [0u8; 20];
-        let digits = decimal(epoch, &mut buf);
-        base.insert(Header {
-            key: EPOCH_HEADER,
-            value: Some(digits),
-        })
+        list.add_epoch(epoch);
+        list
     }
-}
-
-fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
 }
 
 // ---- rdkafka context ------------------------------------------------------------------
@@ -252,6 +249,9 @@ struct Pending {
     slot: Arc<Slot>,
     /// Key + payload bytes (for the bytes metric).
     bytes: usize,
+    /// The record's header list is an epoch-only one: the delivery
+    /// callback returns it to the [`HeaderPool`] (see `headers.rs`).
+    recycle: bool,
     sink: Sink,
 }
 
@@ -336,8 +336,13 @@ impl Cell {
 }
 
 impl Pending {
-    fn new(slot: Arc<Slot>, bytes: usize, sink: Sink) -> Arc<Pending> {
-        Arc::new(Pending { slot, bytes, sink })
+    fn new(slot: Arc<Slot>, bytes: usize, recycle: bool, sink: Sink) -> Arc<Pending> {
+        Arc::new(Pending {
+            slot,
+            bytes,
+            recycle,
+            sink,
+        })
     }
 
     /// A forwarding pending's oneshot sender (taken back after a failed hand-over).
@@ -410,6 +415,9 @@ impl IntoOpaque for DeliverySender {
 struct Ctx {
     core: Weak<Core>,
     cluster: Arc<str>,
+    /// Where delivered records' epoch-only header lists go back to.
+    pool: Arc<HeaderPool>,
+    returns: Returns,
     /// Per-cluster metric handles, resolved once (not per record).
     records: metrics::Counter,
     bytes: metrics::Counter,
@@ -447,6 +455,15 @@ impl ProducerContext for Ctx {
                 Err((FleetSendError::Kafka { cluster, error }, m.detach()))
             }
         };
+        if op.0.recycle {
+            // After `m.detach()` above (a failed record's copy keeps its headers).
+            let m = match result {
+                Ok(m) | Err((_, m)) => m,
+            };
+            if let Some(list) = headers::detach_headers(m) {
+                self.returns.put(&self.pool, op.0.slot.epoch, list);
+            }
+        }
         let p = op.send(out);
         if p.slot.settle() {
             if let Some(core) = self.core.upgrade() {
@@ -491,6 +508,8 @@ struct State {
     /// Slots of older epochs that records in librdkafka still point to
     /// (always eager).
     old_slots: Vec<Arc<Slot>>,
+    /// Epoch-only header lists at hand for the records routed here.
+    header_cache: SenderCache,
 }
 
 enum Cmd {
@@ -516,6 +535,9 @@ struct Routed {
     slot: Arc<Slot>,
     cluster: Arc<str>,
     partition: u32,
+    /// A recycled (or fresh) epoch-only header list, for a record without
+    /// headers of its own.
+    headers: Option<HeaderList>,
 }
 
 enum Attempt {
@@ -532,6 +554,8 @@ enum Attempt {
 
 struct Core {
     state: Mutex<State>,
+    /// Recycled epoch-only header lists (see `headers.rs`).
+    headers: Arc<HeaderPool>,
     kafka: KafkaProperties,
     profiles: SecurityProfiles,
     connect_timeout: Duration,
@@ -651,8 +675,15 @@ impl Core {
     }
 
     /// The slot for records of `topic` routed with `epoch`; the previous
-    /// epoch's slot becomes eager and old.
-    fn slot_for(st: &mut State, topic: &str, epoch: u64, acts: &mut Vec<Action>) -> Arc<Slot> {
+    /// epoch's slot becomes eager and old, and header lists of epochs no
+    /// topic routes with any more are destroyed from now on.
+    fn slot_for(
+        st: &mut State,
+        pool: &HeaderPool,
+        topic: &str,
+        epoch: u64,
+        acts: &mut Vec<Action>,
+    ) -> Arc<Slot> {
         if let Some(s) = st.slots.get(topic) {
             if s.epoch == epoch {
                 return s.clone();
@@ -663,6 +694,9 @@ impl Core {
             Self::make_eager(&mut st.router, &old, acts);
             st.old_slots.push(old);
         }
+        let live: Vec<u64> = st.slots.values().map(|s| s.epoch).collect();
+        st.header_cache.retain_live(&live);
+        pool.set_live(live);
         s
     }
 
@@ -702,12 +736,16 @@ impl Core {
                 }));
             }
         };
-        let slot = Self::slot_for(st, rec.topic, epoch, acts);
+        let slot = Self::slot_for(st, &self.headers, rec.topic, epoch, acts);
+        // Under the lock we hold anyway: no lock of its own per record.
+        let headers =
+            matches!(rec.headers, HRef::None).then(|| st.header_cache.take(&self.headers, epoch));
         Ok(Routed {
             producer,
             slot,
             cluster,
             partition,
+            headers,
         })
     }
 
@@ -725,28 +763,29 @@ impl Core {
             slot,
             cluster,
             partition,
+            headers,
         } = r;
         let epoch = slot.epoch;
-        let pending = Pending::new(slot, rec.size(), sink);
+        let recycle = headers.is_some();
+        let list = headers.unwrap_or_else(|| rec.headers_with_epoch(epoch));
+        let pending = Pending::new(slot, rec.size(), recycle, sink);
         let opaque = DeliverySender::new(pending.clone());
-        let mut br = BaseRecord::<[u8], [u8], DeliverySender>::with_opaque_to(rec.topic, opaque)
-            .partition(rec.partition.unwrap_or(partition as i32))
-            .headers(rec.headers_with_epoch(epoch));
-        if let Some(k) = rec.key {
-            br = br.key(k);
-        }
-        if let Some(v) = rec.payload {
-            br = br.payload(v);
-        }
-        if let Some(ts) = rec.timestamp {
-            br = br.timestamp(ts);
-        }
-        match producer.send(br) {
+        let record = headers::Produce {
+            topic: rec.topic,
+            partition: rec.partition.unwrap_or(partition as i32),
+            key: rec.key,
+            payload: rec.payload,
+            timestamp: rec.timestamp,
+        };
+        // `producer` (kept until the end of this function) keeps the handle alive.
+        match headers::produce(producer.client().native_ptr(), &record, list, opaque) {
             Ok(()) => Ok(pending),
-            Err((e, br)) => {
+            Err((e, list, opaque)) => {
                 // Not answered: the caller still has the record (and, for a
-                // forwarding sink, takes its oneshot sender back).
-                drop(br.delivery_opaque.into_inner());
+                // forwarding sink, takes its oneshot sender back). The list
+                // is destroyed (a failed hand-over is rare).
+                drop(list);
+                drop(opaque.into_inner());
                 if e.rdkafka_error_code() == Some(RDKafkaErrorCode::QueueFull) {
                     Err((pending, Why::QueueFull(cluster)))
                 } else {
@@ -1030,6 +1069,7 @@ impl Core {
     /// Retries held records whose release was deferred (queue full, outage over).
     /// Also reports the settlements the slots collected (see [`Self::absorb_all`]).
     fn drain_all(&self) {
+        self.headers.trim_idle();
         let mut st = self.lock();
         let mut acts = Vec::new();
         Self::absorb_all(&mut st, &mut acts);
@@ -1106,6 +1146,8 @@ impl Core {
         let cluster: Arc<str> = spec.id.as_str().into();
         let ctx = Ctx {
             core: self.me.clone(),
+            pool: self.headers.clone(),
+            returns: Returns::default(),
             records: metrics::counter!("flotilla_producer_records_total", "cluster" => cluster.clone()),
             bytes: metrics::counter!("flotilla_producer_bytes_total", "cluster" => cluster.clone()),
             errors: metrics::counter!("flotilla_producer_delivery_errors_total", "cluster" => cluster.clone()),
@@ -1397,6 +1439,7 @@ impl FleetProducer {
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let core = Arc::new_cyclic(|me| Core {
             state: Mutex::new(State::default()),
+            headers: Arc::new(HeaderPool::default()),
             kafka: config.kafka.clone(),
             profiles: config.profiles.clone(),
             connect_timeout: config.connect_timeout,
@@ -1458,6 +1501,15 @@ impl FleetProducer {
     /// The epoch `topic` is currently routed with, if any.
     pub fn routing_epoch(&self, topic: &str) -> Option<u64> {
         self.inner.core.lock().router.routing_epoch(topic)
+    }
+
+    /// Epoch-only header lists taken so far (recycled, fresh) and lists
+    /// parked in the pool now (tests of the recycling).
+    #[cfg(test)]
+    pub(super) fn header_lists(&self) -> (u64, u64, usize) {
+        let core = &self.inner.core;
+        let (recycled, fresh) = core.lock().header_cache.counts;
+        (recycled, fresh, core.headers.parked())
     }
 
     /// Records currently waiting in the hold buffer.
@@ -1751,7 +1803,12 @@ mod delivery_cell_tests {
     use super::*;
 
     fn pending() -> Arc<Pending> {
-        Pending::new(Arc::new(Slot::new("t", 3)), 5, Sink::Cell(Cell::new()))
+        Pending::new(
+            Arc::new(Slot::new("t", 3)),
+            5,
+            false,
+            Sink::Cell(Cell::new()),
+        )
     }
 
     fn delivered(offset: i64) -> FleetDeliveryResult {
@@ -1817,6 +1874,7 @@ mod delivery_cell_tests {
         let p = Pending::new(
             Arc::new(Slot::new("t", 3)),
             0,
+            false,
             Sink::Forward(Mutex::new(Some(tx))),
         );
         drop(DeliverySender::new(p).send(delivered(7)));

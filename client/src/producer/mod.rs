@@ -12,6 +12,7 @@
 
 mod config;
 mod fleet;
+mod headers;
 mod service;
 #[cfg(test)]
 mod tests;

@@ -977,3 +977,229 @@ async fn ack_waits_for_records_in_flight_then_follows_their_delivery() {
     wait_acked(&s.registry, p.client_id(), "inflight", 2).await;
     drop(held);
 }
+
+/// Every record read back from `topic` on mock cluster `i` (all partitions,
+/// from the start), at least `n` of them.
+fn read_all(s: &Setup, i: usize, topic: &str, n: usize) -> Vec<rdkafka::message::OwnedMessage> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", s.mocks.cluster(i).bootstrap())
+        .set("group.id", "reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS as i32 {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while out.len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read {} of {n} records of {topic} on mock-{i}",
+            out.len()
+        );
+        if let Some(m) = c.poll(Duration::from_millis(100)) {
+            out.push(m.unwrap().detach());
+        }
+    }
+    // Nothing more than expected.
+    while let Some(m) = c.poll(Duration::from_millis(300)) {
+        out.push(m.unwrap().detach());
+    }
+    out
+}
+
+/// Epoch-only header lists are recycled (detached from delivered records,
+/// reused for the next records of the same epoch). A record must still
+/// carry exactly its own epoch: across switches, with two topics on
+/// different epochs at once, after failed and retried deliveries, and next
+/// to records with headers of their own and records librdkafka refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recycled_epoch_headers_carry_each_records_own_epoch() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use std::collections::HashMap;
+
+    let s = setup("rc").await;
+    // A second topic that stays on epoch 1 while "rc" switches.
+    // A third one whose deliveries fail.
+    for topic in ["rc-other", "rc-fail"] {
+        s.mocks.create_topic(topic, PARTITIONS).unwrap();
+        s.registry
+            .put_route(
+                &TopicRoute {
+                    version: SCHEMA_VERSION,
+                    topic: topic.into(),
+                    partitions: PARTITIONS,
+                    epochs: vec![epoch(1, &["mock-0"], EpochState::Open)],
+                },
+                Expect::Absent,
+            )
+            .await
+            .unwrap();
+    }
+    let p = FleetProducer::new(config(&s.registry)).await.unwrap();
+    let batch = super::headers::BATCH;
+    // (topic, key, with headers of its own) -> delivery
+    let mut sent: Vec<(String, String, bool, Delivery)> = Vec::new();
+    let burst = |round: usize| {
+        let p = p.clone();
+        async move {
+            let mut futs = Vec::new();
+            for i in 0..3 * batch {
+                let topic = if i % 3 == 0 { "rc-other" } else { "rc" };
+                let key = format!("r{round}-{i}");
+                let own = i % 50 == 0;
+                let mut rec = FutureRecord::to(topic).key(&key).payload("v");
+                if own {
+                    rec = rec.headers(OwnedHeaders::new().insert(Header {
+                        key: "mine",
+                        value: Some("x"),
+                    }));
+                }
+                let f = p.send_result(rec).map_err(|(e, _)| e).unwrap();
+                futs.push((topic.to_string(), key, own, f));
+            }
+            let mut out = Vec::new();
+            for (t, k, own, f) in futs {
+                out.push((t, k, own, f.await.map_err(|(e, _)| e).unwrap()));
+            }
+            out
+        }
+    };
+    sent.extend(burst(0).await);
+    sent.extend(burst(1).await);
+    let (recycled, _, _) = p.header_lists();
+    assert!(recycled > 0, "lists of delivered records were reused");
+
+    // A refused record (no such partition) and a failed delivery return
+    // their lists without harm; a retried delivery keeps its headers.
+    let (e, _) = p
+        .send(
+            FutureRecord::to("rc").key("x").payload("v").partition(99),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FleetSendError::Kafka { .. }), "{e}");
+    s.mocks
+        .cluster(0)
+        .push_request_errors(
+            RDKafkaApiKey::Produce,
+            vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 2],
+        )
+        .unwrap();
+    sent.extend(burst(2).await);
+    s.mocks
+        .cluster(0)
+        .push_request_errors(
+            RDKafkaApiKey::Produce,
+            vec![RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
+        )
+        .unwrap();
+    // (A topic of its own: after the failure librdkafka refuses the
+    // topic's records at once until its metadata is refreshed.)
+    let mut futs = Vec::new();
+    for i in 0..20 {
+        let key = format!("f{i}");
+        match p.send_result(FutureRecord::to("rc-fail").key(&key).payload("v")) {
+            Ok(f) => futs.push((key, f)),
+            Err((e, _)) => assert!(matches!(e, FleetSendError::Kafka { .. }), "{e}"),
+        }
+    }
+    let mut failed = 0;
+    for (key, f) in futs {
+        match f.await {
+            // Another partition's request.
+            Ok(d) => sent.push(("rc-fail".into(), key, false, d)),
+            Err((e, m)) => {
+                assert!(matches!(e, FleetSendError::Kafka { .. }), "{e}");
+                // The failed record comes back with its epoch header.
+                assert_eq!(m.headers().and_then(epoch_of), Some(1));
+                failed += 1;
+            }
+        }
+    }
+    assert!(failed > 0, "a delivery failed");
+
+    // Epoch 2 of "rc" on mock-1 while "rc-other" stays on epoch 1.
+    switch_to(&s, "rc", &["mock-1"]).await;
+    sent.extend(burst(3).await);
+    sent.extend(burst(4).await);
+    // Epoch 3 back on mock-0, next to epoch 1 lists of "rc-other".
+    switch_to(&s, "rc", &["mock-0"]).await;
+    sent.extend(burst(5).await);
+    sent.extend(burst(6).await);
+    let (recycled_after, fresh, parked) = p.header_lists();
+    assert!(recycled_after > recycled, "reused after the switches too");
+    assert!(fresh > 0);
+    assert!(parked <= super::headers::POOL_MAX);
+
+    // (cluster, topic, partition, offset) -> what was sent there
+    let by_place: HashMap<(String, String, i32, i64), _> = sent
+        .iter()
+        .map(|r| {
+            let d = &r.3;
+            (
+                (d.cluster.to_string(), r.0.clone(), d.partition, d.offset),
+                r,
+            )
+        })
+        .collect();
+    assert_eq!(by_place.len(), sent.len(), "one place per record");
+    let mut checked = 0;
+    for (i, cluster) in ["mock-0", "mock-1"].iter().enumerate() {
+        for topic in ["rc", "rc-other", "rc-fail"] {
+            let n = sent
+                .iter()
+                .filter(|r| r.0 == topic && &*r.3.cluster == *cluster)
+                .count();
+            if n == 0 {
+                continue;
+            }
+            let got = read_all(&s, i, topic, n);
+            assert_eq!(got.len(), n, "{topic} on {cluster}: nothing extra");
+            for m in got {
+                let place = (
+                    cluster.to_string(),
+                    topic.to_string(),
+                    m.partition(),
+                    m.offset(),
+                );
+                let (_, key, own, d) = by_place.get(&place).expect("a record we sent");
+                assert_eq!(m.key(), Some(key.as_bytes()));
+                let h = m.headers().expect("headers");
+                let epochs: Vec<_> = h.iter().filter(|h| h.key == EPOCH_HEADER).collect();
+                assert_eq!(epochs.len(), 1, "{place:?}: one epoch header");
+                assert_eq!(
+                    epochs[0].value.and_then(parse_epoch_header),
+                    Some(d.epoch),
+                    "{place:?}: its own epoch"
+                );
+                assert_eq!(h.count(), if *own { 2 } else { 1 }, "{place:?}");
+                if *own {
+                    assert_eq!(h.get(0).key, "mine");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, sent.len());
+    let epochs: std::collections::BTreeSet<_> = sent
+        .iter()
+        .filter(|r| r.0 != "rc-fail")
+        .map(|r| (r.0.clone(), r.3.epoch))
+        .collect();
+    assert_eq!(
+        epochs.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("rc".to_string(), 1),
+            ("rc".to_string(), 2),
+            ("rc".to_string(), 3),
+            ("rc-other".to_string(), 1)
+        ]
+    );
+    p.close(Duration::from_secs(5)).await.unwrap();
+}
