@@ -1069,7 +1069,7 @@ impl Core {
     /// Retries held records whose release was deferred (queue full, outage over).
     /// Also reports the settlements the slots collected (see [`Self::absorb_all`]).
     fn drain_all(&self) {
-        self.headers.trim_idle();
+        self.headers.tick();
         let mut st = self.lock();
         let mut acts = Vec::new();
         Self::absorb_all(&mut st, &mut acts);

@@ -28,7 +28,7 @@
 //! - [`HeaderPool`] (one per `FleetProducer`): the parked batches, bounded
 //!   ([`POOL_MAX`] lists), only of epochs records are routed with
 //!   ([`HeaderPool::set_live`]); emptied when nobody took from it for a while
-//!   ([`HeaderPool::trim_idle`]), so a burst's lists do not stay forever.
+//!   ([`HeaderPool::tick`]), so a burst's lists do not stay forever.
 //! - [`SenderCache`] (inside the producer's state, used under its lock where
 //!   the record is routed anyway): a few lists per epoch, refilled a batch at
 //!   a time from the pool, or a fresh list when the pool has none.
@@ -335,9 +335,14 @@ struct PoolInner {
     batches: Vec<Batch>,
     /// Lists in `batches`.
     parked: usize,
+    /// Lists in `stale` (they count towards [`POOL_MAX`] too).
+    stale_lists: usize,
     /// Epochs records are routed with; lists of other epochs are destroyed.
     live: Vec<u64>,
-    /// Batches taken since the last [`HeaderPool::trim_idle`].
+    /// Batches of epochs no longer live, destroyed on the next tick (off
+    /// the producer's lock, which [`HeaderPool::set_live`] is called under).
+    stale: Vec<Batch>,
+    /// Batches taken since the last [`HeaderPool::tick`].
     taken: u64,
     idle_ticks: u32,
 }
@@ -357,7 +362,8 @@ impl HeaderPool {
     /// destroys it (outside the lock).
     fn give(&self, batch: Batch) {
         let mut inner = self.lock();
-        if inner.live.contains(&batch.epoch) && inner.parked + batch.lists.len() <= POOL_MAX {
+        let room = POOL_MAX - inner.parked - inner.stale_lists;
+        if inner.live.contains(&batch.epoch) && batch.lists.len() <= room {
             inner.parked += batch.lists.len();
             inner.batches.push(batch);
             return;
@@ -377,7 +383,8 @@ impl HeaderPool {
     }
 
     /// The epochs records are now routed with: parked lists of any other
-    /// epoch are destroyed, and returned ones will be.
+    /// epoch are destroyed on the next [`tick`](Self::tick), returned ones
+    /// at once.
     pub(super) fn set_live(&self, mut live: Vec<u64>) {
         live.sort_unstable();
         live.dedup();
@@ -389,17 +396,25 @@ impl HeaderPool {
             .into_iter()
             .partition(|b| live.contains(&b.epoch));
         inner.parked = keep.iter().map(|b| b.lists.len()).sum();
+        inner.stale_lists += stale.iter().map(|b| b.lists.len()).sum::<usize>();
         inner.batches = keep;
+        inner.stale.extend(stale);
         inner.live = live;
-        drop(inner);
-        drop(stale);
     }
 
-    /// Called on every driver tick: after [`IDLE_TICKS`] ticks in which no
-    /// sender took a batch, the parked lists are destroyed (the load is
-    /// gone; they would only hold memory).
-    pub(super) fn trim_idle(&self) {
+    /// Called on every driver tick (not under the producer's lock): destroys
+    /// the stale lists, and after [`IDLE_TICKS`] ticks in which no sender
+    /// took a batch, the parked ones too (the load is gone; they would only
+    /// hold memory).
+    pub(super) fn tick(&self) {
         let mut inner = self.lock();
+        let stale = std::mem::take(&mut inner.stale);
+        inner.stale_lists = 0;
+        if !stale.is_empty() {
+            drop(inner);
+            drop(stale);
+            inner = self.lock();
+        }
         if inner.taken > 0 || inner.batches.is_empty() {
             inner.taken = 0;
             inner.idle_ticks = 0;
@@ -594,6 +609,9 @@ mod tests {
         assert_eq!(pool.parked(), BATCH, "epoch 2 is not live");
         pool.set_live(vec![2]);
         assert_eq!(pool.parked(), 0, "epoch 1 is stale now");
+        assert_eq!(pool.lock().stale.len(), 1);
+        pool.tick();
+        assert!(pool.lock().stale.is_empty(), "destroyed on the tick");
         let mut cache = SenderCache::default();
         let _ = cache.take(&pool, 1);
         cache.retain_live(&[2]);
@@ -611,14 +629,14 @@ mod tests {
         let mut cache = SenderCache::default();
         let _ = cache.take(&pool, 1);
         for _ in 0..IDLE_TICKS {
-            pool.trim_idle();
+            pool.tick();
         }
         assert_eq!(
             pool.parked(),
             BATCH,
             "a take in the first tick: not idle yet"
         );
-        pool.trim_idle();
+        pool.tick();
         assert_eq!(pool.parked(), 0);
     }
 }
