@@ -1886,3 +1886,54 @@ mod delivery_cell_tests {
         assert_eq!(got.offset, 7);
     }
 }
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+    use rdkafka::message::Header;
+
+    /// A fresh list (records with headers of their own, held records
+    /// re-sent as `OwnedRecord`s) keeps the user's headers, in order, and
+    /// appends the epoch header.
+    #[test]
+    fn headers_with_epoch_keeps_the_users_headers_first() {
+        let owned = OwnedRecord {
+            topic: "t".into(),
+            key: None,
+            payload: None,
+            headers: vec![("a".into(), Some(b"1".to_vec())), ("b".into(), None)],
+            partition: None,
+            timestamp: None,
+        };
+        let rd = OwnedHeaders::new()
+            .insert(Header {
+                key: "a",
+                value: Some("1"),
+            })
+            .insert(Header::<&[u8]> {
+                key: "b",
+                value: None,
+            });
+        let future = FutureRecord::<(), ()>::to("t").headers(rd);
+        let want = vec![
+            ("a".to_string(), Some(b"1".to_vec())),
+            ("b".to_string(), None),
+            (super::super::EPOCH_HEADER.to_string(), Some(b"42".to_vec())),
+        ];
+        assert_eq!(
+            RecordRef::of_owned(&owned).headers_with_epoch(42).to_vec(),
+            want
+        );
+        assert_eq!(
+            RecordRef::of_future(&future)
+                .headers_with_epoch(42)
+                .to_vec(),
+            want
+        );
+        let bare = FutureRecord::<(), ()>::to("t");
+        assert_eq!(
+            RecordRef::of_future(&bare).headers_with_epoch(7).to_vec(),
+            vec![(super::super::EPOCH_HEADER.to_string(), Some(b"7".to_vec()))]
+        );
+    }
+}
