@@ -110,7 +110,22 @@ pub struct FleetMessage {
     cluster: Arc<ClusterTag>,
     epoch: Option<u64>,
     straggler: bool,
+    /// Decided by the gate at admission (under the state lock, which `recv`
+    /// then need not take): the record is the last one below the fence of a
+    /// sealed epoch that wrote to its cluster, so delivering it under
+    /// auto-commit commits at once. Valid while [`Shared::routes_gen`] is
+    /// still `routes_gen` (the routes have not changed since); otherwise
+    /// `recv` decides again under the lock.
+    at_fence: bool,
+    routes_gen: u64,
+    /// The record's topic in its cluster's [`PendingStores`] (found once
+    /// per batch, so `recv` stores its offset without comparing topic
+    /// names); [`NO_SLOT`] if not found yet.
+    store_slot: u32,
 }
+
+/// [`FleetMessage::store_slot`] not known.
+const NO_SLOT: u32 = u32::MAX;
 
 /// The rdkafka message a [`FleetMessage`] wraps.
 enum Record {
@@ -124,15 +139,6 @@ enum Record {
 }
 
 impl FleetMessage {
-    fn new(record: Record, cluster: Arc<ClusterTag>) -> FleetMessage {
-        FleetMessage {
-            record,
-            cluster,
-            epoch: None,
-            straggler: false,
-        }
-    }
-
     /// Registry id of the cluster the record was read from.
     pub fn cluster(&self) -> &str {
         &self.cluster.id
@@ -159,22 +165,13 @@ impl FleetMessage {
             Record::Owned(m) => (**m).clone(),
         }
     }
-
-    /// This record with its data copied out of librdkafka (for records that
-    /// may wait long: they must not pin librdkafka's fetch buffers).
-    fn into_owned(self) -> OwnedMessage {
-        match self.record {
-            Record::Borrowed(ref m) => m.detach(),
-            Record::Owned(m) => *m,
-        }
-    }
 }
 
 #[cfg(test)]
 impl FleetConsumer {
     /// Records waiting in the ready queue for `recv`.
     pub(crate) fn ready_len(&self) -> usize {
-        self.shared.ready().q.len()
+        self.shared.taken().len() + self.shared.ready().q.len()
     }
 }
 
@@ -199,6 +196,9 @@ impl Clone for FleetMessage {
             cluster: self.cluster.clone(),
             epoch: self.epoch,
             straggler: self.straggler,
+            at_fence: self.at_fence,
+            routes_gen: self.routes_gen,
+            store_slot: self.store_slot,
         }
     }
 }
@@ -328,7 +328,9 @@ impl ClusterTag {
 /// librdkafka's offset store: the next offset per topic and partition (-1:
 /// nothing new), set when a record is delivered and handed to librdkafka in
 /// one call per batch ([`Shared::flush_stores`]) rather than one per record.
-/// A few topics per cluster: a linear scan beats hashing the name.
+/// Topics are only ever appended, so a topic's index (its slot, found by
+/// the pump once per batch and carried by the record) stays valid and
+/// `recv` stores without comparing names.
 #[derive(Default)]
 pub(crate) struct PendingStores {
     to_store: Mutex<Vec<(String, Vec<i64>)>>,
@@ -336,11 +338,14 @@ pub(crate) struct PendingStores {
 }
 
 impl PendingStores {
-    fn store_later(&self, topic: &str, partition: i32, next: i64) {
-        let Ok(p) = usize::try_from(partition) else {
-            return;
-        };
-        let mut m = self.to_store.lock().unwrap_or_else(|e| e.into_inner());
+    fn lock(&self) -> MutexGuard<'_, Vec<(String, Vec<i64>)>> {
+        self.to_store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The slot of `topic` (added if new). A few topics per cluster: a
+    /// linear scan beats hashing the name.
+    fn slot(&self, topic: &str) -> u32 {
+        let mut m = self.lock();
         let i = match m.iter().position(|(t, _)| t == topic) {
             Some(i) => i,
             None => {
@@ -348,7 +353,19 @@ impl PendingStores {
                 m.len() - 1
             }
         };
-        let v = &mut m[i].1;
+        u32::try_from(i).unwrap_or(NO_SLOT)
+    }
+
+    /// Records `next` as the offset to store for `partition` of the topic in
+    /// `slot` (from [`PendingStores::slot`]).
+    fn store_later(&self, slot: u32, partition: i32, next: i64) {
+        let Ok(p) = usize::try_from(partition) else {
+            return;
+        };
+        let mut m = self.lock();
+        let Some((_, v)) = m.get_mut(slot as usize) else {
+            return;
+        };
         if v.len() <= p {
             v.resize(p + 1, -1);
         }
@@ -361,7 +378,7 @@ impl PendingStores {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return None;
         }
-        let mut m = self.to_store.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.lock();
         let mut tpl = TopicPartitionList::new();
         for (t, v) in m.iter_mut() {
             for (p, o) in v.iter_mut().enumerate() {
@@ -425,11 +442,100 @@ struct Reader {
 
 /// Records of one partition held back by a fence. They may wait long (until
 /// the group commits an older epoch's fence), so they are copied out of
-/// librdkafka ([`FleetMessage::into_owned`]) rather than pinning its fetch
+/// librdkafka (`BorrowedMessage::detach`) rather than pinning its fetch
 /// buffers; there are few (the partition is paused at the first).
 struct Parked {
     msgs: VecDeque<OwnedMessage>,
     since: Instant,
+}
+
+/// Records just read from one cluster's consumer, in librdkafka's memory
+/// (not copied), before the gate sees them. The batch holds the cluster's
+/// tag itself, and its fields drop in declaration order (`msgs` before
+/// `tag`): so the consumer the messages came from outlives them, whatever
+/// happens to the pump (see the `// SAFETY:` comment in [`pump`]).
+struct Batch {
+    msgs: Vec<BorrowedMessage<'static>>,
+    tag: Arc<ClusterTag>,
+}
+
+/// What delivering records of one topic of one cluster needs, found once
+/// per batch (under the state lock) rather than once per record.
+struct TopicInfo {
+    topic: String,
+    /// The topic's slot in the cluster's [`PendingStores`].
+    store_slot: u32,
+    /// [`Shared::routes_gen`] when `fences` was read.
+    routes_gen: u64,
+    /// (partition, offset after the last record below the fence) of every
+    /// sealed epoch that wrote to the cluster; empty unless
+    /// [`Shared::commits_at_fences`].
+    fences: Vec<(i32, i64)>,
+}
+
+impl TopicInfo {
+    /// Called under the state lock (`st`), which orders it with route changes.
+    fn new(shared: &Shared, st: &State, tag: &ClusterTag, topic: &str) -> TopicInfo {
+        let fences = if shared.commits_at_fences() {
+            fences_of(&st.routes, &tag.id, topic)
+        } else {
+            Vec::new()
+        };
+        TopicInfo {
+            topic: topic.to_string(),
+            store_slot: tag.stores.slot(topic),
+            routes_gen: shared.routes_gen.load(Ordering::Acquire),
+            fences,
+        }
+    }
+
+    /// A record of this topic the gate admitted, ready for `recv`.
+    fn message(
+        &self,
+        record: Record,
+        cluster: Arc<ClusterTag>,
+        partition: i32,
+        epoch: Option<u64>,
+        straggler: bool,
+    ) -> FleetMessage {
+        let next = record_offset(&record) + 1;
+        FleetMessage {
+            record,
+            cluster,
+            epoch,
+            straggler,
+            at_fence: !self.fences.is_empty() && self.fences.contains(&(partition, next)),
+            routes_gen: self.routes_gen,
+            store_slot: self.store_slot,
+        }
+    }
+}
+
+fn record_offset(record: &Record) -> i64 {
+    match record {
+        Record::Borrowed(m) => m.offset(),
+        Record::Owned(m) => m.offset(),
+    }
+}
+
+/// (partition, offset after the last record below the fence) of every
+/// sealed epoch of `topic` that wrote to `cluster`: delivering the record
+/// before one of these offsets completes this member's part of a fence.
+fn fences_of(routes: &BTreeMap<String, TopicRoute>, cluster: &str, topic: &str) -> Vec<(i32, i64)> {
+    let Some(route) = routes.get(topic) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in route.sealed_epochs().filter(|e| e.writes_to(cluster)) {
+        if let Some(f) = e.fence.get(cluster) {
+            out.extend(
+                f.iter()
+                    .enumerate()
+                    .filter_map(|(p, o)| Some((i32::try_from(p).ok()?, *o))),
+            );
+        }
+    }
+    out
 }
 
 #[derive(Default)]
@@ -467,6 +573,9 @@ const BATCH: usize = 512;
 /// Pumps stop reading while this many records wait for `recv`: the rest
 /// stays in librdkafka, bounded by its `queued.max.messages.kbytes`.
 const READY_CAP: usize = 4 * BATCH;
+/// Records `recv` moves from the ready queue (shared with the pumps) to its
+/// own buffer at a time: one lock of the ready queue per `TAKE` records.
+const TAKE: usize = 128;
 
 /// State shared by the consumer handle, its tasks and the rdkafka contexts.
 pub(crate) struct Shared {
@@ -477,7 +586,15 @@ pub(crate) struct Shared {
     auto_store: bool,
     auto_commit: bool,
     state: Mutex<State>,
-    /// Lock order: `state` before `ready`.
+    /// Bumped (under the `state` lock) whenever `State::routes` changes:
+    /// a record's [`FleetMessage::at_fence`] holds while this has not moved.
+    routes_gen: AtomicU64,
+    /// Records `recv` took from the ready queue, in order, not handed out
+    /// yet (see [`TAKE`]). Like the ready queue, not yet delivered: every
+    /// removal of unread records (revoke, seek, pause, cluster gone) applies
+    /// to both ([`Shared::retain_unread`]). Lock order: `state`, `taken`,
+    /// `ready`.
+    taken: Mutex<VecDeque<FleetMessage>>,
     ready: Mutex<Ready>,
     /// Wakes `recv` (records or errors became ready).
     notify: Notify,
@@ -516,6 +633,31 @@ impl Shared {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn taken(&self) -> MutexGuard<'_, VecDeque<FleetMessage>> {
+        self.taken.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps, of the records read and not handed out yet (`recv`'s buffer,
+    /// then the ready queue: oldest first), those `keep` says to, and wakes
+    /// a pump waiting for room.
+    fn retain_unread(&self, mut keep: impl FnMut(&FleetMessage) -> bool) {
+        let mut t = self.taken();
+        t.retain(&mut keep);
+        let mut r = self.ready();
+        r.q.retain(keep);
+        if r.space_wanted && r.q.len() <= READY_CAP / 2 {
+            r.space_wanted = false;
+            self.space.notify_waiters();
+        }
+    }
+
+    /// Drops every record read and not handed out.
+    fn clear_unread(&self) {
+        let taken = std::mem::take(&mut *self.taken());
+        let ready = std::mem::take(&mut self.ready().q);
+        drop((taken, ready));
+    }
+
     pub(crate) fn rebalance_callback(&self) -> Option<RebalanceCallback> {
         self.config.on_rebalance.clone()
     }
@@ -537,17 +679,26 @@ impl Shared {
         self.wake_recv();
     }
 
-    /// Pops the next ready record (or error) for `recv`.
+    /// Pops the next ready record (or error) for `recv`: from `recv`'s own
+    /// buffer, refilled with up to [`TAKE`] records from the ready queue
+    /// when empty (the pumps' lock is taken once per refill, not per record).
     fn pop_ready(&self) -> Option<Result<FleetMessage, FleetConsumeError>> {
+        let mut t = self.taken();
+        if let Some(m) = t.pop_front() {
+            return Some(Ok(m));
+        }
         let mut r = self.ready();
-        let Some(m) = r.q.pop_front() else {
+        if r.q.is_empty() {
             return r.errors.pop_front().map(Err);
-        };
+        }
+        let n = r.q.len().min(TAKE);
+        t.extend(r.q.drain(..n));
         if r.space_wanted && r.q.len() <= READY_CAP / 2 {
             r.space_wanted = false;
             self.space.notify_waiters();
         }
-        Some(Ok(m))
+        drop(r);
+        t.pop_front().map(Ok)
     }
 
     /// Waits until the ready queue has room for another batch.
@@ -628,12 +779,9 @@ impl Shared {
         }
         let revoked: BTreeSet<(&str, i32)> =
             partitions.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-        let mut r = self.ready();
-        r.q.retain(|m| !(m.cluster() == cluster && revoked.contains(&(m.topic(), m.partition()))));
-        if r.space_wanted && r.q.len() <= READY_CAP / 2 {
-            r.space_wanted = false;
-            self.space.notify_waiters();
-        }
+        self.retain_unread(|m| {
+            !(m.cluster() == cluster && revoked.contains(&(m.topic(), m.partition())))
+        });
     }
 
     /// The group committed `offset` on `cluster/topic/partition` (this member,
@@ -661,6 +809,12 @@ impl Shared {
         released
     }
 
+    /// Whether `recv` commits at once when it delivers the last record below
+    /// a fence (auto-commit of auto-stored offsets).
+    fn commits_at_fences(&self) -> bool {
+        self.auto_store && self.auto_commit
+    }
+
     /// Moves what the gate now allows from the parked records of `slot` to
     /// the ready queue; resumes the partition once nothing is parked. True if
     /// records became ready.
@@ -673,15 +827,17 @@ impl Shared {
         let Some(mut parked) = st.parked.remove(slot) else {
             return false;
         };
+        let info = TopicInfo::new(self, st, &tag, topic);
         let mut out = Vec::new();
         while let Some(m) = parked.msgs.front() {
-            match self.admit(st, cluster, m) {
+            let Some(gate) = st.gates.get_mut(topic) else {
+                break;
+            };
+            match self.admit(gate, cluster, topic, m) {
                 Some((epoch, straggler)) => {
                     let m = parked.msgs.pop_front().expect("front exists");
-                    let mut m = FleetMessage::new(Record::Owned(Box::new(m)), tag.clone());
-                    m.epoch = epoch;
-                    m.straggler = straggler;
-                    out.push(m);
+                    let record = Record::Owned(Box::new(m));
+                    out.push(info.message(record, tag.clone(), *p, epoch, straggler));
                 }
                 None => break,
             }
@@ -711,15 +867,15 @@ impl Shared {
         released
     }
 
-    /// Whether the gate lets `m` (of `cluster`) be delivered now: `Some((epoch,
-    /// straggler))` if so. Counts and logs stragglers.
+    /// Whether `gate` (of `topic`) lets `m` (of `cluster`) be delivered now:
+    /// `Some((epoch, straggler))` if so. Counts and logs stragglers.
     fn admit(
         &self,
-        st: &mut State,
+        gate: &mut FenceGate,
         cluster: &str,
+        topic: &str,
         m: &impl Message,
     ) -> Option<(Option<u64>, bool)> {
-        let gate = st.gates.get_mut(m.topic())?;
         let p = u32::try_from(m.partition()).ok()?;
         if gate
             .allowed_until(cluster, p)
@@ -736,12 +892,12 @@ impl Shared {
                 metrics::counter!(
                     "flotilla_consumer_stragglers_total",
                     "cluster" => cluster.to_string(),
-                    "topic" => m.topic().to_string()
+                    "topic" => topic.to_string()
                 )
                 .increment(1);
                 tracing::warn!(
                     cluster,
-                    topic = m.topic(),
+                    topic,
                     partition = m.partition(),
                     offset = m.offset(),
                     epoch,
@@ -752,34 +908,47 @@ impl Shared {
         }
     }
 
-    /// A batch of records fresh from `tag`'s consumer, read after its seek
-    /// and rebalance counts were `seeks` and `rebalances`: each is made
-    /// ready, or parked (its partition paused) while the gate holds it back. Returns the partitions to seek
-    /// again (a seek landed while the batch was read: its records of those
-    /// partitions may be from before the seek, so they are dropped and read
-    /// again from the sought offset).
+    /// A batch of records fresh from its tag's consumer, read after the
+    /// tag's seek and rebalance counts were `seeks` and `rebalances`: each is
+    /// made ready, or parked (its partition paused) while the gate holds it
+    /// back. Returns the partitions to seek again (a seek landed while the
+    /// batch was read: its records of those partitions may be from before
+    /// the seek, so they are dropped and read again from the sought offset).
     fn admit_batch(
         &self,
-        tag: &Arc<ClusterTag>,
+        batch: &mut Batch,
         (seeks, rebalances): (u64, u64),
-        batch: &mut Vec<FleetMessage>,
     ) -> Vec<(String, i32, Offset)> {
+        let Batch { msgs, tag } = batch;
         let cluster = tag.id.as_str();
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         if tag.rebalances.load(Ordering::Acquire) != rebalances {
             // A rebalance ran while the batch was read (its callbacks run
             // inside the poll): records of partitions revoked meanwhile are
             // re-read by their next owner, not delivered here.
             let empty = BTreeSet::new();
             let assigned = st.assigned.get(cluster).unwrap_or(&empty);
-            batch.retain(|m| assigned.contains(&(m.topic().to_string(), m.partition())));
+            msgs.retain(|m| assigned.contains(&(m.topic().to_string(), m.partition())));
         }
+        // Per topic of the batch (usually one), found once.
+        let mut topics: Vec<TopicInfo> = Vec::new();
         let mut reseek = Vec::new();
-        let mut out = Vec::with_capacity(batch.len());
+        let mut out = Vec::with_capacity(msgs.len());
         let mut paused = Vec::new();
-        for mut m in batch.drain(..) {
+        for m in msgs.drain(..) {
+            let partition = m.partition();
+            let ti = match topics.iter().position(|t| t.topic == m.topic()) {
+                Some(i) => i,
+                None => {
+                    topics.push(TopicInfo::new(self, st, tag, m.topic()));
+                    topics.len() - 1
+                }
+            };
+            let info = &topics[ti];
+            let topic = info.topic.as_str();
             if !st.sought.is_empty() || !st.parked.is_empty() {
-                let slot: Slot = (cluster.to_string(), m.topic().to_string(), m.partition());
+                let slot: Slot = (cluster.to_string(), topic.to_string(), partition);
                 if let Some((n, to)) = st.sought.get(&slot).copied() {
                     if n > seeks {
                         if !reseek.iter().any(|(t, p, _)| t == &slot.1 && *p == slot.2) {
@@ -794,29 +963,36 @@ impl Shared {
                         // offset reset): what is parked will be read again.
                         parked.msgs.clear();
                     }
-                    parked.msgs.push_back(m.into_owned());
+                    parked.msgs.push_back(m.detach());
                     continue;
                 }
             }
-            match self.admit(&mut st, cluster, &m) {
+            let admitted = match st.gates.get_mut(topic) {
+                Some(gate) => self.admit(gate, cluster, topic, &m),
+                None => None,
+            };
+            match admitted {
                 Some((epoch, straggler)) => {
-                    m.epoch = epoch;
-                    m.straggler = straggler;
-                    out.push(m);
+                    // The tag is cloned here, in a tight loop, not as each
+                    // record is read: its count's cache line, which `recv`'s
+                    // thread touches as it drops records, moves to this
+                    // thread once per batch rather than once per record.
+                    let record = Record::Borrowed(m);
+                    out.push(info.message(record, tag.clone(), partition, epoch, straggler));
                 }
                 None => {
                     tracing::debug!(
                         cluster,
-                        topic = m.topic(),
-                        partition = m.partition(),
+                        topic,
+                        partition,
                         offset = m.offset(),
                         "record held back by a fence; pausing the partition"
                     );
-                    paused.push(tpl_of(m.topic(), m.partition()));
+                    paused.push(tpl_of(topic, partition));
                     st.parked.insert(
-                        (cluster.to_string(), m.topic().to_string(), m.partition()),
+                        (cluster.to_string(), topic.to_string(), partition),
                         Parked {
-                            msgs: VecDeque::from([m.into_owned()]),
+                            msgs: VecDeque::from([m.detach()]),
                             since: Instant::now(),
                         },
                     );
@@ -836,7 +1012,7 @@ impl Shared {
         }
         if !out.is_empty() {
             self.ready().q.extend(out);
-            drop(st);
+            drop(guard);
             self.wake_recv();
         }
         reseek
@@ -858,27 +1034,37 @@ impl Shared {
         }
     }
 
-    /// Bookkeeping of a record handed to the application.
+    /// Bookkeeping of a record handed to the application: its offset goes
+    /// to the pending stores and, under auto-commit, the last record below a
+    /// fence commits at once. The gate decided at admission whether the
+    /// record is that one, so the state lock is taken only if it is, or if
+    /// the routes changed since.
     fn delivered(&self, msg: FleetMessage) -> FleetMessage {
         msg.cluster.records.increment(1);
         if self.auto_store {
             let next = msg.offset() + 1;
-            msg.cluster
-                .stores
-                .store_later(msg.topic(), msg.partition(), next);
+            let stores = &msg.cluster.stores;
+            let slot = match msg.store_slot {
+                NO_SLOT => stores.slot(msg.topic()),
+                s => s,
+            };
+            stores.store_later(slot, msg.partition(), next);
             if self.auto_commit {
-                let p = msg.partition() as usize;
                 let cluster = msg.cluster();
-                let st = self.lock();
-                let at_fence = st.routes.get(msg.topic()).is_some_and(|r| {
-                    r.sealed_epochs().any(|e| {
-                        e.writes_to(cluster)
-                            && e.fence.get(cluster).and_then(|f| f.get(p)) == Some(&next)
-                    })
-                });
-                let consumer = st.readers.get(cluster).map(|r| r.consumer.clone());
-                drop(st);
-                if let (true, Some(c)) = (at_fence, consumer) {
+                let at_fence = if msg.routes_gen == self.routes_gen.load(Ordering::Acquire) {
+                    msg.at_fence
+                } else {
+                    // A route changed since the gate admitted the record
+                    // (e.g. a switch sealed its epoch meanwhile).
+                    fences_of(&self.lock().routes, cluster, msg.topic())
+                        .contains(&(msg.partition(), next))
+                };
+                let consumer = if at_fence {
+                    self.lock().readers.get(cluster).map(|r| r.consumer.clone())
+                } else {
+                    None
+                };
+                if let Some(c) = consumer {
                     // This member reached a fence: commit now rather than at
                     // the next auto-commit tick, so the next epoch's records
                     // wait less.
@@ -943,6 +1129,7 @@ impl Shared {
                 }
                 if changed {
                     st.routes.insert(t.clone(), route.clone());
+                    self.routes_gen.fetch_add(1, Ordering::AcqRel);
                 }
                 released |= self.apply(&mut st, t, actions);
                 if changed {
@@ -1094,7 +1281,7 @@ impl Shared {
                 st.user_paused.retain(|s| s.0 != c);
                 st.sought.retain(|s, _| s.0 != c);
                 st.assigned.remove(&c);
-                self.ready().q.retain(|m| m.cluster() != c);
+                self.retain_unread(|m| m.cluster() != c);
             }
             let now = Instant::now();
             for (c, topics) in &desired {
@@ -1363,7 +1550,7 @@ impl Drop for FleetConsumer {
         }
         let readers = std::mem::take(&mut self.shared.lock().readers);
         // Records not handed out hold their clusters' consumers open.
-        self.shared.ready().q.clear();
+        self.shared.clear_unread();
         if !readers.is_empty() {
             // Closing an rdkafka consumer blocks (it leaves the group).
             drop(close_readers(
@@ -1426,6 +1613,9 @@ impl FleetConsumer {
             auto_commit: config.auto_commit(),
             config,
             state: Mutex::new(State::default()),
+            // Records made before any route carry 0: never current.
+            routes_gen: AtomicU64::new(1),
+            taken: Mutex::new(VecDeque::new()),
             ready: Mutex::new(Ready::default()),
             notify: Notify::new(),
             space: Notify::new(),
@@ -1459,6 +1649,7 @@ impl FleetConsumer {
             let keep: BTreeSet<String> = st.topics.iter().cloned().collect();
             st.gates.retain(|t, _| keep.contains(t));
             st.routes.retain(|t, _| keep.contains(t));
+            self.shared.routes_gen.fetch_add(1, Ordering::AcqRel);
             for t in &keep {
                 st.gates.entry(t.clone()).or_default();
             }
@@ -1680,8 +1871,9 @@ impl FleetConsumer {
                     .insert((cluster.to_string(), e.topic().to_string(), e.partition()));
                 slots.insert((e.topic().to_string(), e.partition()));
             }
-            let mut r = self.shared.ready();
-            r.q.retain(|m| {
+            // Oldest first: the first record met per partition is where to
+            // rewind to.
+            self.shared.retain_unread(|m| {
                 let key = (m.topic().to_string(), m.partition());
                 if m.cluster() != cluster || !slots.contains(&key) {
                     return true;
@@ -1691,7 +1883,6 @@ impl FleetConsumer {
                 }
                 false
             });
-            drop(r);
             for (t, p, o) in &rewind {
                 let n = tag.seeks.fetch_add(1, Ordering::AcqRel) + 1;
                 st.sought.insert(
@@ -1753,7 +1944,7 @@ impl FleetConsumer {
             let mut st = self.shared.lock();
             let n = tag.seeks.fetch_add(1, Ordering::AcqRel) + 1;
             st.sought.insert(slot.clone(), (n, offset));
-            self.shared.ready().q.retain(|m| {
+            self.shared.retain_unread(|m| {
                 !(m.cluster() == cluster && m.topic() == topic && m.partition() == partition)
             });
             st.parked.remove(&slot).is_some()
@@ -1845,7 +2036,7 @@ impl FleetConsumer {
         }
         let readers = std::mem::take(&mut self.shared.lock().readers);
         // Records not handed out hold their clusters' consumers open.
-        self.shared.ready().q.clear();
+        self.shared.clear_unread();
         let done = close_readers(
             readers.into_values().collect(),
             self.shared.config.commit_timeout,
@@ -1870,7 +2061,10 @@ impl FleetConsumer {
 async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>) {
     let consumer = tag.consumer();
     let mut stream = consumer.stream();
-    let mut batch: Vec<FleetMessage> = Vec::with_capacity(BATCH);
+    let mut batch = Batch {
+        msgs: Vec::with_capacity(BATCH),
+        tag: tag.clone(),
+    };
     loop {
         shared.wait_for_space().await;
         let seen = (
@@ -1888,10 +2082,13 @@ async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>) {
                     // message itself is not freed apart). What that drop needs
                     // is the consumer's `rd_kafka_t` still alive — librdkafka
                     // wants every message destroyed before the handle is
-                    // closed or destroyed. It is: the message goes only into a
-                    // `FleetMessage` (or this batch, dropped before `tag`)
-                    // whose `cluster` is `tag`, whose `client` is an `Arc` of
-                    // the consumer `stream` reads. The tag gives that `Arc` up
+                    // closed or destroyed. It is: the message goes only into
+                    // `batch` and from there into a `FleetMessage` (or is
+                    // dropped), both holding `tag` (`Batch::tag`,
+                    // `FleetMessage::cluster`) and dropping the message before
+                    // it (fields drop in declaration order), and the tag's
+                    // `client` is an `Arc` of the consumer `stream` reads.
+                    // The tag gives that `Arc` up
                     // only when it is dropped (after every `FleetMessage`
                     // holding it; fields drop in declaration order, `record`
                     // before `cluster`) or once `Arc::into_inner` proved no
@@ -1903,12 +2100,12 @@ async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>) {
                     let m = unsafe {
                         std::mem::transmute::<BorrowedMessage<'_>, BorrowedMessage<'static>>(m)
                     };
-                    batch.push(FleetMessage::new(Record::Borrowed(m), tag.clone()));
+                    batch.msgs.push(m);
                 }
                 Some(Err(e)) => shared.pump_error(&tag, e),
                 None => return,
             }
-            if batch.len() >= BATCH {
+            if batch.msgs.len() >= BATCH {
                 break;
             }
             match stream.next().now_or_never() {
@@ -1916,8 +2113,8 @@ async fn pump(shared: Arc<Shared>, tag: Arc<ClusterTag>) {
                 None => break,
             }
         }
-        if !batch.is_empty() {
-            for (t, p, to) in shared.admit_batch(&tag, seen, &mut batch) {
+        if !batch.msgs.is_empty() {
+            for (t, p, to) in shared.admit_batch(&mut batch, seen) {
                 if let Err(e) = consumer.seek(&t, p, to, Duration::ZERO) {
                     tracing::warn!(cluster = %tag.id, topic = %t, partition = p, error = %e, "cannot seek again after a seek during a read");
                 }
