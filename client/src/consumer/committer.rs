@@ -158,6 +158,20 @@ impl Committer {
         }
     }
 
+    /// Whether this member has committed `tp` up to `next` or past it:
+    /// queued, being sent, or confirmed.
+    pub(crate) fn covers(&self, tp: &Tp, next: i64) -> bool {
+        let inner = self.lock();
+        [&inner.pending, &inner.in_flight, &inner.confirmed]
+            .iter()
+            .any(|m| m.get(tp).is_some_and(|o| *o >= next))
+    }
+
+    /// How many commits of the stored offsets were asked so far.
+    pub(crate) fn state_asked(&self) -> u64 {
+        self.lock().state_asked
+    }
+
     /// Whether [`Committer::flush`] of `partitions` would wait (there is
     /// something to commit for them); false once stopped.
     pub(crate) fn has_work(&self, partitions: Option<&[Tp]>) -> bool {

@@ -100,6 +100,7 @@ pub struct FleetConsumerConfig {
     pub(crate) connect_timeout: Duration,
     pub(crate) poll_interval: Duration,
     pub(crate) commit_timeout: Duration,
+    pub(crate) revoke_wait: Duration,
     pub(crate) on_rebalance: Option<RebalanceCallback>,
 }
 
@@ -114,6 +115,7 @@ impl fmt::Debug for FleetConsumerConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("poll_interval", &self.poll_interval)
             .field("commit_timeout", &self.commit_timeout)
+            .field("revoke_wait", &self.revoke_wait)
             .field("on_rebalance", &self.on_rebalance.is_some())
             .finish()
     }
@@ -122,8 +124,8 @@ impl fmt::Debug for FleetConsumerConfig {
 impl FleetConsumerConfig {
     /// A configuration reading the fleet in `registry`, with no rdkafka
     /// properties yet (`group.id` must still be set), no security profiles,
-    /// a 5 s client lease, 10 s connect timeout, a 250 ms gate poll and a
-    /// 5 s commit timeout.
+    /// a 5 s client lease, 10 s connect timeout, a 250 ms gate poll, a
+    /// 5 s commit timeout and a 5 s revoke wait.
     pub fn new(registry: Registry) -> Self {
         FleetConsumerConfig {
             properties: KafkaProperties::new(),
@@ -135,6 +137,7 @@ impl FleetConsumerConfig {
             connect_timeout: Duration::from_secs(10),
             poll_interval: Duration::from_millis(250),
             commit_timeout: Duration::from_secs(5),
+            revoke_wait: Duration::from_secs(5),
             on_rebalance: None,
         }
     }
@@ -230,6 +233,41 @@ impl FleetConsumerConfig {
     /// retried), synchronous commits on it return at once.
     pub fn commit_timeout(mut self, timeout: Duration) -> Self {
         self.commit_timeout = timeout;
+        self
+    }
+
+    /// How long a rebalance that revokes a partition waits for the
+    /// application to be done with the record of that partition it is
+    /// processing (5 s by default; `Duration::ZERO`: not at all).
+    ///
+    /// The per-cluster consumers are polled in the background, so a revoke
+    /// runs while the application processes the last record
+    /// [`recv`](super::FleetConsumer::recv) returned. If that record is of a
+    /// revoked partition, the revoke waits until the application calls
+    /// `recv` again (it is done with the record, and what it committed for
+    /// it is queued) or has committed past it (`commit_message`, or
+    /// `commit()` of the stored offsets), and then commits what is queued as
+    /// usual (at most the commit timeout): with commit after processing, a
+    /// sequential loop (`recv`, process, commit, `recv`) does not have that
+    /// record delivered again to the partition's next owner — the behaviour
+    /// of Java's consumer, whose revoke runs inside `poll`.
+    ///
+    /// The trade-off: an application that takes long over a record, or
+    /// stops calling `recv` while holding one, delays the group's rebalance
+    /// on that cluster (every member waits for this one) by up to this bound;
+    /// after it, the revoke completes and the record may be delivered again.
+    /// Only the last record `recv` returned is waited for: with several tasks
+    /// calling `recv` concurrently, any call to `recv` ends the wait, so
+    /// commit processed records in your
+    /// [`on_rebalance`](FleetConsumerConfig::on_rebalance) callback (the
+    /// `Before` phase of a revoke) instead. There is no wait with
+    /// `enable.auto.commit=true` and automatic offset stores (the revoke
+    /// commits every delivered record anyway), on a current-thread tokio
+    /// runtime (the wait would block the thread the application needs to
+    /// call `recv`), nor when the consumer closes or its cluster leaves the
+    /// read set.
+    pub fn revoke_wait(mut self, wait: Duration) -> Self {
+        self.revoke_wait = wait;
         self
     }
 

@@ -10,6 +10,18 @@
 //! commits; the committer feeds it with the others), and turns librdkafka's
 //! errors and statistics into logs and metrics.
 //!
+//! Before that commit, a revoke waits (at most
+//! [`revoke_wait`](super::FleetConsumerConfig::revoke_wait)) while the
+//! application processes a record of a revoked partition — the last one
+//! `recv` returned, until it calls `recv` again or commits past it — so what
+//! it commits for that record goes with the partition too (the pump polls
+//! concurrently with the application; Java's consumer gets this for free,
+//! its revoke running inside `poll`). Not on the revoke of a close or of a
+//! retired consumer, nor on a current-thread runtime (the wait would block
+//! the thread the application's `recv` needs); on a multi-thread runtime it
+//! runs in `block_in_place`, so the application's task, even one on the
+//! pump's worker, moves to another thread.
+//!
 //! The rebalance callbacks run on the thread polling the consumer: its pump
 //! (a tokio task, inside `poll_next`), or the thread closing it (the revoke
 //! of the close). The commit before a revoke is made by the committer
@@ -109,10 +121,73 @@ impl FleetContext {
         }
     }
 
+    /// Before `partitions` are revoked (and their queued commits made):
+    /// if the application holds the record `recv` last returned and it is
+    /// of one of them, waits until the application is done with it — it
+    /// calls `recv` again or committed past it — at most the revoke wait.
+    /// What it committed for that record is then queued, and
+    /// [`FleetContext::commit_before_revoke`] commits it.
+    fn wait_for_record_in_hand(
+        &self,
+        shared: &Shared,
+        base: &BaseConsumer<Self>,
+        partitions: &[(String, i32)],
+    ) {
+        let bound = shared.revoke_wait();
+        // With automatic commits of automatic stores, the revoke commits
+        // every delivered record, the one in hand too: nothing to wait for.
+        if bound.is_zero() || (shared.auto_store && shared.auto_commit) {
+            return;
+        }
+        let Some(hand) = shared.handout.in_hand(self.stores.id()) else {
+            return;
+        };
+        let topic = hand.slot.and_then(|s| self.stores.topic_of(s));
+        let revoked: Vec<(String, i32)> = partitions
+            .iter()
+            .filter(|(t, p)| *p == hand.partition && topic.as_ref().is_none_or(|x| x == t))
+            .cloned()
+            .collect();
+        if revoked.is_empty() {
+            return;
+        }
+        // On a current-thread runtime this thread is the one the
+        // application's task needs to call `recv`: waiting would only delay
+        // the revoke by the whole bound.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        if !multi_thread || base.assignment_lost() {
+            return;
+        }
+        let committer = self.committer.get();
+        let asked = committer.map(|c| c.state_asked());
+        let next = hand.offset + 1;
+        let done = || {
+            self.retired.load(Ordering::Acquire)
+                || committer.is_some_and(|c| {
+                    revoked.iter().all(|tp| c.covers(tp, next))
+                        // A commit of the stored offsets asked since: with
+                        // automatic stores they include the record.
+                        || (shared.auto_store && Some(c.state_asked()) > asked)
+                })
+        };
+        tracing::debug!(cluster = %self.cluster, partition = hand.partition, offset = hand.offset, "revoke waits for the application to be done with a record of a revoked partition");
+        // The pump's worker: its other tasks (the application's among them)
+        // move to another thread meanwhile.
+        let released = blocking(|| shared.handout.wait_released(hand.key, bound, done));
+        if !released {
+            tracing::warn!(cluster = %self.cluster, partition = hand.partition, offset = hand.offset, wait = ?bound, "the application still processes a record of a revoked partition after the revoke wait; the revoke completes, and the record may be delivered again");
+        }
+    }
+
     /// Marks the consumer as closing: its callbacks no longer feed the fleet
-    /// consumer's state (the user's rebalance callback still sees them).
+    /// consumer's state (the user's rebalance callback still sees them), and
+    /// a revoke waiting for the application's record stops waiting.
     pub(crate) fn retire(&self) {
         self.retired.store(true, Ordering::Release);
+        if let Some(shared) = self.shared.upgrade() {
+            shared.handout.wake();
+        }
     }
 
     /// The fleet consumer's state, unless this consumer is retired.
@@ -203,6 +278,12 @@ impl ConsumerContext for FleetContext {
         // The user's callback: what it commits or stores for the revoked
         // partitions goes with them.
         self.forward(RebalancePhase::Before, rebalance);
+        if let (Rebalance::Revoke(tpl), Some(shared)) = (rebalance, self.live_shared()) {
+            // The application's record of a revoked partition: its commit
+            // goes with the partition too. After the user's callback, which
+            // may have committed it already.
+            self.wait_for_record_in_hand(&shared, base, &pairs(tpl));
+        }
         if let Rebalance::Revoke(tpl) = rebalance {
             // What the application committed (queued on the committer) is
             // committed before the revoke completes. Then the offsets of

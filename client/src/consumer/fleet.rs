@@ -2,8 +2,8 @@
 //! sans-IO fence gate. See the [module docs](super).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::future::join_all;
@@ -173,6 +173,11 @@ impl FleetConsumer {
     pub(crate) fn ready_len(&self) -> usize {
         self.shared.taken().len() + self.shared.ready().q.len()
     }
+
+    /// Revokes waiting for the application to be done with a record.
+    pub(crate) fn revokes_waiting(&self) -> usize {
+        self.shared.handout.waiting.load(Ordering::SeqCst)
+    }
 }
 
 #[cfg(test)]
@@ -331,13 +336,36 @@ impl ClusterTag {
 /// Topics are only ever appended, so a topic's index (its slot, found by
 /// the pump once per batch and carried by the record) stays valid and
 /// `recv` stores without comparing names.
-#[derive(Default)]
 pub(crate) struct PendingStores {
     to_store: Mutex<Vec<(String, Vec<i64>)>>,
     dirty: AtomicBool,
+    /// Identifies this consumer in [`Handout`] keys (unique in the process,
+    /// modulo 2^24 consumers).
+    id: u64,
+}
+
+impl Default for PendingStores {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        PendingStores {
+            to_store: Mutex::default(),
+            dirty: AtomicBool::new(false),
+            id: NEXT.fetch_add(1, Ordering::Relaxed) % 0xff_ffff + 1,
+        }
+    }
 }
 
 impl PendingStores {
+    /// This consumer's id in [`Handout`] keys.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The topic of `slot` (from [`PendingStores::slot`]).
+    pub(crate) fn topic_of(&self, slot: u32) -> Option<String> {
+        self.lock().get(slot as usize).map(|(t, _)| t.clone())
+    }
+
     fn lock(&self) -> MutexGuard<'_, Vec<(String, Vec<i64>)>> {
         self.to_store.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -558,6 +586,128 @@ struct State {
     assigned: BTreeMap<ClusterId, BTreeSet<(String, i32)>>,
 }
 
+/// What `recv` last handed out, so that a revoke of its partition can wait
+/// until the application is done with it
+/// ([`FleetConsumerConfig::revoke_wait`]). Per record `recv` pays three
+/// relaxed (plain) atomic stores and one load; the lock and the condvar are
+/// used only while a revoke waits.
+pub(crate) struct Handout {
+    /// [`Handout::key`] of the last record `recv` returned; 0 from the next
+    /// call to `recv` on (the application is done with it).
+    key: AtomicU64,
+    /// That record's offset (written before `key`, read after it).
+    offset: AtomicI64,
+    /// Revokes waiting for `key` to change: `recv` wakes them.
+    waiting: AtomicUsize,
+    lock: Mutex<()>,
+    cond: Condvar,
+}
+
+/// A record in the application's hands: its consumer
+/// ([`PendingStores::id`]), its topic's slot in that consumer's pending
+/// stores (if known), partition and offset.
+pub(crate) struct InHand {
+    pub(crate) key: u64,
+    pub(crate) slot: Option<u32>,
+    pub(crate) partition: i32,
+    pub(crate) offset: i64,
+}
+
+/// How often a waiting revoke looks again without being woken: `recv`'s
+/// relaxed stores are not ordered against the revoke's check of
+/// [`Handout::waiting`], so a wake-up can be missed, and commits do not wake.
+const HANDOUT_RECHECK: Duration = Duration::from_millis(10);
+
+impl Handout {
+    fn new() -> Handout {
+        Handout {
+            key: AtomicU64::new(0),
+            offset: AtomicI64::new(-1),
+            waiting: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            cond: Condvar::new(),
+        }
+    }
+
+    /// Never 0: the id is.
+    fn key(consumer: u64, slot: u32, partition: i32) -> u64 {
+        (consumer << 40) | (u64::from(slot.min(0xff)) << 32) | u64::from(partition as u32)
+    }
+
+    /// `recv` was called: the application is done with the last record.
+    #[inline]
+    fn entered(&self) {
+        self.key.store(0, Ordering::Relaxed);
+        if self.waiting.load(Ordering::Relaxed) != 0 {
+            self.wake();
+        }
+    }
+
+    /// `recv` returns `msg`.
+    #[inline]
+    fn handed(&self, msg: &FleetMessage) {
+        self.offset.store(msg.offset(), Ordering::Relaxed);
+        // Release: a revoke that sees this key sees this offset (or a later one).
+        self.key.store(
+            Handout::key(msg.cluster.stores.id, msg.store_slot, msg.partition()),
+            Ordering::Release,
+        );
+    }
+
+    /// Wakes the revokes waiting.
+    pub(crate) fn wake(&self) {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.cond.notify_all();
+    }
+
+    /// The record the application holds, if it is one of consumer
+    /// `consumer`'s (and `recv` was not called since it was handed out).
+    pub(crate) fn in_hand(&self, consumer: u64) -> Option<InHand> {
+        let key = self.key.load(Ordering::Acquire);
+        if key == 0 || key >> 40 != consumer {
+            return None;
+        }
+        let slot = ((key >> 32) & 0xff) as u32;
+        Some(InHand {
+            key,
+            slot: (slot != 0xff).then_some(slot),
+            partition: key as u32 as i32,
+            offset: self.offset.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Waits until the record `key` is no longer in the application's hands
+    /// (`recv` was called) or `done` says so, at most `bound`. Whether it
+    /// was released in time.
+    pub(crate) fn wait_released(
+        &self,
+        key: u64,
+        bound: Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
+        let deadline = Instant::now() + bound;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let mut g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let released = loop {
+            if self.key.load(Ordering::SeqCst) != key || done() {
+                break true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break false;
+            }
+            g = self
+                .cond
+                .wait_timeout(g, (deadline - now).min(HANDOUT_RECHECK))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        };
+        drop(g);
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        released
+    }
+}
+
 /// Records the gate let through, waiting for `recv`, and errors for it.
 #[derive(Default)]
 struct Ready {
@@ -583,8 +733,10 @@ pub(crate) struct Shared {
     client_id: String,
     config: FleetConsumerConfig,
     /// `enable.auto.offset.store` and `enable.auto.commit`, read once.
-    auto_store: bool,
-    auto_commit: bool,
+    pub(crate) auto_store: bool,
+    pub(crate) auto_commit: bool,
+    /// The record `recv` last handed out (for revokes).
+    pub(crate) handout: Handout,
     state: Mutex<State>,
     /// Bumped (under the `state` lock) whenever `State::routes` changes:
     /// a record's [`FleetMessage::at_fence`] holds while this has not moved.
@@ -656,6 +808,11 @@ impl Shared {
         let taken = std::mem::take(&mut *self.taken());
         let ready = std::mem::take(&mut self.ready().q);
         drop((taken, ready));
+    }
+
+    /// [`FleetConsumerConfig::revoke_wait`].
+    pub(crate) fn revoke_wait(&self) -> Duration {
+        self.config.revoke_wait
     }
 
     pub(crate) fn rebalance_callback(&self) -> Option<RebalanceCallback> {
@@ -1041,6 +1198,7 @@ impl Shared {
     /// the routes changed since.
     fn delivered(&self, msg: FleetMessage) -> FleetMessage {
         msg.cluster.records.increment(1);
+        self.handout.handed(&msg);
         if self.auto_store {
             let next = msg.offset() + 1;
             let stores = &msg.cluster.stores;
@@ -1623,6 +1781,7 @@ impl FleetConsumer {
             group_registered: AtomicBool::new(false),
             stragglers: AtomicU64::new(0),
             lease: tokio::sync::Mutex::new(Some(lease)),
+            handout: Handout::new(),
         });
         let driver = tokio::spawn(drive(shared.clone(), watcher.clone()));
         let keepalive = tokio::spawn(keep_alive(shared.clone(), record));
@@ -1669,7 +1828,16 @@ impl FleetConsumer {
     ///
     /// An `Err` concerns one cluster (or a refused one); the others keep
     /// flowing: call `recv` again.
+    ///
+    /// Calling `recv` also tells a revoke of the previous record's partition
+    /// that the application is done with that record (what it committed for
+    /// it is queued): the revoke waits for that, at most
+    /// [`FleetConsumerConfig::revoke_wait`], before it commits what is
+    /// queued and completes.
     pub async fn recv(&self) -> Result<FleetMessage, FleetConsumeError> {
+        // The application is done with the record it had: a revoke of its
+        // partition waiting for that may complete.
+        self.shared.handout.entered();
         loop {
             if let Some(r) = self.shared.pop_ready() {
                 return r.map(|m| self.shared.delivered(m));

@@ -912,3 +912,206 @@ async fn close_commits_what_the_application_committed_and_nothing_else() {
     );
     env.shutdown().await;
 }
+
+/// A member (`c1`) holding, unprocessed and uncommitted, the last record
+/// `recv` returned — offset 2 of partition `target` (the records before it
+/// committed) — while a second member (`c2`) joins and `target` moves to
+/// it.
+struct HeldRecord {
+    c1: Arc<FleetConsumer>,
+    c2: FleetConsumer,
+    held: FleetMessage,
+    /// `c1`'s revoke of `target` completed.
+    revoked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Sets up [`HeldRecord`] with group `group` (6 records on a, 3 per
+/// partition, produced already) and waits until `c1`'s revoke of `target`
+/// waits for the application; fails if the revoke completes instead. `Err`
+/// with the partitions revoked if the group moved another partition
+/// (which one moves is the assignor's choice): the caller tries again with
+/// another group.
+async fn hold_while_revoked(
+    env: &Env,
+    group: &str,
+    target: i32,
+    revoke_wait: Duration,
+) -> Result<HeldRecord, Vec<i32>> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    // Cooperative: the mock coordinator accepts commits during the revoke
+    // (see the test above).
+    let config = |g: &str| {
+        env.config(g)
+            .set("session.timeout.ms", "10000")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+    };
+    let revoking: Arc<Mutex<Option<Vec<i32>>>> = Arc::new(Mutex::new(None));
+    let revoked = Arc::new(AtomicBool::new(false));
+    let cb = {
+        let (revoking, revoked) = (revoking.clone(), revoked.clone());
+        move |e: &RebalanceEvent| {
+            let RebalanceKind::Revoke(ps) = &e.kind else {
+                return;
+            };
+            if ps.is_empty() {
+                return;
+            }
+            match e.phase {
+                RebalancePhase::Before => {
+                    *revoking.lock().unwrap() = Some(ps.iter().map(|(_, p)| *p).collect())
+                }
+                RebalancePhase::After => revoked.store(true, Ordering::SeqCst),
+            }
+        }
+    };
+    let c1 = Arc::new(
+        FleetConsumer::new(config(group).revoke_wait(revoke_wait).on_rebalance(cb))
+            .await
+            .unwrap(),
+    );
+    c1.subscribe(&[TOPIC]).unwrap();
+    // A sequential application: every record processed and committed, until
+    // the one it is processing when the rebalance comes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no record {target}/2 within 30 s"
+        );
+        let Some(m) = recv_for(&c1, Duration::from_millis(500)).await else {
+            continue;
+        };
+        if (m.partition(), m.offset()) == (target, 2) {
+            break m;
+        }
+        c1.commit_message(&m, CommitMode::Sync).unwrap();
+    };
+    let c2 = FleetConsumer::new(config(group)).await.unwrap();
+    c2.subscribe(&[TOPIC]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "no revoke from the first member");
+        let ps = revoking.lock().unwrap().clone();
+        if let Some(ps) = ps {
+            if !ps.contains(&target) {
+                drop(held);
+                c2.close().await;
+                Arc::into_inner(c1).unwrap().close().await;
+                return Err(ps);
+            }
+            if c1.revokes_waiting() > 0 {
+                return Ok(HeldRecord {
+                    c1,
+                    c2,
+                    held,
+                    revoked,
+                });
+            }
+            assert!(
+                !revoked.load(Ordering::SeqCst),
+                "the revoke of partition {target} completed while the application processed its record {target}/2"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// [`hold_while_revoked`] with fresh groups `<prefix>-<n>` until the
+/// partition held is the one the group moves.
+async fn hold_a_revoked_partition(env: &Env, prefix: &str, wait: Duration) -> (HeldRecord, i32) {
+    let mut target = 1;
+    for n in 0..8 {
+        match hold_while_revoked(env, &format!("{prefix}-{n}"), target, wait).await {
+            Ok(h) => return (h, target),
+            Err(ps) => target = ps[0],
+        }
+    }
+    panic!("the held partition was never the one revoked");
+}
+
+/// Waits (at most 60 s) until `c` has read record `partition/offset` of
+/// cluster a; returns the offsets of `partition` it read.
+async fn read_until(c: &FleetConsumer, partition: i32, offset: i64) -> Vec<i64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while !seen.contains(&offset) {
+        assert!(
+            Instant::now() < deadline,
+            "record {partition}/{offset} not read within 60 s (read {seen:?})"
+        );
+        if let Some(m) = recv_for(c, Duration::from_millis(500)).await {
+            if m.partition() == partition {
+                seen.push(m.offset());
+            }
+            c.commit_message(&m, CommitMode::Async).unwrap();
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_being_processed_when_its_partition_is_revoked_is_not_delivered_again() {
+    use std::sync::atomic::Ordering;
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    env.produce(0, 6, parts, 1).await;
+    // A bound far above the test's own steps: the application, not the
+    // bound, ends the wait.
+    let (h, target) = hold_a_revoked_partition(&env, "g-in-hand", Duration::from_secs(60)).await;
+    // The revoke waits: the application finishes the record, commits it and
+    // asks for the next one.
+    h.c1.commit_message(&h.held, CommitMode::Sync).unwrap();
+    drop(h.held);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !h.revoked.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the revoke did not complete after recv"
+        );
+        if let Some(m) = recv_for(&h.c1, Duration::from_millis(100)).await {
+            assert_ne!(m.partition(), target, "a record of the revoked partition");
+            h.c1.commit_message(&m, CommitMode::Async).unwrap();
+        }
+    }
+    // The partition's next owner starts after the record: a newer record of
+    // it is the first it reads.
+    env.produce(0, parts as usize, parts, 1).await;
+    let seen = read_until(&h.c2, target, 3).await;
+    assert_eq!(
+        seen,
+        vec![3],
+        "the record processed and committed during the revoke was delivered again"
+    );
+    h.c2.close().await;
+    Arc::into_inner(h.c1).unwrap().close().await;
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_waits_for_a_record_in_hand_at_most_the_revoke_wait() {
+    use std::sync::atomic::Ordering;
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    env.produce(0, 6, parts, 1).await;
+    let (h, target) =
+        hold_a_revoked_partition(&env, "g-in-hand-bound", Duration::from_secs(2)).await;
+    // The application never comes back: the revoke completes after the
+    // bound all the same, and the record goes to the partition's next owner
+    // (at least once).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !h.revoked.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the revoke still waits for the application after 30 s (bound 2 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(h.c1.revokes_waiting(), 0);
+    let seen = read_until(&h.c2, target, 2).await;
+    assert_eq!(seen, vec![2]);
+    drop(h.held);
+    h.c2.close().await;
+    Arc::into_inner(h.c1).unwrap().close().await;
+    env.shutdown().await;
+}

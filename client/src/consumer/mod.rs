@@ -32,9 +32,11 @@
 //!   a synchronous commit waits at most the commit timeout and returns
 //!   [`FleetConsumeError::CommitPending`] if the cluster does not answer; the
 //!   commit stays queued and is retried until it does. A revoke commits what
-//!   is queued for its partitions before it completes, and closing commits
-//!   what is queued before the consumers leave their groups (each at most
-//!   the commit timeout).
+//!   is queued for its partitions before it completes — after waiting (at
+//!   most [`FleetConsumerConfig::revoke_wait`]) for the application to be
+//!   done with the record of a revoked partition it is processing — and
+//!   closing commits what is queued before the consumers leave their groups
+//!   (each at most the commit timeout).
 //! - **Failures**: a read cluster down does not stop the others (nor does a
 //!   commit on it); a registry outage keeps the last snapshot.
 //!
