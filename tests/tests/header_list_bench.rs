@@ -16,12 +16,16 @@
 //!   cargo test --release -p flotilla-testkit --test header_list_bench -- --ignored --nocapture
 //! ```
 
+#[path = "common/cpu.rs"]
+mod cpu;
+
 use std::ffi::{c_void, CString};
 use std::ptr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cpu::cpu_time;
 use flotilla_testkit::{create_topic_blocking, KafkaFleet};
 use rdkafka::bindings as rd;
 use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
@@ -47,15 +51,6 @@ const PROPS: [(&str, &str); 4] = [
     ("queue.buffering.max.messages", "2000000"),
     ("message.timeout.ms", "60000"),
 ];
-
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    assert_eq!(rc, 0, "getrusage");
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
-}
 
 struct HList(*mut rd::rd_kafka_headers_t);
 // SAFETY: a detached header list is owned by whoever holds the HList.

@@ -29,6 +29,8 @@
 //! `FLOTILLA_BENCH_RECORDS`, `FLOTILLA_BENCH_ROUNDS` and
 //! `FLOTILLA_BENCH_SWITCHES` override the sizes. Figures: `docs/benchmarks.md`.
 
+#[path = "common/cpu.rs"]
+mod cpu;
 #[path = "common/switch.rs"]
 mod switch;
 
@@ -37,6 +39,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use cpu::{cpu_time, loadavg};
 use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
 use flotilla_client::producer::EPOCH_HEADER;
 use flotilla_client::registry::etcd::EtcdKv;
@@ -79,17 +82,6 @@ fn env_or(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// User + system CPU time of this process so far (all threads; not the
-/// broker, which is another process).
-fn cpu_time() -> Duration {
-    // SAFETY: getrusage only writes into the struct we pass.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-    assert_eq!(rc, 0, "getrusage");
-    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-    tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
 /// One measured run: wall time and client CPU time.
@@ -173,12 +165,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
