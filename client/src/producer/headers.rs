@@ -330,6 +330,18 @@ struct Batch {
     lists: Vec<HeaderList>,
 }
 
+impl Batch {
+    /// Gives the lists collected so far to `pool`, leaving this batch empty
+    /// (same epoch, room for the next [`BATCH`]).
+    fn give_to(&mut self, pool: &HeaderPool) {
+        let lists = std::mem::replace(&mut self.lists, Vec::with_capacity(BATCH));
+        pool.give(Batch {
+            epoch: self.epoch,
+            lists,
+        });
+    }
+}
+
 #[derive(Default)]
 struct PoolInner {
     batches: Vec<Batch>,
@@ -462,11 +474,7 @@ impl Returns {
     pub(super) fn put(&self, pool: &HeaderPool, epoch: u64, list: HeaderList) {
         let mut b = self.batch.lock().unwrap_or_else(|p| p.into_inner());
         if b.epoch != epoch && !b.lists.is_empty() {
-            let full = std::mem::replace(&mut b.lists, Vec::with_capacity(BATCH));
-            pool.give(Batch {
-                epoch: b.epoch,
-                lists: full,
-            });
+            b.give_to(pool);
         }
         b.epoch = epoch;
         if b.lists.capacity() == 0 {
@@ -474,8 +482,7 @@ impl Returns {
         }
         b.lists.push(list);
         if b.lists.len() >= BATCH {
-            let full = std::mem::replace(&mut b.lists, Vec::with_capacity(BATCH));
-            pool.give(Batch { epoch, lists: full });
+            b.give_to(pool);
         }
     }
 }
