@@ -87,6 +87,10 @@ struct GateRoute {
     known_max: u64,
     /// Every cluster the gate may have to limit.
     clusters: BTreeSet<ClusterId>,
+    /// cluster → (partition, boundary) of every sealed epoch that wrote to
+    /// the cluster and names it in its fence: reaching one completes the
+    /// cluster's part of that fence ([`FenceGate::fence_ends`]).
+    fence_ends: BTreeMap<ClusterId, Vec<(u32, i64)>>,
 }
 
 /// The consumer fence gate of one topic for one consumer group. See the [module docs](self).
@@ -136,6 +140,19 @@ impl FenceGate {
             }
         }
         g.sealed.sort_by_key(|s| s.n);
+        for e in &g.sealed {
+            for c in &e.write {
+                let Some(f) = e.fence.get(c) else {
+                    continue;
+                };
+                let ends = g.fence_ends.entry(c.clone()).or_default();
+                for (p, o) in (0..g.partitions).zip(f) {
+                    if !ends.contains(&(p, *o)) {
+                        ends.push((p, *o));
+                    }
+                }
+            }
+        }
         let mut keys: BTreeSet<(ClusterId, u32)> = BTreeSet::new();
         let old_clusters = self
             .route
@@ -304,6 +321,28 @@ impl FenceGate {
             }
             _ => RecordClass::InOrder,
         }
+    }
+
+    /// Where `cluster` completes its part of a fence: (partition, boundary)
+    /// for every sealed epoch that wrote to `cluster`. Once the group has
+    /// committed `cluster/partition` up to such a boundary, the next epochs'
+    /// records on that partition of the other clusters no longer wait for
+    /// it; so a consumer that delivers the record just below one (see
+    /// [`FenceGate::completes_fence`]) should commit at once rather than at
+    /// its next periodic commit. Empty before the route is known.
+    pub fn fence_ends(&self, cluster: &str) -> &[(u32, i64)] {
+        self.route
+            .as_ref()
+            .and_then(|r| r.fence_ends.get(cluster))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether the record of `cluster/partition` at `offset` is the last one
+    /// below one of `cluster`'s [fence ends](FenceGate::fence_ends):
+    /// committing right after it unblocks the next epoch's records.
+    pub fn completes_fence(&self, cluster: &str, partition: u32, offset: i64) -> bool {
+        self.fence_ends(cluster)
+            .contains(&(partition, offset.saturating_add(1)))
     }
 
     /// Stragglers seen by [`FenceGate::classify`] so far.
@@ -573,6 +612,38 @@ mod tests {
         r.epochs.push(epoch(3, &["a"], Pending));
         g.on_route(&r);
         assert_eq!(g.classify("a", 0, 9, Some(3)), RecordClass::Ahead);
+    }
+
+    #[test]
+    fn fence_ends_are_the_boundaries_of_the_epochs_that_wrote_to_the_cluster() {
+        let mut g = FenceGate::new();
+        assert!(g.fence_ends("a").is_empty());
+        g.on_route(&route(
+            "t",
+            2,
+            vec![
+                sealed(1, &["a"], &[("a", &[5, 0]), ("b", &[0, 3])]),
+                sealed(
+                    2,
+                    &["a", "b"],
+                    &[("a", &[7, 2]), ("b", &[4, 3]), ("c", &[0, 0])],
+                ),
+                epoch(3, &["c"], Open),
+            ],
+        ));
+        assert_eq!(g.fence_ends("a"), &[(0, 5), (1, 0), (0, 7), (1, 2)]);
+        // b's boundary in epoch 1 is where epoch 2 starts on it, not where b
+        // stopped writing epoch 1 (it did not write it): no commit is awaited.
+        assert_eq!(g.fence_ends("b"), &[(0, 4), (1, 3)]);
+        assert!(g.fence_ends("c").is_empty());
+        assert!(g.completes_fence("a", 0, 4));
+        assert!(g.completes_fence("a", 0, 6));
+        assert!(!g.completes_fence("a", 0, 5));
+        assert!(!g.completes_fence("a", 1, 0));
+        assert!(g.completes_fence("b", 1, 2));
+        assert!(!g.completes_fence("b", 0, 2));
+        assert!(!g.completes_fence("c", 0, -1));
+        assert!(!g.completes_fence("a", 0, i64::MAX));
     }
 
     #[test]
@@ -868,6 +939,41 @@ mod tests {
             .collect()
     }
 
+    impl World {
+        /// What the consumer did before the gate knew fences: from the route
+        /// itself, (partition, boundary) of every sealed epoch that wrote to
+        /// `cluster`.
+        fn fence_ends_of_route(&self, cluster: &str) -> BTreeSet<(u32, i64)> {
+            let Some(r) = &self.gate_view else {
+                return BTreeSet::new();
+            };
+            r.sealed_epochs()
+                .filter(|e| e.writes_to(cluster))
+                .filter_map(|e| e.fence.get(cluster))
+                .flat_map(|f| (0..PARTS).zip(f.iter().copied()))
+                .collect()
+        }
+
+        /// Delivers the next record of `slot`, and commits right after it
+        /// only if the gate says it completes a fence (an auto-committing
+        /// consumer between two periodic commits).
+        fn consume_committing_at_fences(&mut self, slot: &(String, u32)) -> bool {
+            let at = self.pos[slot];
+            if !self.consume(slot) {
+                return false;
+            }
+            let expected = self
+                .fence_ends_of_route(&slot.0)
+                .contains(&(slot.1, at + 1));
+            let completes = self.gate.completes_fence(&slot.0, slot.1, at);
+            assert_eq!(completes, expected, "completes_fence at {slot:?}/{at}");
+            if completes {
+                self.commit(slot, at + 1);
+            }
+            true
+        }
+    }
+
     /// The model itself: a lagging producer's record is seen as a straggler.
     #[test]
     fn model_detects_a_stale_producer() {
@@ -919,6 +1025,38 @@ mod tests {
             let produced_stale = w.logs.values().flatten().filter(|r| r.straggler).count() as u64;
             prop_assert!(w.stragglers <= produced_stale);
             prop_assert_eq!(w.gate.stragglers(), w.stragglers);
+        }
+
+        /// An auto-committing consumer commits periodically and, in between,
+        /// right after a record that completes a fence. Whatever happened
+        /// before (records delivered before their fence was known are covered
+        /// by one periodic commit), commits at fences alone then let every
+        /// record through: the gate never waits for a commit nobody makes.
+        #[test]
+        fn commits_at_fences_alone_drain_every_partition(first in 1u8..8, ops in proptest::collection::vec(op(), 1..150)) {
+            let mut w = World::new(first);
+            for op in ops {
+                w.step(op);
+            }
+            for s in w.slots() {
+                let p = w.pos[&s];
+                if w.committed[&s] < p {
+                    w.commit(&s, p);
+                }
+            }
+            w.step(Op::DeliverRoute);
+            loop {
+                let mut progress = false;
+                for s in w.slots() {
+                    while w.consume_committing_at_fences(&s) {
+                        progress = true;
+                    }
+                }
+                if !progress {
+                    break;
+                }
+            }
+            prop_assert_eq!(w.delivered, w.total(), "records stuck behind a fence nobody commits");
         }
     }
 }
