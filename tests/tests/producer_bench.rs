@@ -27,7 +27,10 @@
 //! `FLOTILLA_BENCH_WINDOW` bounds the deliveries a throughput round keeps
 //! outstanding (default: all, everything sent before anything is awaited).
 //! `FLOTILLA_BENCH_RECORDS`, `FLOTILLA_BENCH_ROUNDS` and
-//! `FLOTILLA_BENCH_SWITCHES` override the sizes. Figures: `docs/benchmarks.md`.
+//! `FLOTILLA_BENCH_SWITCHES` override the sizes. `FLOTILLA_BENCH_RATE`
+//! paces the switch-pause load to about that many records/s in total
+//! (default: as fast as the producers are acknowledged). Figures:
+//! `docs/benchmarks.md`.
 
 #[path = "common/cpu.rs"]
 mod cpu;
@@ -487,7 +490,13 @@ async fn switch_pause_under_load() {
         );
     }
     // Continuous load: each producer sends its keys round after round
-    // (100-byte values), awaiting each round before the next.
+    // (100-byte values), awaiting each round before the next; with
+    // `FLOTILLA_BENCH_RATE`, a round starts no earlier than its share of
+    // that rate allows.
+    let rate = env_or("FLOTILLA_BENCH_RATE", 0);
+    let round_every = (rate > 0).then(|| {
+        Duration::from_secs_f64((PAUSE_PRODUCERS * PAUSE_KEYS_PER_PRODUCER) as f64 / rate as f64)
+    });
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(Mutex::new(0u64));
     let mut loads = Vec::new();
@@ -498,7 +507,15 @@ async fn switch_pause_under_load() {
                 .map(|k| format!("p{pi}-k{k}"))
                 .collect();
             let value = vec![b'x'; 100];
+            let mut pace = round_every.map(|every| {
+                let mut t = tokio::time::interval(every);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                t
+            });
             while !stop.load(Ordering::Relaxed) {
+                if let Some(t) = pace.as_mut() {
+                    t.tick().await;
+                }
                 let futs: Vec<_> = keys
                     .iter()
                     .map(|k| {
@@ -575,7 +592,7 @@ async fn switch_pause_under_load() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let elapsed = started.elapsed();
-    let rate = (*sent.lock().unwrap() - sent_before) as f64 / elapsed.as_secs_f64();
+    let acked_rate = (*sent.lock().unwrap() - sent_before) as f64 / elapsed.as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     for l in loads {
         l.await.unwrap();
@@ -586,7 +603,8 @@ async fn switch_pause_under_load() {
         held.len()
     );
     eprintln!(
-        "{switches} switches, {PAUSE_PRODUCERS} producers x {PAUSE_KEYS_PER_PRODUCER} keys, load {rate:.0} rec/s acknowledged during the switches"
+        "{switches} switches, {PAUSE_PRODUCERS} producers x {PAUSE_KEYS_PER_PRODUCER} keys, load {acked_rate:.0} rec/s acknowledged during the switches ({})",
+        if rate > 0 { format!("paced to {rate} rec/s") } else { "unpaced".to_string() }
     );
     eprintln!(
         "{}",
