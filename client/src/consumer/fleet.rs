@@ -495,19 +495,18 @@ struct TopicInfo {
     store_slot: u32,
     /// [`Shared::routes_gen`] when `fences` was read.
     routes_gen: u64,
-    /// (partition, offset after the last record below the fence) of every
-    /// sealed epoch that wrote to the cluster; empty unless
-    /// [`Shared::commits_at_fences`].
-    fences: Vec<(i32, i64)>,
+    /// The gate's [`FenceGate::fence_ends`] of the cluster: (partition,
+    /// offset after the last record below the fence) of every sealed epoch
+    /// that wrote to it; empty unless [`Shared::commits_at_fences`].
+    fences: Vec<(u32, i64)>,
 }
 
 impl TopicInfo {
     /// Called under the state lock (`st`), which orders it with route changes.
     fn new(shared: &Shared, st: &State, tag: &ClusterTag, topic: &str) -> TopicInfo {
-        let fences = if shared.commits_at_fences() {
-            fences_of(&st.routes, &tag.id, topic)
-        } else {
-            Vec::new()
+        let fences = match st.gates.get(topic) {
+            Some(gate) if shared.commits_at_fences() => gate.fence_ends(&tag.id).to_vec(),
+            _ => Vec::new(),
         };
         TopicInfo {
             topic: topic.to_string(),
@@ -532,7 +531,8 @@ impl TopicInfo {
             cluster,
             epoch,
             straggler,
-            at_fence: !self.fences.is_empty() && self.fences.contains(&(partition, next)),
+            at_fence: !self.fences.is_empty()
+                && u32::try_from(partition).is_ok_and(|p| self.fences.contains(&(p, next))),
             routes_gen: self.routes_gen,
             store_slot: self.store_slot,
         }
@@ -544,26 +544,6 @@ fn record_offset(record: &Record) -> i64 {
         Record::Borrowed(m) => m.offset(),
         Record::Owned(m) => m.offset(),
     }
-}
-
-/// (partition, offset after the last record below the fence) of every
-/// sealed epoch of `topic` that wrote to `cluster`: delivering the record
-/// before one of these offsets completes this member's part of a fence.
-fn fences_of(routes: &BTreeMap<String, TopicRoute>, cluster: &str, topic: &str) -> Vec<(i32, i64)> {
-    let Some(route) = routes.get(topic) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in route.sealed_epochs().filter(|e| e.writes_to(cluster)) {
-        if let Some(f) = e.fence.get(cluster) {
-            out.extend(
-                f.iter()
-                    .enumerate()
-                    .filter_map(|(p, o)| Some((i32::try_from(p).ok()?, *o))),
-            );
-        }
-    }
-    out
 }
 
 #[derive(Default)]
@@ -836,12 +816,22 @@ impl Shared {
         self.wake_recv();
     }
 
-    /// Pops the next ready record (or error) for `recv`: from `recv`'s own
-    /// buffer, refilled with up to [`TAKE`] records from the ready queue
-    /// when empty (the pumps' lock is taken once per refill, not per record).
+    /// Pops the next ready record (or error) for `recv` and books it as
+    /// handed out: from `recv`'s own buffer, refilled with up to [`TAKE`]
+    /// records from the ready queue when empty (the pumps' lock is taken
+    /// once per refill, not per record).
+    ///
+    /// The record becomes the one in the application's hands and, with
+    /// automatic stores, its offset is stored, both before `taken` is
+    /// released: a revoke drops the unread records of its partitions under
+    /// that lock and only then looks at the record in hand and takes the
+    /// stores, so a record is either dropped by the revoke or seen by it —
+    /// never delivered with neither its in-hand wait nor its store (which
+    /// would deliver it again to the partition's next owner).
     fn pop_ready(&self) -> Option<Result<FleetMessage, FleetConsumeError>> {
         let mut t = self.taken();
         if let Some(m) = t.pop_front() {
+            self.book(&m);
             return Some(Ok(m));
         }
         let mut r = self.ready();
@@ -855,7 +845,25 @@ impl Shared {
             self.space.notify_waiters();
         }
         drop(r);
-        t.pop_front().map(Ok)
+        let m = t.pop_front()?;
+        self.book(&m);
+        Some(Ok(m))
+    }
+
+    /// The bookkeeping of a record handed out that must happen under the
+    /// `taken` lock (see [`Shared::pop_ready`]).
+    #[inline]
+    fn book(&self, msg: &FleetMessage) {
+        msg.cluster.records.increment(1);
+        self.handout.handed(msg);
+        if self.auto_store {
+            let stores = &msg.cluster.stores;
+            let slot = match msg.store_slot {
+                NO_SLOT => stores.slot(msg.topic()),
+                s => s,
+            };
+            stores.store_later(slot, msg.partition(), msg.offset() + 1);
+        }
     }
 
     /// Waits until the ready queue has room for another batch.
@@ -1191,45 +1199,37 @@ impl Shared {
         }
     }
 
-    /// Bookkeeping of a record handed to the application: its offset goes
-    /// to the pending stores and, under auto-commit, the last record below a
-    /// fence commits at once. The gate decided at admission whether the
-    /// record is that one, so the state lock is taken only if it is, or if
-    /// the routes changed since.
+    /// A record handed to the application ([`Shared::pop_ready`] booked
+    /// it): under auto-commit, the last record below a fence commits at
+    /// once. The gate decided at admission whether the record is that one,
+    /// so the state lock is taken only if it is, or if the routes changed
+    /// since.
     fn delivered(&self, msg: FleetMessage) -> FleetMessage {
-        msg.cluster.records.increment(1);
-        self.handout.handed(&msg);
-        if self.auto_store {
-            let next = msg.offset() + 1;
-            let stores = &msg.cluster.stores;
-            let slot = match msg.store_slot {
-                NO_SLOT => stores.slot(msg.topic()),
-                s => s,
+        if self.commits_at_fences() {
+            let cluster = msg.cluster();
+            let at_fence = if msg.routes_gen == self.routes_gen.load(Ordering::Acquire) {
+                msg.at_fence
+            } else {
+                // A route changed since the gate admitted the record (e.g. a
+                // switch sealed its epoch meanwhile).
+                let p = u32::try_from(msg.partition()).unwrap_or(u32::MAX);
+                self.lock()
+                    .gates
+                    .get(msg.topic())
+                    .is_some_and(|g| g.completes_fence(cluster, p, msg.offset()))
             };
-            stores.store_later(slot, msg.partition(), next);
-            if self.auto_commit {
-                let cluster = msg.cluster();
-                let at_fence = if msg.routes_gen == self.routes_gen.load(Ordering::Acquire) {
-                    msg.at_fence
-                } else {
-                    // A route changed since the gate admitted the record
-                    // (e.g. a switch sealed its epoch meanwhile).
-                    fences_of(&self.lock().routes, cluster, msg.topic())
-                        .contains(&(msg.partition(), next))
-                };
-                let consumer = if at_fence {
-                    self.lock().readers.get(cluster).map(|r| r.consumer.clone())
-                } else {
-                    None
-                };
-                if let Some(c) = consumer {
-                    // This member reached a fence: commit now rather than at
-                    // the next auto-commit tick, so the next epoch's records
-                    // wait less.
-                    self.flush_stores(&msg.cluster, &c);
-                    if let Err(e) = c.commit_consumer_state(CommitMode::Async) {
-                        tracing::debug!(%cluster, error = %e, "cannot commit at a fence");
-                    }
+            let consumer = if at_fence {
+                self.lock().readers.get(cluster).map(|r| r.consumer.clone())
+            } else {
+                None
+            };
+            if let Some(c) = consumer {
+                // This member reached a fence: commit now rather than at
+                // the next auto-commit tick, so the next epoch's records
+                // wait less.
+                self.flush_stores(&msg.cluster, &c);
+                if let Err(e) = c.commit_consumer_state(CommitMode::Async) {
+                    tracing::debug!(%cluster, error = %e, "cannot commit at a fence");
                 }
             }
         }
