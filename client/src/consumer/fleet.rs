@@ -23,8 +23,8 @@ use super::context::FleetContext;
 use super::epoch_of;
 use crate::kafka::{classify, client_config, ClusterAdmin, ErrorClass, KafkaError};
 use crate::registry::{
-    ClientKind, ClientLease, ClientRecord, ClusterId, ClusterState, FleetSnapshot, FleetWatcher,
-    GroupRecord, Registry, RegistryError, TopicRoute, SCHEMA_VERSION,
+    ClientKind, ClientLease, ClientRecord, ClusterId, ClusterState, EpochState, FleetSnapshot,
+    FleetWatcher, GroupRecord, Registry, RegistryError, TopicRoute, SCHEMA_VERSION,
 };
 use crate::route::gate::{read_set, FenceGate, GateAction, RecordClass};
 
@@ -499,6 +499,10 @@ struct TopicInfo {
     /// offset after the last record below the fence) of every sealed epoch
     /// that wrote to it; empty unless [`Shared::commits_at_fences`].
     fences: Vec<(u32, i64)>,
+    /// The cluster is pre-joined for this topic (the route names it in no
+    /// open or sealed epoch, see [`gated_by_route`]): every record is held
+    /// back, whatever the gate says, until a route makes it a gated cluster.
+    held: bool,
 }
 
 impl TopicInfo {
@@ -513,6 +517,10 @@ impl TopicInfo {
             store_slot: tag.stores.slot(topic),
             routes_gen: shared.routes_gen.load(Ordering::Acquire),
             fences,
+            held: !st
+                .routes
+                .get(topic)
+                .is_some_and(|r| gated_by_route(r, &tag.id)),
         }
     }
 
@@ -539,6 +547,40 @@ impl TopicInfo {
     }
 }
 
+/// Whether `route` names `cluster` in an open or sealed epoch: only then does
+/// the fence gate know where the cluster stands in the epochs (its
+/// boundaries). A cluster named only by a pending epoch is *pre-joined*
+/// ([`prejoin_set`]): the gate, which ignores pending epochs, would set it no
+/// limit at all, so the consumer holds back everything read from it itself
+/// (see [`Shared::tick`], step 3, for why that keeps the gate's decisions
+/// exactly as if the cluster had been joined at the seal).
+fn gated_by_route(route: &TopicRoute, cluster: &str) -> bool {
+    route
+        .epochs
+        .iter()
+        .any(|e| matches!(e.state, EpochState::Open | EpochState::Sealed) && e.writes_to(cluster))
+}
+
+/// The clusters of `route`'s pending epoch to *pre-join*: to open a consumer
+/// for, and so join the group there, while the epoch is pending, so that the
+/// consumer is already a member of the group on them when the epoch opens
+/// (the join costs 0.2–0.3 s at the seal otherwise). Clusters already in
+/// `read` (the read set) are not pre-joined; nor are those `retired` says are
+/// retired or no longer registered (as [`read_set`] skips them).
+fn prejoin_set(
+    route: &TopicRoute,
+    read: &BTreeSet<ClusterId>,
+    retired: impl Fn(&str) -> bool,
+) -> BTreeSet<ClusterId> {
+    route
+        .pending_epoch()
+        .into_iter()
+        .flat_map(|e| e.clusters())
+        .filter(|c| !read.contains(*c) && !retired(c))
+        .cloned()
+        .collect()
+}
+
 fn record_offset(record: &Record) -> i64 {
     match record {
         Record::Borrowed(m) => m.offset(),
@@ -552,6 +594,9 @@ struct State {
     gates: BTreeMap<String, FenceGate>,
     routes: BTreeMap<String, TopicRoute>,
     read_sets: BTreeMap<String, BTreeSet<ClusterId>>,
+    /// Per topic, the clusters of its pending epoch pre-joined ([`prejoin_set`]):
+    /// read (records held back) but not in the read set.
+    prejoined: BTreeMap<String, BTreeSet<ClusterId>>,
     readers: BTreeMap<ClusterId, Reader>,
     parked: BTreeMap<Slot, Parked>,
     user_paused: BTreeSet<Slot>,
@@ -994,7 +1039,8 @@ impl Shared {
         };
         let info = TopicInfo::new(self, st, &tag, topic);
         let mut out = Vec::new();
-        while let Some(m) = parked.msgs.front() {
+        // A pre-joined cluster's records wait for a route that gates it.
+        while let Some(m) = parked.msgs.front().filter(|_| !info.held) {
             let Some(gate) = st.gates.get_mut(topic) else {
                 break;
             };
@@ -1133,8 +1179,8 @@ impl Shared {
                 }
             }
             let admitted = match st.gates.get_mut(topic) {
-                Some(gate) => self.admit(gate, cluster, topic, &m),
-                None => None,
+                Some(gate) if !info.held => self.admit(gate, cluster, topic, &m),
+                _ => None,
             };
             match admitted {
                 Some((epoch, straggler)) => {
@@ -1151,7 +1197,8 @@ impl Shared {
                         topic,
                         partition,
                         offset = m.offset(),
-                        "record held back by a fence; pausing the partition"
+                        pre_joined = info.held,
+                        "record held back by a fence (or until the seal: pre-joined cluster); pausing the partition"
                     );
                     paused.push(tpl_of(topic, partition));
                     st.parked.insert(
@@ -1351,34 +1398,91 @@ impl Shared {
                 }
             }
         }
-        // 3. Read sets.
+        // 3. Read sets, and the clusters to pre-join: the clusters to have
+        // readers for.
+        //
+        // Pre-join: the clusters of a pending epoch get a reader (and so join
+        // the group there: JoinGroup, SyncGroup, offset fetch, 0.2-0.3 s)
+        // while the epoch is pending — producers hold during that phase
+        // anyway — instead of once the seal opens it. They are not in the
+        // read set (`read_set`, the metric): they are not read yet, only
+        // joined. Why that leaves the gate's decisions exactly as before:
+        //
+        // - The gate ignores pending epochs, so it knows a pre-joined cluster
+        //   X as a cluster of no epoch: no limit, and `classify` says `Ahead`
+        //   only for a record of the pending epoch (above its highest known
+        //   epoch). Such a record (a producer saw the seal before us) would
+        //   be parked anyway, but a record without an epoch header, or of an
+        //   older epoch (a producer outside the route, a zombie of an epoch
+        //   pruned from the route), would be `InOrder` and delivered at once.
+        //   The argument that it lies below X's boundary at the seal does not
+        //   hold: the boundary is read when every producer acknowledged the
+        //   pending epoch, and the seal reaches us later still; a record
+        //   landing on X in between is above X's boundary, and the gate
+        //   holds it after the seal until the group committed the open
+        //   epoch's clusters up to their fences (per-key order). Before the
+        //   seal nobody can tell the two apart (the boundary is not known).
+        // - So the consumer does not ask the gate about a pre-joined cluster
+        //   at all: every record read from X is parked and its partition
+        //   paused (`TopicInfo::held`, from `gated_by_route` on the route the
+        //   gate was given under the same lock). When the route changes
+        //   (step 1: the seal, which makes X an open cluster, is given to the
+        //   gate first, then every parked slot of the topic is drained), the
+        //   parked records go through the gate in offset order, with the
+        //   sealed route and X's boundary: what it would have seen from a
+        //   consumer joining X at the seal, reading from the group's
+        //   committed offset (nothing read from X was delivered, stored or
+        //   committed before: the group's offsets on X did not move).
+        // - Aborted (or replaced) pending epoch: X leaves `desired`,
+        //   `reconcile` closes its consumer (it leaves the group) and drops
+        //   what was parked; nothing of X was delivered.
+        //
+        // The cost: a group member, and a rebalance, on a cluster the
+        // switch may still abort.
         let desired: BTreeMap<ClusterId, BTreeSet<String>> = {
             let mut st = self.lock();
             let mut desired: BTreeMap<ClusterId, BTreeSet<String>> = BTreeMap::new();
             let mut sets = BTreeMap::new();
+            let mut prejoined = BTreeMap::new();
+            let retired = |c: &str| {
+                snap.cluster(c)
+                    .is_none_or(|spec| spec.state == ClusterState::Retired)
+            };
             for t in &topics {
                 let Some(route) = st.routes.get(t).filter(|_| st.gates.contains_key(t)) else {
                     continue;
                 };
                 // Sealed epochs' clusters stay until retired, not only until the
                 // group passed their fences: stragglers land above the fence.
-                let rs = read_set(route, |c| {
-                    snap.cluster(c)
-                        .is_none_or(|spec| spec.state == ClusterState::Retired)
-                });
+                let rs = read_set(route, retired);
                 metrics::gauge!("flotilla_consumer_read_set_size", "topic" => t.clone())
                     .set(rs.len() as f64);
-                for c in &rs {
+                let pj = prejoin_set(route, &rs, retired);
+                for c in rs.iter().chain(&pj) {
                     desired.entry(c.clone()).or_default().insert(t.clone());
                 }
                 sets.insert(t.clone(), rs);
+                if !pj.is_empty() {
+                    prejoined.insert(t.clone(), pj);
+                }
             }
             for (t, rs) in &sets {
                 if st.read_sets.get(t) != Some(rs) {
                     tracing::info!(topic = %t, read_set = ?rs, "read set changed");
                 }
             }
+            for (t, pj) in &prejoined {
+                if st.prejoined.get(t) != Some(pj) {
+                    let epoch = st
+                        .routes
+                        .get(t)
+                        .and_then(|r| r.pending_epoch())
+                        .map(|e| e.n);
+                    tracing::info!(topic = %t, clusters = ?pj, epoch, "pre-joining the pending epoch's clusters (their records wait for the seal)");
+                }
+            }
             st.read_sets = sets;
+            st.prejoined = prejoined;
             desired
         };
         self.reconcile(snap, desired).await;
@@ -1412,8 +1516,9 @@ impl Shared {
         }
     }
 
-    /// Opens consumers for clusters that entered the read set, resubscribes
-    /// those whose topics changed, closes those that left.
+    /// Opens consumers for the clusters of `desired` (the read sets and the
+    /// pre-joined clusters, with their topics), resubscribes those whose
+    /// topics changed, closes those that left.
     async fn reconcile(
         self: &Arc<Self>,
         snap: &FleetSnapshot,
@@ -1431,7 +1536,7 @@ impl Shared {
                 .cloned()
                 .collect();
             for c in gone {
-                tracing::info!(cluster = %c, "cluster left the read set (retired or deregistered); closing its consumer");
+                tracing::info!(cluster = %c, "cluster left the read set (retired or deregistered) or was pre-joined for a pending epoch since aborted; closing its consumer");
                 if let Some(r) = st.readers.remove(&c) {
                     closing.push(r);
                 }
@@ -1485,7 +1590,11 @@ impl Shared {
         for (c, topics, r) in opened {
             match r {
                 Ok((consumer, admin)) => {
-                    tracing::info!(cluster = %c, ?topics, "reading cluster");
+                    if st.read_sets.values().any(|rs| rs.contains(&c)) {
+                        tracing::info!(cluster = %c, ?topics, "reading cluster");
+                    } else {
+                        tracing::info!(cluster = %c, ?topics, "pre-joined cluster of a pending epoch: joining its group before the seal");
+                    }
                     st.retry_at.remove(&c);
                     st.cluster_errors.remove(&c);
                     let consumer = Arc::new(consumer);
@@ -1693,10 +1802,12 @@ pub struct FleetConsumer {
 
 impl std::fmt::Debug for FleetConsumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = self.shared.lock();
         f.debug_struct("FleetConsumer")
             .field("group", &self.shared.group)
             .field("client_id", &self.shared.client_id)
-            .field("read_sets", &self.shared.lock().read_sets)
+            .field("read_sets", &st.read_sets)
+            .field("prejoined", &st.prejoined)
             .finish()
     }
 }
@@ -2129,6 +2240,8 @@ impl FleetConsumer {
     }
 
     /// The clusters read for `topic` now (empty before its route is known).
+    /// Clusters of a pending epoch the consumer pre-joined are not in it
+    /// (see [`FleetConsumer::clusters`]).
     pub fn read_set(&self, topic: &str) -> BTreeSet<ClusterId> {
         self.shared
             .lock()
@@ -2138,7 +2251,9 @@ impl FleetConsumer {
             .unwrap_or_default()
     }
 
-    /// The clusters this consumer has a connected consumer for.
+    /// The clusters this consumer has a connected consumer for: those of the
+    /// read sets, and those of pending epochs it pre-joined (whose records
+    /// wait for the seal).
     pub fn clusters(&self) -> Vec<ClusterId> {
         self.shared.lock().readers.keys().cloned().collect()
     }
@@ -2356,5 +2471,86 @@ async fn keep_alive(shared: Arc<Shared>, mut record: ClientRecord) {
                 Err(e) => tracing::warn!(error = %e, "cannot re-register the consumer"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Epoch, WeightedCluster};
+    use EpochState::*;
+
+    fn epoch(n: u64, write: &[&str], state: EpochState) -> Epoch {
+        Epoch {
+            n,
+            write: write
+                .iter()
+                .map(|c| WeightedCluster {
+                    cluster: c.to_string(),
+                    weight: 100,
+                })
+                .collect(),
+            state,
+            fence: BTreeMap::new(),
+            created_at: 0,
+            ack_deadline: None,
+        }
+    }
+
+    fn route(topic: &str, partitions: u32, epochs: Vec<Epoch>) -> TopicRoute {
+        TopicRoute {
+            version: SCHEMA_VERSION,
+            topic: topic.into(),
+            partitions,
+            epochs,
+        }
+    }
+
+    #[test]
+    fn only_open_and_sealed_epochs_gate_a_cluster() {
+        let r = route(
+            "t",
+            1,
+            vec![
+                epoch(1, &["a"], Sealed),
+                epoch(2, &["b"], Open),
+                epoch(3, &["c"], Aborted),
+                epoch(4, &["a", "d"], Pending),
+            ],
+        );
+        assert!(gated_by_route(&r, "a"));
+        assert!(gated_by_route(&r, "b"));
+        // Named only by an aborted or a pending epoch: the gate does not know it.
+        assert!(!gated_by_route(&r, "c"));
+        assert!(!gated_by_route(&r, "d"));
+        assert!(!gated_by_route(&r, "x"));
+    }
+
+    #[test]
+    fn the_pending_epochs_clusters_not_read_nor_retired_are_pre_joined() {
+        let r = route(
+            "t",
+            1,
+            vec![epoch(1, &["a"], Open), epoch(2, &["a", "b", "c"], Pending)],
+        );
+        let read = read_set(&r, |_| false);
+        let pj = prejoin_set(&r, &read, |c| c == "c");
+        // a is read already; c is retired (or not registered).
+        assert_eq!(pj, BTreeSet::from(["b".to_string()]));
+        // read_set itself is unchanged: pending clusters are not read.
+        assert_eq!(read, BTreeSet::from(["a".to_string()]));
+        // No pending epoch (sealed, or aborted): nothing to pre-join.
+        let sealed = route(
+            "t",
+            1,
+            vec![epoch(1, &["a"], Sealed), epoch(2, &["b"], Open)],
+        );
+        assert!(prejoin_set(&sealed, &BTreeSet::new(), |_| false).is_empty());
+        let aborted = route(
+            "t",
+            1,
+            vec![epoch(1, &["a"], Open), epoch(2, &["b"], Aborted)],
+        );
+        assert!(prejoin_set(&aborted, &BTreeSet::new(), |_| false).is_empty());
     }
 }

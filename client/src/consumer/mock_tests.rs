@@ -100,6 +100,55 @@ impl Env {
             .unwrap();
     }
 
+    /// Replaces the route's epochs with `epochs` (e.g. a pending epoch
+    /// proposed, or aborted), as the controller or an operator would.
+    async fn put_epochs(&self, partitions: u32, epochs: Vec<Epoch>) {
+        let route = TopicRoute {
+            version: SCHEMA_VERSION,
+            topic: TOPIC.into(),
+            partitions,
+            epochs,
+        };
+        let (_, rev) = self.registry.route(TOPIC).await.unwrap().unwrap();
+        self.registry
+            .put_route(&route, Expect::ModRevision(rev))
+            .await
+            .unwrap();
+    }
+
+    /// Produces one record `payload` to `partition` of cluster `i`, with
+    /// the epoch header `epoch` (none: a producer outside the route, e.g. a
+    /// plain Kafka producer); returns its offset.
+    async fn produce_one(
+        &self,
+        i: usize,
+        partition: i32,
+        payload: &str,
+        epoch: Option<u64>,
+    ) -> i64 {
+        let p: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap(i))
+            .create()
+            .unwrap();
+        let e = epoch.map(|e| e.to_string());
+        let mut record = FutureRecord::to(TOPIC)
+            .key(payload)
+            .payload(payload)
+            .partition(partition);
+        if let Some(e) = &e {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: EPOCH_HEADER,
+                value: Some(e.as_str()),
+            }));
+        }
+        let d = p
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+        d.offset
+    }
+
     fn bootstrap(&self, i: usize) -> String {
         self.fleet
             .as_ref()
@@ -1119,5 +1168,152 @@ async fn a_revoke_waits_for_a_record_in_hand_at_most_the_revoke_wait() {
     drop(h.held);
     h.c2.close().await;
     Arc::into_inner(h.c1).unwrap().close().await;
+    env.shutdown().await;
+}
+
+/// Waits (at most `d`) until `cond` holds; panics naming `what` otherwise.
+async fn wait_until(what: &str, d: Duration, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + d;
+    while !cond() {
+        assert!(Instant::now() < deadline, "{what}: not within {d:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether `c` is a member of the group on `cluster` with `n` partitions.
+fn assigned_on(c: &FleetConsumer, cluster: &str, n: usize) -> bool {
+    c.assignment()
+        .unwrap()
+        .get(cluster)
+        .is_some_and(|tpl| tpl.count() == n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_epochs_cluster_is_pre_joined_and_its_records_wait_for_the_seal() {
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    let fence_a = env.produce(0, 4, parts, 1).await;
+    let c = FleetConsumer::new(env.config("g-prejoin")).await.unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    // a's records, of which only partition 1's are committed: a/0 stays
+    // below its fence, so after the seal b/0 must wait for it.
+    let from_a = recv_n_uncommitted(&c, 4, Duration::from_secs(30)).await;
+    assert!(from_a.iter().all(|m| m.cluster() == "a"));
+    for m in from_a.iter().filter(|m| m.partition() == 1) {
+        c.commit_message(m, CommitMode::Sync).unwrap();
+    }
+    assert_eq!(c.clusters(), vec!["a".to_string()]);
+
+    // Epoch 2 on b proposed: while it is pending, the consumer joins the
+    // group on b (a member there, both partitions assigned), but does not
+    // read b: the read set is still a alone.
+    env.put_epochs(
+        parts,
+        vec![
+            epoch(1, &["a"], EpochState::Open, &[]),
+            epoch(2, &["b"], EpochState::Pending, &[]),
+        ],
+    )
+    .await;
+    wait_until(
+        "b pre-joined before the seal",
+        Duration::from_secs(30),
+        || assigned_on(&c, "b", parts as usize),
+    )
+    .await;
+    assert_eq!(c.read_set(TOPIC), BTreeSet::from(["a".to_string()]));
+
+    // Before the seal, two records land on b above its boundary-to-be (the
+    // boundary below is read before them): one without an epoch header
+    // (which the gate alone would let through: it knows no limit for a
+    // cluster of a pending epoch) and one of epoch 2 (a producer that saw
+    // the seal before this consumer: `Ahead` for the gate). Both are parked.
+    assert_eq!(env.produce_one(1, 0, "plain", None).await, 0);
+    assert_eq!(env.produce_one(1, 1, "early", Some(2)).await, 0);
+    wait_until("b's records parked", Duration::from_secs(30), || {
+        c.held_back() == 2
+    })
+    .await;
+
+    // The seal: the gate decides as for a cluster joined now. b/1 flows (a/1
+    // is committed up to its fence), b/0 waits for a/0.
+    env.seal_a_open_b(parts, fence_a, vec![0, 0]).await;
+    let m = recv_n_uncommitted(&c, 1, Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(
+        (m.cluster(), m.partition(), m.offset(), m.epoch()),
+        ("b", 1, 0, Some(2))
+    );
+    assert_eq!(m.payload(), Some(&b"early"[..]));
+    assert_eq!(c.held_back(), 1, "b/0 must still wait for a/0's fence");
+    // (The read set follows in the same pass, after the gate took the route.)
+    wait_until("b in the read set", Duration::from_secs(10), || {
+        c.read_set(TOPIC) == BTreeSet::from(["a".to_string(), "b".to_string()])
+    })
+    .await;
+    // a/0 committed to its fence: b/0's record comes.
+    for m in from_a.iter().filter(|m| m.partition() == 0) {
+        c.commit_message(m, CommitMode::Sync).unwrap();
+    }
+    let m = recv_n_uncommitted(&c, 1, Duration::from_secs(30))
+        .await
+        .remove(0);
+    assert_eq!(
+        (m.cluster(), m.partition(), m.offset(), m.epoch()),
+        ("b", 0, 0, None)
+    );
+    assert_eq!(c.held_back(), 0);
+    c.close().await;
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aborted_pending_epoch_closes_the_pre_joined_clusters_consumer() {
+    let parts = 1;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    env.produce(0, 2, parts, 1).await;
+    let c = FleetConsumer::new(env.config("g-prejoin-abort"))
+        .await
+        .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    recv_n(&c, 2, Duration::from_secs(30)).await;
+    let pending = vec![
+        epoch(1, &["a"], EpochState::Open, &[]),
+        epoch(2, &["b"], EpochState::Pending, &[]),
+    ];
+    env.put_epochs(parts, pending).await;
+    wait_until("b pre-joined", Duration::from_secs(30), || {
+        assigned_on(&c, "b", parts as usize)
+    })
+    .await;
+    env.produce_one(1, 0, "early", Some(2)).await;
+    wait_until("b's record parked", Duration::from_secs(30), || {
+        c.held_back() == 1
+    })
+    .await;
+
+    // The switch is aborted: b leaves, its consumer is closed and what was
+    // parked from it dropped, never delivered.
+    env.put_epochs(
+        parts,
+        vec![
+            epoch(1, &["a"], EpochState::Open, &[]),
+            epoch(2, &["b"], EpochState::Aborted, &[]),
+        ],
+    )
+    .await;
+    wait_until("b's consumer closed", Duration::from_secs(30), || {
+        c.clusters() == vec!["a".to_string()]
+    })
+    .await;
+    assert_eq!(c.held_back(), 0);
+    assert!(!c.assignment().unwrap().contains_key("b"));
+    assert_eq!(c.read_set(TOPIC), BTreeSet::from(["a".to_string()]));
+    // a keeps flowing; nothing of b comes.
+    env.produce(0, 2, parts, 1).await;
+    let got = recv_n(&c, 2, Duration::from_secs(30)).await;
+    assert!(got.iter().all(|m| m.cluster() == "a"), "{got:?}");
+    c.close().await;
     env.shutdown().await;
 }
