@@ -564,7 +564,7 @@ fn gated_by_route(route: &TopicRoute, cluster: &str) -> bool {
 /// The clusters of `route`'s pending epoch to *pre-join*: to open a consumer
 /// for, and so join the group there, while the epoch is pending, so that the
 /// consumer is already a member of the group on them when the epoch opens
-/// (the join costs 0.2–0.3 s at the seal otherwise). Clusters already in
+/// (the join costs ~0.15–0.2 s after the seal otherwise). Clusters already in
 /// `read` (the read set) are not pre-joined; nor are those `retired` says are
 /// retired or no longer registered (as [`read_set`] skips them).
 fn prejoin_set(
@@ -1402,7 +1402,7 @@ impl Shared {
         // readers for.
         //
         // Pre-join: the clusters of a pending epoch get a reader (and so join
-        // the group there: JoinGroup, SyncGroup, offset fetch, 0.2-0.3 s)
+        // the group there: JoinGroup, SyncGroup, offset fetch, ~0.15-0.2 s)
         // while the epoch is pending — producers hold during that phase
         // anyway — instead of once the seal opens it. They are not in the
         // read set (`read_set`, the metric): they are not read yet, only
