@@ -1458,6 +1458,8 @@ impl Shared {
                 metrics::gauge!("flotilla_consumer_read_set_size", "topic" => t.clone())
                     .set(rs.len() as f64);
                 let pj = prejoin_set(route, &rs, retired);
+                metrics::gauge!("flotilla_consumer_prejoined_clusters", "topic" => t.clone())
+                    .set(pj.len() as f64);
                 for c in rs.iter().chain(&pj) {
                     desired.entry(c.clone()).or_default().insert(t.clone());
                 }

@@ -44,7 +44,8 @@
 //! `flotilla_consumer_lag{cluster,topic,partition}` (from librdkafka
 //! statistics), histogram `flotilla_consumer_fence_wait_seconds{cluster,topic}`,
 //! counter `flotilla_consumer_stragglers_total{cluster,topic}`, gauge
-//! `flotilla_consumer_read_set_size{topic}`, counter
+//! `flotilla_consumer_read_set_size{topic}`, gauge
+//! `flotilla_consumer_prejoined_clusters{topic}`, counter
 //! `flotilla_consumer_errors_total{cluster}`.
 //!
 //! See `docs/consumer.md` for porting from `StreamConsumer`.
