@@ -22,6 +22,13 @@
 //! runs in `block_in_place`, so the application's task, even one on the
 //! pump's worker, moves to another thread.
 //!
+//! On an assignment it starts the partitions the group has no committed
+//! offset for at [`Offset::Beginning`] rather than leaving them to
+//! librdkafka's `auto.offset.reset` (see
+//! [`FleetContext::start_from_beginning`]): librdkafka waits a hard-coded
+//! 100 ms before that reset's offset lookup, paid on every new cluster a
+//! switch adds to the read set and by every new group.
+//!
 //! The rebalance callbacks run on the thread polling the consumer: its pump
 //! (a tokio task, inside `poll_next`), or the thread closing it (the revoke
 //! of the close). The commit before a revoke is made by the committer
@@ -34,9 +41,10 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError as RdKafkaError, KafkaResult};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, RebalanceProtocol};
+use rdkafka::error::{KafkaError as RdKafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::committer::Committer;
@@ -180,6 +188,90 @@ impl FleetContext {
         }
     }
 
+    /// For an assignment of `tpl`: the list to assign instead, with
+    /// [`Offset::Beginning`] for the partitions the group has no committed
+    /// offset for; `None` to assign `tpl` as it is.
+    ///
+    /// librdkafka starts an assigned partition (offset INVALID) by fetching
+    /// the group's committed offset; when there is none it applies
+    /// `auto.offset.reset`, but only after a hard-coded 100 ms timer
+    /// (`rd_kafka_offset_reset` → `rd_kafka_toppar_offset_request(.., 100)`
+    /// for `__NO_OFFSET`), on every partition of every cluster a group
+    /// starts reading. A partition assigned at `Beginning` starts at once
+    /// (no committed-offset lookup, no timer), which is what the reset
+    /// would do: `auto.offset.reset` is always `earliest` here
+    /// ([`FleetConsumerConfig::set`](super::FleetConsumerConfig::set) owns
+    /// it). So the committed offsets are read here first, and only the
+    /// partitions that have none (and no error) start at `Beginning`; the
+    /// others stay INVALID, librdkafka fetching their committed offset
+    /// itself (with its leader epoch, and the committed offset its lag
+    /// statistics use).
+    ///
+    /// Not when the committer still has commits of these partitions queued
+    /// or in flight (the lookup could miss this member's own commit — a
+    /// revoke's flush gave up on, say — where librdkafka's lookup waits for
+    /// the commits it sends; its own commits of the partitions it
+    /// unassigned, under `enable.auto.commit`, are answered before it
+    /// rejoins), nor while the consumer closes (its group may
+    /// be leaving: the lookup would wait for a coordinator). On any error
+    /// or timeout, the assignment is left as it is: nothing is lost either
+    /// way — `Beginning` is at or before any committed offset, at worst
+    /// records are delivered again — only the 100 ms are not saved.
+    ///
+    /// Costs one round trip to the coordinator per assignment, a blocking
+    /// one on the polling thread (the pump's worker: in `block_in_place`),
+    /// bounded by the commit timeout and 2 s. A group that resumes from
+    /// committed offsets pays it on top of librdkafka's own lookup.
+    fn start_from_beginning(
+        &self,
+        base: &BaseConsumer<Self>,
+        tpl: &TopicPartitionList,
+    ) -> Option<TopicPartitionList> {
+        if self.retired.load(Ordering::Acquire) || tpl.count() == 0 {
+            return None;
+        }
+        // Offsets set by anyone but the group (none today) are kept.
+        if tpl.elements().iter().all(|e| e.offset() != Offset::Invalid) {
+            return None;
+        }
+        let partitions = pairs(tpl);
+        if self
+            .committer
+            .get()
+            .is_some_and(|c| c.has_work(Some(&partitions)))
+        {
+            tracing::debug!(cluster = %self.cluster, "commits of newly assigned partitions pending: librdkafka reads their committed offsets");
+            return None;
+        }
+        let timeout = self.commit_timeout.min(LOOKUP_TIMEOUT);
+        let committed = match blocking(|| base.committed_offsets(tpl.clone(), timeout)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(cluster = %self.cluster, error = %e, "cannot read the committed offsets of newly assigned partitions: librdkafka reads them");
+                return None;
+            }
+        };
+        let mut start = tpl.clone();
+        let mut fresh = 0;
+        for e in committed.elements() {
+            if e.error().is_err() || e.offset() != Offset::Invalid {
+                continue;
+            }
+            let assigned = tpl
+                .find_partition(e.topic(), e.partition())
+                .map(|a| a.offset());
+            if assigned == Some(Offset::Invalid)
+                && start
+                    .set_partition_offset(e.topic(), e.partition(), Offset::Beginning)
+                    .is_ok()
+            {
+                fresh += 1;
+            }
+        }
+        tracing::debug!(cluster = %self.cluster, fresh, assigned = tpl.count(), "partitions without a committed offset start at the beginning");
+        (fresh > 0).then_some(start)
+    }
+
     /// Marks the consumer as closing: its callbacks no longer feed the fleet
     /// consumer's state (the user's rebalance callback still sees them), and
     /// a revoke waiting for the application's record stops waiting.
@@ -232,6 +324,11 @@ impl FleetContext {
     }
 }
 
+/// The longest [`FleetContext::start_from_beginning`] waits for the
+/// committed offsets (less if the commit timeout is shorter): past it,
+/// librdkafka's own lookup and its 100 ms are the faster way.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn pairs(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
     tpl.elements()
         .iter()
@@ -268,6 +365,46 @@ impl ClientContext for FleetContext {
 }
 
 impl ConsumerContext for FleetContext {
+    /// rdkafka's default rebalance (`pre_rebalance`, the (incremental)
+    /// assign or unassign, `post_rebalance`), except that an assignment
+    /// starts the partitions without a committed offset at the beginning
+    /// ([`FleetContext::start_from_beginning`]), and that a failed assign
+    /// or unassign is logged.
+    fn rebalance(
+        &self,
+        base: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let tpl = &*tpl;
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            _ => Rebalance::Error(RdKafkaError::Rebalance(RDKafkaErrorCode::from(err))),
+        };
+        self.pre_rebalance(base, &rebalance);
+        let cooperative = matches!(base.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let r = match &rebalance {
+            Rebalance::Assign(tpl) => {
+                let start = self.start_from_beginning(base, tpl);
+                let tpl = start.as_ref().unwrap_or(tpl);
+                if cooperative {
+                    base.incremental_assign(tpl)
+                } else {
+                    base.assign(tpl)
+                }
+            }
+            // A revoke, or a rebalance error: as rdkafka's default, the
+            // partitions (all of them, eager) are unassigned.
+            _ if cooperative => base.incremental_unassign(tpl),
+            _ => base.unassign(),
+        };
+        if let Err(e) = r {
+            tracing::warn!(cluster = %self.cluster, error = %e, ?rebalance, "cannot apply a rebalance's assignment");
+        }
+        self.post_rebalance(base, &rebalance);
+    }
+
     fn pre_rebalance(&self, base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let (Rebalance::Revoke(tpl), Some(shared)) = (rebalance, self.live_shared()) {
             // No more records of the revoked partitions for the application

@@ -1317,3 +1317,136 @@ async fn an_aborted_pending_epoch_closes_the_pre_joined_clusters_consumer() {
     c.close().await;
     env.shutdown().await;
 }
+
+/// The start offsets librdkafka holds for the assignment of the consumer
+/// `m` came from, per partition: as the rebalance callback assigned them
+/// (`Beginning`: started without a committed-offset lookup; `Stored`:
+/// librdkafka reads the group's committed offset).
+fn start_offsets(m: &FleetMessage) -> BTreeMap<i32, rdkafka::Offset> {
+    use rdkafka::consumer::Consumer;
+    let consumer = m.client_for_test().0.upgrade().expect("consumer alive");
+    let tpl = consumer.assignment().unwrap();
+    tpl.elements()
+        .iter()
+        .map(|e| (e.partition(), e.offset()))
+        .collect()
+}
+
+/// A group with committed offsets on partitions 0 and 1 of a (2 and 3, of
+/// 3 records each) and none on partition 2 is joined again by a new member
+/// (`strategy`: eager or cooperative assignment): partitions 0 and 1 resume
+/// at their committed offsets, nothing committed is delivered again, and
+/// partition 2 is read from its beginning; only partition 2 is assigned at
+/// `Beginning` (librdkafka looks up the committed offsets of the others).
+async fn rejoin_resumes_committed_and_starts_the_rest_at_the_beginning(strategy: &str) {
+    let parts = 3;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    env.produce(0, 9, parts, 1).await;
+    let group = format!("g-resume-{strategy}");
+    let config = || {
+        env.config(&group)
+            .set("partition.assignment.strategy", strategy)
+    };
+    let c1 = FleetConsumer::new(config()).await.unwrap();
+    c1.subscribe(&[TOPIC]).unwrap();
+    let got = recv_n_uncommitted(&c1, 9, Duration::from_secs(30)).await;
+    // A fresh group: every partition started at the beginning.
+    assert_eq!(
+        start_offsets(&got[0]),
+        (0..parts as i32)
+            .map(|p| (p, rdkafka::Offset::Beginning))
+            .collect(),
+    );
+    for (p, o) in [(0, 1), (1, 2)] {
+        let m = got
+            .iter()
+            .find(|m| (m.partition(), m.offset()) == (p, o))
+            .unwrap();
+        c1.commit_message(m, CommitMode::Sync).unwrap();
+    }
+    drop(got);
+    c1.close().await;
+    assert_eq!(
+        group_committed(&env, 0, &group, parts).await,
+        vec![Some(2), Some(3), None]
+    );
+    // One more record per partition (offset 3): read past it, a partition
+    // delivered again what it had before.
+    env.produce(0, 3, parts, 1).await;
+
+    let c2 = FleetConsumer::new(config()).await.unwrap();
+    c2.subscribe(&[TOPIC]).unwrap();
+    let mut seen: BTreeMap<i32, Vec<i64>> = BTreeMap::new();
+    let mut starts = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (0..parts as i32).any(|p| !seen.get(&p).is_some_and(|o| o.contains(&3))) {
+        assert!(Instant::now() < deadline, "timed out; got {seen:?}");
+        let Some(m) = recv_for(&c2, Duration::from_millis(500)).await else {
+            continue;
+        };
+        starts.get_or_insert_with(|| start_offsets(&m));
+        seen.entry(m.partition()).or_default().push(m.offset());
+    }
+    assert_eq!(
+        seen,
+        BTreeMap::from([(0, vec![2, 3]), (1, vec![3]), (2, vec![0, 1, 2, 3])]),
+        "committed records delivered again, or uncommitted ones lost"
+    );
+    let starts = starts.unwrap();
+    assert_eq!(starts.len(), parts as usize, "{starts:?}");
+    assert_eq!(starts[&2], rdkafka::Offset::Beginning, "{starts:?}");
+    assert!(
+        starts[&0] != rdkafka::Offset::Beginning && starts[&1] != rdkafka::Offset::Beginning,
+        "partitions with a committed offset must start from it: {starts:?}"
+    );
+    c2.close().await;
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eager_rejoin_resumes_committed_partitions_and_starts_the_others_at_the_beginning() {
+    rejoin_resumes_committed_and_starts_the_rest_at_the_beginning("range").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cooperative_rejoin_resumes_committed_partitions_and_starts_the_others_at_the_beginning()
+{
+    rejoin_resumes_committed_and_starts_the_rest_at_the_beginning("cooperative-sticky").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_committed_offsets_are_not_read_in_time_librdkafka_starts_the_partitions() {
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    env.produce(0, 6, parts, 1).await;
+    // Every response of a's broker takes 300 ms: the lookup of the
+    // assignment's committed offsets gives up after the commit timeout
+    // (100 ms) and the partitions are assigned as librdkafka would.
+    let mock = &env.fleet.as_ref().unwrap().clusters()[0];
+    mock.broker_rtt(1, Duration::from_millis(300)).unwrap();
+    let c = FleetConsumer::new(
+        env.config("g-lookup-timeout")
+            .commit_timeout(Duration::from_millis(100)),
+    )
+    .await
+    .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    let got = recv_n_uncommitted(&c, 6, Duration::from_secs(60)).await;
+    let starts = start_offsets(&got[0]);
+    assert_eq!(starts.len(), parts as usize, "{starts:?}");
+    assert!(
+        starts.values().all(|o| *o != rdkafka::Offset::Beginning),
+        "{starts:?}"
+    );
+    // Nothing lost: every record read from the beginning (the reset).
+    let mut offsets: Vec<(i32, i64)> = got.iter().map(|m| (m.partition(), m.offset())).collect();
+    offsets.sort();
+    assert_eq!(
+        offsets,
+        vec![(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    );
+    mock.broker_rtt(1, Duration::ZERO).unwrap();
+    drop(got);
+    c.close().await;
+    env.shutdown().await;
+}
