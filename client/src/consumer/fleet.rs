@@ -2479,34 +2479,8 @@ async fn keep_alive(shared: Arc<Shared>, mut record: ClientRecord) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{Epoch, WeightedCluster};
+    use crate::route::testutil::{epoch, route};
     use EpochState::*;
-
-    fn epoch(n: u64, write: &[&str], state: EpochState) -> Epoch {
-        Epoch {
-            n,
-            write: write
-                .iter()
-                .map(|c| WeightedCluster {
-                    cluster: c.to_string(),
-                    weight: 100,
-                })
-                .collect(),
-            state,
-            fence: BTreeMap::new(),
-            created_at: 0,
-            ack_deadline: None,
-        }
-    }
-
-    fn route(topic: &str, partitions: u32, epochs: Vec<Epoch>) -> TopicRoute {
-        TopicRoute {
-            version: SCHEMA_VERSION,
-            topic: topic.into(),
-            partitions,
-            epochs,
-        }
-    }
 
     #[test]
     fn only_open_and_sealed_epochs_gate_a_cluster() {

@@ -73,7 +73,7 @@ pub mod switch;
 #[cfg(test)]
 mod e2e_tests;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 pub use gate::{read_set, FenceGate, GateAction, RecordClass};
 pub use murmur2::{murmur2, partition_for_key};
