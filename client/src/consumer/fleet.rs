@@ -23,10 +23,12 @@ use super::context::FleetContext;
 use super::epoch_of;
 use crate::kafka::{classify, client_config, ClusterAdmin, ErrorClass, KafkaError};
 use crate::registry::{
-    ClientKind, ClientLease, ClientRecord, ClusterId, ClusterState, EpochState, FleetSnapshot,
-    FleetWatcher, GroupRecord, Registry, RegistryError, TopicRoute, SCHEMA_VERSION,
+    ClientKind, ClientLease, ClientRecord, ClusterId, ClusterState, FleetSnapshot, FleetWatcher,
+    GroupRecord, Registry, RegistryError, TopicRoute, SCHEMA_VERSION,
 };
-use crate::route::gate::{read_set, FenceGate, GateAction, RecordClass};
+use crate::route::gate::{
+    gated_by_route, prejoin_set, read_set, FenceGate, GateAction, RecordClass,
+};
 
 /// The rdkafka consumer of one cluster.
 type ClusterConsumer = StreamConsumer<FleetContext>;
@@ -545,40 +547,6 @@ impl TopicInfo {
             store_slot: self.store_slot,
         }
     }
-}
-
-/// Whether `route` names `cluster` in an open or sealed epoch: only then does
-/// the fence gate know where the cluster stands in the epochs (its
-/// boundaries). A cluster named only by a pending epoch is *pre-joined*
-/// ([`prejoin_set`]): the gate, which ignores pending epochs, would set it no
-/// limit at all, so the consumer holds back everything read from it itself
-/// (see [`Shared::tick`], step 3, for why that keeps the gate's decisions
-/// exactly as if the cluster had been joined at the seal).
-fn gated_by_route(route: &TopicRoute, cluster: &str) -> bool {
-    route
-        .epochs
-        .iter()
-        .any(|e| matches!(e.state, EpochState::Open | EpochState::Sealed) && e.writes_to(cluster))
-}
-
-/// The clusters of `route`'s pending epoch to *pre-join*: to open a consumer
-/// for, and so join the group there, while the epoch is pending, so that the
-/// consumer is already a member of the group on them when the epoch opens
-/// (the join costs ~0.15–0.2 s after the seal otherwise). Clusters already in
-/// `read` (the read set) are not pre-joined; nor are those `retired` says are
-/// retired or no longer registered (as [`read_set`] skips them).
-fn prejoin_set(
-    route: &TopicRoute,
-    read: &BTreeSet<ClusterId>,
-    retired: impl Fn(&str) -> bool,
-) -> BTreeSet<ClusterId> {
-    route
-        .pending_epoch()
-        .into_iter()
-        .flat_map(|e| e.clusters())
-        .filter(|c| !read.contains(*c) && !retired(c))
-        .cloned()
-        .collect()
 }
 
 fn record_offset(record: &Record) -> i64 {
@@ -2473,60 +2441,5 @@ async fn keep_alive(shared: Arc<Shared>, mut record: ClientRecord) {
                 Err(e) => tracing::warn!(error = %e, "cannot re-register the consumer"),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::route::testutil::{epoch, route};
-    use EpochState::*;
-
-    #[test]
-    fn only_open_and_sealed_epochs_gate_a_cluster() {
-        let r = route(
-            "t",
-            1,
-            vec![
-                epoch(1, &["a"], Sealed),
-                epoch(2, &["b"], Open),
-                epoch(3, &["c"], Aborted),
-                epoch(4, &["a", "d"], Pending),
-            ],
-        );
-        assert!(gated_by_route(&r, "a"));
-        assert!(gated_by_route(&r, "b"));
-        // Named only by an aborted or a pending epoch: the gate does not know it.
-        assert!(!gated_by_route(&r, "c"));
-        assert!(!gated_by_route(&r, "d"));
-        assert!(!gated_by_route(&r, "x"));
-    }
-
-    #[test]
-    fn the_pending_epochs_clusters_not_read_nor_retired_are_pre_joined() {
-        let r = route(
-            "t",
-            1,
-            vec![epoch(1, &["a"], Open), epoch(2, &["a", "b", "c"], Pending)],
-        );
-        let read = read_set(&r, |_| false);
-        let pj = prejoin_set(&r, &read, |c| c == "c");
-        // a is read already; c is retired (or not registered).
-        assert_eq!(pj, BTreeSet::from(["b".to_string()]));
-        // read_set itself is unchanged: pending clusters are not read.
-        assert_eq!(read, BTreeSet::from(["a".to_string()]));
-        // No pending epoch (sealed, or aborted): nothing to pre-join.
-        let sealed = route(
-            "t",
-            1,
-            vec![epoch(1, &["a"], Sealed), epoch(2, &["b"], Open)],
-        );
-        assert!(prejoin_set(&sealed, &BTreeSet::new(), |_| false).is_empty());
-        let aborted = route(
-            "t",
-            1,
-            vec![epoch(1, &["a"], Open), epoch(2, &["b"], Aborted)],
-        );
-        assert!(prejoin_set(&aborted, &BTreeSet::new(), |_| false).is_empty());
     }
 }

@@ -446,6 +446,41 @@ pub fn read_set(route: &TopicRoute, retired: impl Fn(&str) -> bool) -> BTreeSet<
     out
 }
 
+/// Whether `route` names `cluster` in an open or sealed epoch: only then does
+/// a [`FenceGate`] know where the cluster stands in the epochs (its
+/// boundaries). A cluster named only by a pending epoch — one a consumer
+/// [pre-joins](prejoin_set) — gets no limit at all from the gate (it ignores
+/// pending epochs), so a consumer must hold back everything it reads from
+/// such a cluster until the route gates it: then the gate decides exactly as
+/// for a consumer that joined the cluster at the seal.
+pub fn gated_by_route(route: &TopicRoute, cluster: &str) -> bool {
+    route
+        .epochs
+        .iter()
+        .any(|e| matches!(e.state, EpochState::Open | EpochState::Sealed) && e.writes_to(cluster))
+}
+
+/// The clusters of `route`'s pending epoch a consumer should *pre-join*:
+/// open a consumer for, and so join the group there, while the epoch is
+/// pending, so that it is already a member of the group on them when the
+/// epoch opens (the join costs ~0.15–0.2 s after the seal otherwise).
+/// Clusters already in `read` (the [`read_set`]) are not pre-joined; nor are
+/// those `retired` says are retired or no longer registered (as [`read_set`]
+/// skips them). Records read from them wait for the seal ([`gated_by_route`]).
+pub fn prejoin_set(
+    route: &TopicRoute,
+    read: &BTreeSet<ClusterId>,
+    retired: impl Fn(&str) -> bool,
+) -> BTreeSet<ClusterId> {
+    route
+        .pending_epoch()
+        .into_iter()
+        .flat_map(|e| e.clusters())
+        .filter(|c| !read.contains(*c) && !retired(c))
+        .cloned()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -661,6 +696,54 @@ mod tests {
         assert_eq!(g.allowed_until("a", 0), Some(3));
         g.on_committed("b", 0, 1_000);
         assert_eq!(g.allowed_until("a", 0), Some(3));
+    }
+
+    #[test]
+    fn only_open_and_sealed_epochs_gate_a_cluster() {
+        let r = route(
+            "t",
+            1,
+            vec![
+                epoch(1, &["a"], Sealed),
+                epoch(2, &["b"], Open),
+                epoch(3, &["c"], Aborted),
+                epoch(4, &["a", "d"], Pending),
+            ],
+        );
+        assert!(gated_by_route(&r, "a"));
+        assert!(gated_by_route(&r, "b"));
+        // Named only by an aborted or a pending epoch: the gate does not know it.
+        assert!(!gated_by_route(&r, "c"));
+        assert!(!gated_by_route(&r, "d"));
+        assert!(!gated_by_route(&r, "x"));
+    }
+
+    #[test]
+    fn the_pending_epochs_clusters_not_read_nor_retired_are_pre_joined() {
+        let r = route(
+            "t",
+            1,
+            vec![epoch(1, &["a"], Open), epoch(2, &["a", "b", "c"], Pending)],
+        );
+        let read = read_set(&r, |_| false);
+        let pj = prejoin_set(&r, &read, |c| c == "c");
+        // a is read already; c is retired (or not registered).
+        assert_eq!(pj, BTreeSet::from(["b".to_string()]));
+        // read_set itself is unchanged: pending clusters are not read.
+        assert_eq!(read, BTreeSet::from(["a".to_string()]));
+        // No pending epoch (sealed, or aborted): nothing to pre-join.
+        let sealed = route(
+            "t",
+            1,
+            vec![epoch(1, &["a"], Sealed), epoch(2, &["b"], Open)],
+        );
+        assert!(prejoin_set(&sealed, &BTreeSet::new(), |_| false).is_empty());
+        let aborted = route(
+            "t",
+            1,
+            vec![epoch(1, &["a"], Open), epoch(2, &["b"], Aborted)],
+        );
+        assert!(prejoin_set(&aborted, &BTreeSet::new(), |_| false).is_empty());
     }
 
     #[test]

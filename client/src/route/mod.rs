@@ -75,7 +75,7 @@ mod e2e_tests;
 #[cfg(test)]
 pub(crate) mod testutil;
 
-pub use gate::{read_set, FenceGate, GateAction, RecordClass};
+pub use gate::{gated_by_route, prejoin_set, read_set, FenceGate, GateAction, RecordClass};
 pub use murmur2::{murmur2, partition_for_key};
 pub use rendezvous::{cluster_for_key, RendezvousTable};
 pub use router::{Action, ClusterStatus, Decision, NoRoute, Router, Settlement};
