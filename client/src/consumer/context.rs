@@ -368,7 +368,7 @@ impl ConsumerContext for FleetContext {
     /// rdkafka's default rebalance (`pre_rebalance`, the (incremental)
     /// assign or unassign, `post_rebalance`), except that an assignment
     /// starts the partitions without a committed offset at the beginning
-    /// ([`FleetContext::start_from_beginning`]), and that a failed assign
+    /// (`FleetContext::start_from_beginning`), and that a failed assign
     /// or unassign is logged.
     fn rebalance(
         &self,
