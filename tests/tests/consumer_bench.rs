@@ -9,6 +9,10 @@
 //! ```
 //!
 //! The three benchmarks take a lock so they never run at the same time.
+//! `FLOTILLA_BENCH_RT=current` runs them on a current-thread tokio runtime
+//! (default: multi-thread, 2 workers). The throughput benchmark also reports
+//! the (first) broker's CPU time per record and how much of the machine's
+//! cores stayed idle, per round.
 
 #[path = "common/cpu.rs"]
 mod cpu;
@@ -66,12 +70,14 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 fn run<F: std::future::Future<Output = ()>>(f: F) {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(f);
+    let mut b = if std::env::var("FLOTILLA_BENCH_RT").as_deref() == Ok("current") {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(2);
+        b
+    };
+    b.enable_all().build().unwrap().block_on(f);
 }
 
 fn keys() -> Vec<String> {
@@ -171,7 +177,12 @@ async fn setup(n: usize) -> Bench {
         registry,
         admins,
         bootstraps,
-        _fleet: fleet,
+        _fleet: {
+            if let Some(pid) = fleet.cluster(0).pid() {
+                let _ = BROKER_PID.set(pid);
+            }
+            fleet
+        },
         _etcd: etcd,
     }
 }
@@ -309,6 +320,48 @@ struct Timing {
     /// CPU time of this process (all threads) from the first record to the
     /// last: the client's cost, less disturbed by other load than `wall`.
     cpu: Duration,
+    /// CPU time of the (first) broker's process over the same span.
+    broker_cpu: Duration,
+    /// Share of the machine's cores nobody used over the same span.
+    idle: f64,
+}
+
+/// The broker whose CPU time the throughput benchmark reports.
+static BROKER_PID: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
+
+/// Counters read at a read's first record, turned into a [`Timing`] at its last.
+struct Probe {
+    at: Instant,
+    cpu: Duration,
+    broker_cpu: Duration,
+    idle: (u64, u64),
+}
+
+impl Probe {
+    fn start() -> Probe {
+        Probe {
+            at: Instant::now(),
+            cpu: cpu::cpu_time(),
+            broker_cpu: BROKER_PID
+                .get()
+                .map_or(Duration::ZERO, |&p| cpu::process_cpu_time(p)),
+            idle: cpu::machine_idle_ticks(),
+        }
+    }
+
+    fn finish(self, started: Instant) -> Timing {
+        let (idle, total) = cpu::machine_idle_ticks();
+        let broker = BROKER_PID
+            .get()
+            .map_or(Duration::ZERO, |&p| cpu::process_cpu_time(p));
+        Timing {
+            startup: self.at - started,
+            wall: self.at.elapsed(),
+            cpu: cpu::cpu_time() - self.cpu,
+            broker_cpu: broker.saturating_sub(self.broker_cpu),
+            idle: (idle - self.idle.0) as f64 / (total - self.idle.1).max(1) as f64,
+        }
+    }
 }
 
 impl Timing {
@@ -318,6 +371,10 @@ impl Timing {
 
     fn cpu_us(&self) -> f64 {
         self.cpu.as_secs_f64() * 1e6 / RECORDS as f64
+    }
+
+    fn broker_us(&self) -> f64 {
+        self.broker_cpu.as_secs_f64() * 1e6 / RECORDS as f64
     }
 }
 
@@ -329,18 +386,13 @@ async fn consume_raw(bootstrap: &str, topic: &str, group: &str, passes: u32) -> 
     let mut bytes = 0usize;
     for _ in 0..RECORDS {
         let m = c.recv().await.unwrap();
-        first.get_or_insert_with(|| (Instant::now(), cpu::cpu_time()));
+        first.get_or_insert_with(Probe::start);
         bytes += m.payload().map_or(0, |p| p.len());
         if passes > 0 {
             work(m.payload().unwrap_or_default(), passes);
         }
     }
-    let (first, cpu0) = first.unwrap();
-    let timing = Timing {
-        startup: first - started,
-        wall: first.elapsed(),
-        cpu: cpu::cpu_time() - cpu0,
-    };
+    let timing = first.unwrap().finish(started);
     assert_eq!(bytes, RECORDS * VALUE);
     timing
 }
@@ -355,7 +407,7 @@ async fn consume_fleet(b: &Bench, topic: &str, group: &str, passes: u32) -> Timi
     while n < RECORDS {
         match c.recv().await {
             Ok(m) => {
-                first.get_or_insert_with(|| (Instant::now(), cpu::cpu_time()));
+                first.get_or_insert_with(Probe::start);
                 bytes += m.payload().map_or(0, |p| p.len());
                 if passes > 0 {
                     work(m.payload().unwrap_or_default(), passes);
@@ -365,12 +417,7 @@ async fn consume_fleet(b: &Bench, topic: &str, group: &str, passes: u32) -> Timi
             Err(e) => eprintln!("fleet consumer: {e}"),
         }
     }
-    let (first, cpu0) = first.unwrap();
-    let timing = Timing {
-        startup: first - started,
-        wall: first.elapsed(),
-        cpu: cpu::cpu_time() - cpu0,
-    };
+    let timing = first.unwrap().finish(started);
     assert_eq!(bytes, RECORDS * VALUE);
     c.close().await;
     timing
@@ -398,13 +445,19 @@ async fn compare(b: &Bench, topic: &str, label: &str, rounds: usize, passes: u32
             (r, f)
         };
         eprintln!(
-            "{label}round {round}: StreamConsumer {:.0} rec/s {:.2} us CPU/rec ({:?} to the first record), \
-             FleetConsumer {:.0} rec/s {:.2} us CPU/rec ({:?} to the first record), ratio {:.2}",
+            "{label}round {round}: StreamConsumer {:.0} rec/s {:.2} us CPU/rec, broker {:.2} us/rec, \
+             {:.0}% idle ({:?} to the first record), \
+             FleetConsumer {:.0} rec/s {:.2} us CPU/rec, broker {:.2} us/rec, {:.0}% idle \
+             ({:?} to the first record), ratio {:.2}",
             r.rate(),
             r.cpu_us(),
+            r.broker_us(),
+            r.idle * 100.0,
             r.startup,
             f.rate(),
             f.cpu_us(),
+            f.broker_us(),
+            f.idle * 100.0,
             f.startup,
             f.rate() / r.rate(),
         );
@@ -432,6 +485,7 @@ async fn compare(b: &Bench, topic: &str, label: &str, rounds: usize, passes: u32
          ratio of sums {:.3} (StreamConsumer {:.0} rec/s, FleetConsumer {:.0} rec/s); \
          per-round ratios {ratios:.2?} (median {median:.3}); \
          client CPU per record: StreamConsumer {:.3} us, FleetConsumer {:.3} us (ratio {:.3}); \
+         broker CPU per record: {:.3} us, {:.3} us; machine idle: {:.1}%, {:.1}%; \
          load {}",
         wall_raw.as_secs_f64() / wall_fleet.as_secs_f64(),
         n / wall_raw.as_secs_f64(),
@@ -439,6 +493,10 @@ async fn compare(b: &Bench, topic: &str, label: &str, rounds: usize, passes: u32
         cpu_raw.as_secs_f64() * 1e6 / n,
         cpu_fleet.as_secs_f64() * 1e6 / n,
         cpu_fleet.as_secs_f64() / cpu_raw.as_secs_f64(),
+        sum(&raw, |t| t.broker_cpu).as_secs_f64() * 1e6 / n,
+        sum(&fleet, |t| t.broker_cpu).as_secs_f64() * 1e6 / n,
+        raw.iter().map(|t| t.idle).sum::<f64>() * 100.0 / rounds as f64,
+        fleet.iter().map(|t| t.idle).sum::<f64>() * 100.0 / rounds as f64,
         cpu::loadavg(),
     );
 }
