@@ -12,7 +12,8 @@
 //! `FLOTILLA_BENCH_RT=current` runs them on a current-thread tokio runtime
 //! (default: multi-thread, 2 workers). The throughput benchmark also reports
 //! the (first) broker's CPU time per record and how much of the machine's
-//! cores stayed idle, per round.
+//! cores stayed idle, per round; with `FLOTILLA_BENCH_SCHED` set, also each
+//! busy thread's share of the read running and waiting for a CPU.
 
 #[path = "common/cpu.rs"]
 mod cpu;
@@ -331,6 +332,8 @@ static BROKER_PID: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
 
 /// Counters read at a read's first record, turned into a [`Timing`] at its last.
 struct Probe {
+    /// Per-thread scheduling counters, with `FLOTILLA_BENCH_SCHED` set.
+    sched: Option<BTreeMap<String, (u64, u64, u64)>>,
     at: Instant,
     cpu: Duration,
     broker_cpu: Duration,
@@ -340,6 +343,7 @@ struct Probe {
 impl Probe {
     fn start() -> Probe {
         Probe {
+            sched: std::env::var_os("FLOTILLA_BENCH_SCHED").map(|_| cpu::thread_sched()),
             at: Instant::now(),
             cpu: cpu::cpu_time(),
             broker_cpu: BROKER_PID
@@ -350,6 +354,12 @@ impl Probe {
     }
 
     fn finish(self, started: Instant) -> Timing {
+        if let Some(before) = &self.sched {
+            eprintln!(
+                "threads: {}",
+                cpu::thread_sched_report(before, self.at.elapsed())
+            );
+        }
         let (idle, total) = cpu::machine_idle_ticks();
         let broker = BROKER_PID
             .get()

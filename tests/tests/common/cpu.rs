@@ -64,3 +64,50 @@ pub fn machine_idle_ticks() -> (u64, u64) {
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     (idle, v.iter().take(8).sum())
 }
+
+/// Per thread of this process (by name and id): time on a CPU, time waiting
+/// on a run queue (runnable, not running) and time slices so far, in ns
+/// (`/proc/self/task/*/schedstat`).
+pub fn thread_sched() -> std::collections::BTreeMap<String, (u64, u64, u64)> {
+    let mut m = std::collections::BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return m;
+    };
+    for e in dir.flatten() {
+        let d = e.path();
+        let comm = std::fs::read_to_string(d.join("comm")).unwrap_or_default();
+        let ss = std::fs::read_to_string(d.join("schedstat")).unwrap_or_default();
+        let v: Vec<u64> = ss
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        if let [run, wait, slices] = v[..] {
+            let key = format!("{}/{}", comm.trim(), e.file_name().to_string_lossy());
+            m.insert(key, (run, wait, slices));
+        }
+    }
+    m
+}
+
+/// The threads busy over `wall` since `before` ([`thread_sched`]), as
+/// "name/tid: run R% runq Q% slices N": R is the share of `wall` the thread
+/// ran, Q the share it was runnable but waited for a CPU.
+pub fn thread_sched_report(
+    before: &std::collections::BTreeMap<String, (u64, u64, u64)>,
+    wall: Duration,
+) -> String {
+    let wall = wall.as_nanos().max(1) as f64;
+    let mut out = Vec::new();
+    for (k, (run, wait, n)) in thread_sched() {
+        let (r0, w0, n0) = before.get(&k).copied().unwrap_or((0, 0, 0));
+        let run = run.saturating_sub(r0) as f64 * 100.0 / wall;
+        let wait = wait.saturating_sub(w0) as f64 * 100.0 / wall;
+        if run > 3.0 || wait > 3.0 {
+            out.push(format!(
+                "{k}: run {run:.0}% runq {wait:.0}% slices {}",
+                n.saturating_sub(n0)
+            ));
+        }
+    }
+    out.join("; ")
+}
