@@ -26,9 +26,10 @@
 //! timestamps and the wall-clock time of every proposal.
 //! `FLOTILLA_BENCH_WINDOW` bounds the deliveries a throughput round keeps
 //! outstanding (default: all, everything sent before anything is awaited).
-//! `FLOTILLA_BENCH_RECORDS`, `FLOTILLA_BENCH_ROUNDS` and
-//! `FLOTILLA_BENCH_SWITCHES` override the sizes. `FLOTILLA_BENCH_RATE`
-//! paces the switch-pause load to about that many records/s in total
+//! `FLOTILLA_BENCH_RECORDS`, `FLOTILLA_BENCH_ROUNDS`,
+//! `FLOTILLA_BENCH_SWITCHES` and `FLOTILLA_BENCH_WARMUP_SWITCHES` override
+//! the sizes. `FLOTILLA_BENCH_RATE` paces the switch-pause load to about
+//! that many records/s in total
 //! (default: as fast as the producers are acknowledged). Figures:
 //! `docs/benchmarks.md`.
 
@@ -325,6 +326,13 @@ const PAUSE_KEYS_PER_PRODUCER: usize = 1000;
 /// largest, an estimate of the tail rather than the single slowest switch
 /// (with 40 it was the second largest of 120, i.e. about the slowest of 40).
 const SWITCHES: usize = 200;
+/// Unmeasured switches first (`FLOTILLA_BENCH_WARMUP_SWITCHES` overrides):
+/// one round of the plan, so each kind of transition has run once. The
+/// first switches of a fresh fleet are the slowest (the brokers' JIT has
+/// not compiled the list-offsets path, the producers' new-cluster paths are
+/// cold): in five 200-switch runs, switches 2 and 3 were among the six
+/// slowest in four.
+const WARMUP_SWITCHES: usize = 4;
 
 /// A global `metrics` recorder keeping every sample of
 /// `flotilla_producer_hold_seconds` (everything else is a no-op).
@@ -418,6 +426,7 @@ async fn switch_pause_under_load() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(SWITCHES);
+    let warmup = env_or("FLOTILLA_BENCH_WARMUP_SWITCHES", WARMUP_SWITCHES);
     let etcd = EtcdServer::start().expect("start etcd");
     let kafka = tokio::task::spawn_blocking(|| KafkaFleet::start(2).expect("start Kafka"))
         .await
@@ -542,12 +551,16 @@ async fn switch_pause_under_load() {
         vec![wc("A"), wc("B")],
         vec![wc("A")],
     ];
-    let started = Instant::now();
-    let sent_before = *sent.lock().unwrap();
+    let mut started = Instant::now();
+    let mut sent_before = *sent.lock().unwrap();
     let (mut acked, mut sealed, mut held) = (Vec::new(), Vec::new(), Vec::new());
     let (mut reading, mut casing) = (Vec::new(), Vec::new());
     eprintln!("load average at the first switch: {}", loadavg());
-    for i in 0..switches {
+    for i in 0..warmup + switches {
+        if i == warmup {
+            started = Instant::now();
+            sent_before = *sent.lock().unwrap();
+        }
         let before = samples.lock().unwrap().len();
         let wall = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -578,7 +591,8 @@ async fn switch_pause_under_load() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mine: Vec<f64> = samples.lock().unwrap()[before..].to_vec();
         eprintln!(
-            "switch {} -> epoch {}: acked after {:.1} ms, boundary read after {:.1} ms, sealed after {:.1} ms, holds {:?} ms",
+            "{}switch {} -> epoch {}: acked after {:.1} ms, boundary read after {:.1} ms, sealed after {:.1} ms, holds {:?} ms",
+            if i < warmup { "(warm-up) " } else { "" },
             i + 1,
             d.epoch,
             d.acked.as_secs_f64() * 1e3,
@@ -588,11 +602,13 @@ async fn switch_pause_under_load() {
                 .map(|h| (h * 1e4).round() / 10.0)
                 .collect::<Vec<_>>()
         );
-        acked.push(d.acked.as_secs_f64());
-        reading.push((d.boundary - d.acked).as_secs_f64());
-        casing.push((d.sealed - d.boundary).as_secs_f64());
-        sealed.push(d.sealed.as_secs_f64());
-        held.extend(mine);
+        if i >= warmup {
+            acked.push(d.acked.as_secs_f64());
+            reading.push((d.boundary - d.acked).as_secs_f64());
+            casing.push((d.sealed - d.boundary).as_secs_f64());
+            sealed.push(d.sealed.as_secs_f64());
+            held.extend(mine);
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let elapsed = started.elapsed();
@@ -607,7 +623,7 @@ async fn switch_pause_under_load() {
         held.len()
     );
     eprintln!(
-        "{switches} switches, {PAUSE_PRODUCERS} producers x {PAUSE_KEYS_PER_PRODUCER} keys, load {acked_rate:.0} rec/s acknowledged during the switches ({})",
+        "{switches} switches (after {warmup} unmeasured), {PAUSE_PRODUCERS} producers x {PAUSE_KEYS_PER_PRODUCER} keys, load {acked_rate:.0} rec/s acknowledged during the switches ({})",
         if rate > 0 { format!("paced to {rate} rec/s") } else { "unpaced".to_string() }
     );
     eprintln!(
