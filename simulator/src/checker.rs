@@ -6,6 +6,8 @@
 //! it found; the caller stamps the time and keeps the list (the world also
 //! writes a trace line).
 
+use flotilla_client::registry::{EpochState, TopicRoute};
+
 use crate::history::{AnomalyKind, RecInfo};
 
 /// Where a record was delivered from: (cluster index, partition, offset).
@@ -78,4 +80,46 @@ pub fn unconsumed(rec: &RecInfo, cluster_gone: bool) -> Option<AnomalyKind> {
     } else {
         AnomalyKind::NotConsumed
     })
+}
+
+/// The delivery rule of pre-join: a consumer whose route is `view` may
+/// deliver a record of epoch `epoch` from `cluster` only if the view names
+/// `cluster` in an open or sealed epoch (so its fence gate knows where the
+/// cluster stands), and shows `epoch` open or sealed (or older than every
+/// epoch it still lists: pruned history). A record read from a cluster that
+/// only a pending epoch names (pre-joined), or of an epoch still pending in
+/// the view, is delivered before the seal: `delivered-before-seal`.
+///
+/// Written from the route alone, independently of `gate::gated_by_route` and
+/// `FenceGate::classify`, which the consumer adapter uses.
+pub fn before_seal(
+    view: Option<&TopicRoute>,
+    cluster: &str,
+    epoch: u64,
+) -> Option<(AnomalyKind, String)> {
+    let kind = AnomalyKind::DeliveredBeforeSeal;
+    let Some(view) = view else {
+        return Some((kind, format!("e{epoch} from {cluster} with no route known")));
+    };
+    let live = |s: EpochState| matches!(s, EpochState::Open | EpochState::Sealed);
+    let named = view
+        .epochs
+        .iter()
+        .any(|e| live(e.state) && e.write.iter().any(|w| w.cluster == cluster));
+    if !named {
+        return Some((
+            kind,
+            format!("e{epoch} from {cluster}, in no open or sealed epoch of the route seen"),
+        ));
+    }
+    let oldest = view.epochs.iter().map(|e| e.n).min().unwrap_or(0);
+    let ok = epoch < oldest || view.epochs.iter().any(|e| e.n == epoch && live(e.state));
+    if !ok {
+        let state = view.epoch(epoch).map(|e| e.state);
+        return Some((
+            kind,
+            format!("e{epoch} from {cluster}, {state:?} in the route seen"),
+        ));
+    }
+    None
 }

@@ -179,6 +179,11 @@ pub struct Bugs {
     /// temporary clusters and drains them as soon as the copy ends, without
     /// waiting for the group to consume them.
     pub backfill_skip_wait: bool,
+    /// With [`Config::prejoin`]: a consumer hands the records it reads from a
+    /// pre-joined cluster (a pending epoch's, not gated by its route) to the
+    /// application at once, without holding them until the seal nor asking
+    /// the fence gate: `delivered-before-seal`.
+    pub prejoin_delivers: bool,
 }
 
 /// What a producer does when it cannot renew its registry lease (DESIGN step 4).
@@ -239,6 +244,27 @@ pub struct Config {
     /// drain and retirement. Off by default: a run without it draws no extra
     /// random number and writes no extra trace line.
     pub backfills: bool,
+    /// Consumers pre-join the clusters of a pending epoch (`gate::prejoin_set`),
+    /// as `FleetConsumer` does: they join the group there while the switch is
+    /// pending, and hold everything they read from such a cluster until their
+    /// route gates it (`gate::gated_by_route`: the epoch sealed); an abort
+    /// drops the pre-joined reader and what it held. On by default.
+    pub prejoin: bool,
+    /// How long a consumer takes to join the group on a cluster it starts
+    /// reading (JoinGroup, SyncGroup, offset fetch: ~0.15–0.2 s for the real
+    /// one); it reads nothing there before. Pre-join pays it while the epoch
+    /// is pending. 0 = no join delay.
+    pub join_ms: u64,
+    /// Consumers auto-commit (`enable.auto.commit`): every this many ms they
+    /// commit what they delivered (at-least-once: a crash delivers the
+    /// uncommitted records again). `None`: an exactly-once sink, each record
+    /// processed and committed in one step.
+    pub auto_commit_ms: Option<u64>,
+    /// With [`Config::auto_commit_ms`]: a consumer that delivers the last
+    /// record below a fence end (`FenceGate::completes_fence`) commits that
+    /// partition at once instead of at the next periodic commit, as
+    /// `FleetConsumer` does.
+    pub fence_commit: bool,
     /// Keep the readable trace lines (the hash of the trace is always computed).
     pub keep_trace: bool,
 }
@@ -266,12 +292,29 @@ impl Default for Config {
             on_ack_deadline: OnAckDeadline::Proceed,
             write_fence: true,
             backfills: false,
+            prejoin: true,
+            join_ms: 150,
+            auto_commit_ms: Some(1_000),
+            fence_commit: true,
             keep_trace: false,
         }
     }
 }
 
 impl Config {
+    /// This config with the consumer model before pre-join and auto-commit:
+    /// an exactly-once sink that commits every record as it processes it, no
+    /// join delay, no pre-join. Runs are then byte-identical (same trace
+    /// hashes) to the simulator before those were modelled; the repro seeds
+    /// of the findings were measured with it.
+    pub fn sink_consumer(mut self) -> Self {
+        self.prejoin = false;
+        self.join_ms = 0;
+        self.auto_commit_ms = None;
+        self.fence_commit = false;
+        self
+    }
+
     /// A tiny schedule for the debug-build test suite: 12 virtual seconds.
     pub fn tiny() -> Self {
         Config {

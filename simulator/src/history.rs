@@ -32,6 +32,11 @@ pub enum AnomalyKind {
     NotConsumed,
     /// After healing, a live producer still had records held or in flight.
     ProducerStuck,
+    /// A consumer delivered a record from a cluster its route does not gate
+    /// yet (named only by a pending epoch: a pre-joined cluster), or a record
+    /// of an epoch its route does not show sealed or open: delivered before
+    /// the seal, past the fence gate.
+    DeliveredBeforeSeal,
     /// A backfill did not finish: a source record of its range never reached
     /// the target topic, or its temporary clusters were not retired.
     BackfillIncomplete,
@@ -52,6 +57,7 @@ impl AnomalyKind {
             AnomalyKind::SwitchStuck => "switch-stuck",
             AnomalyKind::NotConsumed => "not-consumed",
             AnomalyKind::ProducerStuck => "producer-stuck",
+            AnomalyKind::DeliveredBeforeSeal => "delivered-before-seal",
             AnomalyKind::BackfillIncomplete => "backfill-incomplete",
         }
     }

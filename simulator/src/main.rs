@@ -223,6 +223,28 @@ struct Shape {
     /// as soon as the copy ends, before the group consumed them.
     #[arg(long)]
     bug_backfill_skip_wait: bool,
+    /// Consumers do not pre-join the clusters of a pending epoch.
+    #[arg(long)]
+    no_prejoin: bool,
+    /// How long a consumer takes to join the group on a cluster (ms).
+    #[arg(long, default_value_t = 150)]
+    join_ms: u64,
+    /// Auto-commit interval of the consumers (ms).
+    #[arg(long, default_value_t = 1_000)]
+    auto_commit_ms: u64,
+    /// Consumers auto-commit only periodically, not at once after the last
+    /// record below a fence end.
+    #[arg(long)]
+    no_fence_commit: bool,
+    /// The consumer model before pre-join and auto-commit: an exactly-once
+    /// sink (process + commit per record), no join delay, no pre-join (the
+    /// findings' repro seeds were measured with it).
+    #[arg(long)]
+    sink_consumer: bool,
+    /// Broken variant: records read from a pre-joined cluster are delivered
+    /// at once, not held until the seal.
+    #[arg(long)]
+    bug_prejoin_delivers: bool,
 }
 
 impl Shape {
@@ -259,8 +281,16 @@ impl Shape {
             retire_ignores_late_producers: self.bug_retire_ignores_late,
             backfill_no_dedupe: self.bug_backfill_no_dedupe,
             backfill_skip_wait: self.bug_backfill_skip_wait,
+            prejoin_delivers: self.bug_prejoin_delivers,
         };
         cfg.backfills = self.backfill;
+        cfg.prejoin = !self.no_prejoin;
+        cfg.join_ms = self.join_ms;
+        cfg.auto_commit_ms = Some(self.auto_commit_ms.max(1));
+        cfg.fence_commit = !self.no_fence_commit;
+        if self.sink_consumer {
+            cfg = cfg.sink_consumer();
+        }
         Ok(cfg)
     }
 }

@@ -46,6 +46,15 @@ pub struct Summary {
     /// Backfills (`--backfill`): (seeds where it ran, done, records copied,
     /// temporary clusters retired, copy-worker crashes).
     pub backfills: (u64, u64, u64, u64, u64),
+    /// Every fence wait (ms): a member's partition with a record it could
+    /// not deliver yet, until it delivered from it again.
+    pub fence_waits: Vec<u64>,
+    /// Pre-join: (clusters pre-joined, of them gated by a seal, records held,
+    /// held records dropped on an abort).
+    pub prejoin: (u64, u64, u64, u64),
+    /// Auto-commit: (periodic commits, commits at fence ends, deliveries
+    /// undone by a crash before their commit).
+    pub commits: (u64, u64, u64),
 }
 
 impl Summary {
@@ -82,6 +91,17 @@ impl Summary {
             b.3 += r.stats.backfill_retired;
             b.4 += r.stats.backfill_crashes;
         }
+        self.fence_waits.extend_from_slice(&r.stats.fence_waits);
+        let st = &r.stats;
+        let pj = &mut self.prejoin;
+        pj.0 += st.prejoins;
+        pj.1 += st.prejoins_gated;
+        pj.2 += st.parked;
+        pj.3 += st.parked_dropped;
+        let c = &mut self.commits;
+        c.0 += st.periodic_commits;
+        c.1 += st.fence_commits;
+        c.2 += st.redelivered;
         for (f, n) in &r.stats.faults {
             *self.faults.entry(f.to_string()).or_insert(0) += n;
         }
@@ -133,6 +153,25 @@ impl Summary {
         if let Some((p, seed, e)) = self.slowest {
             let _ = writeln!(s, "slowest switch:   {p} ms (seed {seed}, epoch {e})");
         }
+        if let Some(line) = self.fence_wait_line() {
+            let _ = writeln!(s, "fence waits:      {line}");
+        }
+        let (joined, gated, parked, dropped) = self.prejoin;
+        if joined > 0 {
+            let _ = writeln!(
+                s,
+                "pre-joins:        {joined} clusters ({gated} sealed, the rest aborted or retired); \
+                 {parked} records held until the seal, {dropped} dropped on an abort"
+            );
+        }
+        let (periodic, at_fence, undone) = self.commits;
+        if periodic + at_fence > 0 {
+            let _ = writeln!(
+                s,
+                "auto-commits:     {periodic} periodic, {at_fence} at fence ends; \
+                 {undone} deliveries not committed before a crash (delivered again)"
+            );
+        }
         if !self.faults.is_empty() {
             let f: Vec<String> = self
                 .faults
@@ -170,6 +209,17 @@ impl Summary {
             );
         }
         s
+    }
+
+    /// The fence waits as `N (mean …, p50 …, p99 …, max …)`, if any.
+    pub fn fence_wait_line(&self) -> Option<String> {
+        let w = &self.fence_waits;
+        let (p50, p99, max) = (percentile(w, 50)?, percentile(w, 99)?, percentile(w, 100)?);
+        let mean = w.iter().sum::<u64>() as f64 / w.len() as f64;
+        Some(format!(
+            "{} (mean {mean:.1} ms, p50 {p50} ms, p99 {p99} ms, max {max} ms)",
+            w.len()
+        ))
     }
 
     /// The switch pause distribution as a text histogram (power-of-two buckets).
@@ -340,6 +390,13 @@ fn markdown(sum: &Summary, cfg: &Config, wall_secs: f64, plots: Option<&Plots>) 
         "Producer hold (topic held → released, per producer)",
         &sum.holds,
     );
+    if !sum.fence_waits.is_empty() {
+        distribution(
+            &mut s,
+            "Fence wait (a member's next record held back → delivered, per partition)",
+            &sum.fence_waits,
+        );
+    }
     let _ = writeln!(s, "## Anomalies\n");
     if sum.failing.is_empty() {
         let _ = writeln!(s, "None.");

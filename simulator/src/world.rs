@@ -13,7 +13,7 @@ use flotilla_client::registry::{
     ClientKind, ClientRecord, ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState,
     FleetSnapshot, GroupRecord, TopicRoute, WeightedCluster, SCHEMA_VERSION,
 };
-use flotilla_client::route::gate::{read_set, FenceGate, RecordClass};
+use flotilla_client::route::gate::{gated_by_route, prejoin_set, read_set, FenceGate, RecordClass};
 use flotilla_client::route::router::{Action, Decision, Router, Settlement};
 use flotilla_client::route::switch::{self, LateSeals, SwitchStep};
 use flotilla_control::backfill::{parse_src_header, src_header_value};
@@ -86,6 +86,31 @@ pub struct Stats {
     pub backfill_done: bool,
     /// Backfill: copy-worker crashes.
     pub backfill_crashes: u64,
+    /// Pre-join ([`Config::prejoin`]): clusters of a pending epoch a consumer
+    /// joined early.
+    pub prejoins: u64,
+    /// Pre-join: records read from a pre-joined cluster and held (each
+    /// counted once per reader).
+    pub parked: u64,
+    /// Pre-join: held records dropped with their reader (pending epoch
+    /// aborted).
+    pub parked_dropped: u64,
+    /// Pre-joined clusters whose epoch was sealed while the reader was there.
+    pub prejoins_gated: u64,
+    /// Auto-commit ([`Config::auto_commit_ms`]): periodic commits (per member
+    /// and commit round).
+    pub periodic_commits: u64,
+    /// Auto-commit: immediate commits after the last record below a fence
+    /// end ([`Config::fence_commit`]).
+    pub fence_commits: u64,
+    /// Auto-commit: deliveries not committed when their consumer crashed
+    /// (delivered again by its next incarnation: at-least-once).
+    pub redelivered: u64,
+    /// Fence wait, in ms: for each time a member's partition had a record it
+    /// could not deliver yet (fence limit, epoch ahead of its route, held on
+    /// a pre-joined cluster, join to the cluster not done), the time until
+    /// it delivered from that partition again (`flotilla_consumer_fence_wait_seconds`).
+    pub fence_waits: Vec<u64>,
 }
 
 /// Interval of the [`Stats::lag`] samples, in virtual ms.
@@ -289,6 +314,46 @@ struct Consumer {
     seen: BTreeSet<u16>,
     /// The backfill's target route (only with [`Config::backfills`]).
     bf_route: Option<TopicRoute>,
+    /// Clusters pre-joined for the route's pending epoch ([`Config::prejoin`]),
+    /// computed with the read set.
+    prejoined: BTreeSet<String>,
+    /// Per pre-joined (cluster, partition): up to where records were read
+    /// and held (nothing is committed there before the seal).
+    parked: BTreeMap<(u16, u32), i64>,
+    /// Per cluster read or pre-joined: when the member's join there is done
+    /// ([`Config::join_ms`]).
+    joined: BTreeMap<u16, u64>,
+    /// Auto-commit: the member's position per (cluster, partition).
+    pos: BTreeMap<(u16, u32), i64>,
+    /// Auto-commit: deliveries not committed yet, per (cluster, partition),
+    /// oldest first.
+    uncommitted: BTreeMap<(u16, u32), VecDeque<Uncommitted>>,
+    /// Auto-commit: the next periodic commit.
+    next_commit: u64,
+    /// Since when a partition has had a record the member could not deliver.
+    waiting: BTreeMap<(u16, u32), u64>,
+}
+
+/// A delivery not committed yet (auto-commit), to undo if the consumer
+/// crashes before it commits.
+struct Uncommitted {
+    off: i64,
+    rid: u64,
+    /// Delivery order of the member.
+    dseq: u64,
+    /// The key's last consumed sequence number before this delivery.
+    prev_last: Option<u64>,
+}
+
+/// How a consumer reads one cluster in [`World::on_poll`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ReadMode {
+    /// Through the fence gate (`allowed_until`, `classify`).
+    Gated,
+    /// A pre-joined cluster the route does not gate: read and hold.
+    Hold,
+    /// [`Bugs::prejoin_delivers`](crate::config::Bugs): deliver at once, no gate.
+    Ungated,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -475,6 +540,13 @@ impl World {
                 rs_cache: None,
                 seen: BTreeSet::new(),
                 bf_route: None,
+                prejoined: BTreeSet::new(),
+                parked: BTreeMap::new(),
+                joined: BTreeMap::new(),
+                pos: BTreeMap::new(),
+                uncommitted: BTreeMap::new(),
+                next_commit: 0,
+                waiting: BTreeMap::new(),
             });
         }
         let active_end = cfg.active_ms;
@@ -1319,7 +1391,6 @@ impl World {
             return;
         };
         let parts = self.cfg.partitions;
-        let members = self.cfg.consumers as u32;
         // Feed the group's committed offsets (an admin fetch) to the gate,
         // only where they moved since the last feed.
         // The read set only changes with the route or with commits on
@@ -1346,6 +1417,9 @@ impl World {
                         }
                     }
                 }
+                if self.cfg.prejoin || self.cfg.join_ms > 0 {
+                    self.membership(ci, &route, &rs);
+                }
                 rs
             }
         };
@@ -1369,47 +1443,27 @@ impl World {
             }
         }
         for c in &rs {
-            let cx = cluster_index(c);
-            let cl = &self.clusters[cx as usize];
-            if cl.torn_down || !cl.up {
-                continue;
-            }
-            if self.cfg.bugs.consumer_from_latest && self.consumers[ci].seen.insert(cx) {
-                let cl = &mut self.clusters[cx as usize];
-                for p in 0..parts as usize {
-                    if !cl.has_commit[p] {
-                        cl.has_commit[p] = true;
-                        cl.committed[p] = cl.logs[p].len() as i64;
-                    }
-                }
-            }
-            for p in (0..parts).filter(|p| p % members == ci as u32) {
-                let cl = &self.clusters[cx as usize];
-                let mut pos = cl.committed[p as usize];
-                let hw = cl.logs[p as usize].len() as i64;
-                let limit = if self.cfg.bugs.consumer_ignores_gate {
-                    i64::MAX
+            self.read_cluster(ci, c, ReadMode::Gated, &route);
+        }
+        if !self.consumers[ci].prejoined.is_empty() {
+            let pj = self.consumers[ci].prejoined.clone();
+            for c in &pj {
+                // As `FleetConsumer`: a pre-joined cluster's records wait
+                // until the route gates the cluster (its epoch sealed).
+                let mode = if self.cfg.bugs.prejoin_delivers {
+                    ReadMode::Ungated
+                } else if gated_by_route(&route, c) {
+                    ReadMode::Gated
                 } else {
-                    self.consumers[ci]
-                        .gate
-                        .allowed_until(c, p)
-                        .unwrap_or(i64::MAX)
+                    ReadMode::Hold
                 };
-                let end = hw.min(limit).min(pos + 64);
-                while pos < end {
-                    let rid = self.clusters[cx as usize].logs[p as usize][pos as usize];
-                    let epoch = self.recs[rid as usize].epoch;
-                    let class = self.consumers[ci].gate.classify(c, p, pos, Some(epoch));
-                    if class == RecordClass::Ahead {
-                        break;
-                    }
-                    self.deliver(ci, cx, p, pos, rid, class);
-                    pos += 1;
-                    // Processing and commit are one step (an exactly-once sink).
-                    let cl = &mut self.clusters[cx as usize];
-                    cl.committed[p as usize] = pos;
-                    cl.has_commit[p as usize] = true;
-                }
+                self.read_cluster(ci, c, mode, &route);
+            }
+        }
+        if let Some(every) = self.cfg.auto_commit_ms {
+            if self.now >= self.consumers[ci].next_commit {
+                self.consumers[ci].next_commit = self.now + every;
+                self.periodic_commit(ci);
             }
         }
         self.consumers[ci].route = Some(route);
@@ -1419,6 +1473,218 @@ impl World {
         if let Some(br) = self.consumers[ci].bf_route.take() {
             self.poll_backfill(ci, &br);
             self.consumers[ci].bf_route = Some(br);
+        }
+    }
+
+    /// Recomputes the clusters consumer `ci` is a group member on: the read
+    /// set `rs` and, with [`Config::prejoin`], the pending epoch's clusters
+    /// (`prejoin_set`). A pre-joined cluster that the route now gates keeps
+    /// its member and goes through the gate from where it held; one that
+    /// left the pre-join set otherwise (the pending epoch aborted, or the
+    /// cluster retired) is closed and what it held is dropped. A cluster
+    /// joined anew is read [`Config::join_ms`] later.
+    fn membership(&mut self, ci: usize, route: &TopicRoute, rs: &BTreeSet<String>) {
+        let con = &self.consumers[ci];
+        let pj = if self.cfg.prejoin {
+            prejoin_set(route, rs, |c| con.retired.contains(c))
+        } else {
+            BTreeSet::new()
+        };
+        let old = std::mem::take(&mut self.consumers[ci].prejoined);
+        for c in old.difference(&pj) {
+            let cx = cluster_index(c);
+            let con = &mut self.consumers[ci];
+            let cl = &self.clusters[cx as usize];
+            let mut held = 0;
+            con.parked.retain(|(x, p), to| {
+                if *x == cx {
+                    held += (*to - cl.committed[*p as usize]).max(0);
+                }
+                *x != cx
+            });
+            if rs.contains(c) {
+                self.stats.prejoins_gated += 1;
+                tr!(
+                    self,
+                    "cons{ci} {c} gated by its route: {held} held records go through the fence gate"
+                );
+            } else {
+                con.joined.remove(&cx);
+                con.waiting.retain(|(x, _), _| *x != cx);
+                self.stats.parked_dropped += held as u64;
+                tr!(
+                    self,
+                    "cons{ci} leaves {c} (no longer pre-joined): {held} held records dropped"
+                );
+            }
+        }
+        for c in pj.difference(&old) {
+            self.stats.prejoins += 1;
+            tr!(self, "cons{ci} pre-joins {c} (pending epoch)");
+        }
+        let now = self.now;
+        let join_ms = self.cfg.join_ms;
+        let con = &mut self.consumers[ci];
+        let member: BTreeSet<u16> = rs.iter().chain(&pj).map(|c| cluster_index(c)).collect();
+        con.joined.retain(|cx, _| member.contains(cx));
+        for cx in member {
+            con.joined.entry(cx).or_insert(now + join_ms);
+        }
+        con.prejoined = pj;
+    }
+
+    /// Consumer `ci` reads its partitions of cluster `c` (of its route
+    /// `route`) as `mode` says, and delivers what it may.
+    fn read_cluster(&mut self, ci: usize, c: &str, mode: ReadMode, route: &TopicRoute) {
+        let parts = self.cfg.partitions;
+        let members = self.cfg.consumers as u32;
+        let cx = cluster_index(c);
+        let cl = &self.clusters[cx as usize];
+        if cl.torn_down || !cl.up {
+            return;
+        }
+        if self.cfg.bugs.consumer_from_latest && self.consumers[ci].seen.insert(cx) {
+            let cl = &mut self.clusters[cx as usize];
+            for p in 0..parts as usize {
+                if !cl.has_commit[p] {
+                    cl.has_commit[p] = true;
+                    cl.committed[p] = cl.logs[p].len() as i64;
+                }
+            }
+        }
+        let ready = self.cfg.join_ms == 0
+            || self.consumers[ci]
+                .joined
+                .get(&cx)
+                .is_some_and(|t| self.now >= *t);
+        let auto = self.cfg.auto_commit_ms.is_some();
+        for p in (0..parts).filter(|p| p % members == ci as u32) {
+            let cl = &self.clusters[cx as usize];
+            let committed = cl.committed[p as usize];
+            let hw = cl.logs[p as usize].len() as i64;
+            let mut pos = if auto {
+                let con = &self.consumers[ci];
+                con.pos
+                    .get(&(cx, p))
+                    .map_or(committed, |&q| q.max(committed))
+            } else {
+                committed
+            };
+            if !ready || mode == ReadMode::Hold {
+                if pos < hw {
+                    let con = &mut self.consumers[ci];
+                    con.waiting.entry((cx, p)).or_insert(self.now);
+                    if ready {
+                        // Read and held until the route gates the cluster.
+                        let to = con.parked.entry((cx, p)).or_insert(pos);
+                        if hw > *to {
+                            self.stats.parked += (hw - *to) as u64;
+                            *to = hw;
+                        }
+                    }
+                }
+                continue;
+            }
+            let limit = if self.cfg.bugs.consumer_ignores_gate || mode == ReadMode::Ungated {
+                i64::MAX
+            } else {
+                self.consumers[ci]
+                    .gate
+                    .allowed_until(c, p)
+                    .unwrap_or(i64::MAX)
+            };
+            let end = hw.min(limit).min(pos + 64);
+            let mut held_back = pos < hw && pos >= limit;
+            let start = pos;
+            while pos < end {
+                let rid = self.clusters[cx as usize].logs[p as usize][pos as usize];
+                let epoch = self.recs[rid as usize].epoch;
+                let class = if mode == ReadMode::Ungated {
+                    RecordClass::InOrder
+                } else {
+                    self.consumers[ci].gate.classify(c, p, pos, Some(epoch))
+                };
+                if class == RecordClass::Ahead {
+                    held_back = true;
+                    break;
+                }
+                let prev_last = self.deliver(ci, cx, p, pos, rid, class, route);
+                pos += 1;
+                if auto {
+                    let con = &mut self.consumers[ci];
+                    con.pos.insert((cx, p), pos);
+                    con.uncommitted
+                        .entry((cx, p))
+                        .or_default()
+                        .push_back(Uncommitted {
+                            off: pos - 1,
+                            rid,
+                            dseq: self.stats.consumed,
+                            prev_last,
+                        });
+                    if self.cfg.fence_commit
+                        && mode == ReadMode::Gated
+                        && con.gate.completes_fence(c, p, pos - 1)
+                    {
+                        // The last record below a fence end: commit now, so
+                        // the next epoch's records wait no longer for it.
+                        self.stats.fence_commits += 1;
+                        tr!(self, "cons{ci} commits c{cx}/{p}@{pos} at a fence end");
+                        self.commit_partition(ci, cx, p, pos);
+                    }
+                } else {
+                    // Processing and commit are one step (an exactly-once sink).
+                    let cl = &mut self.clusters[cx as usize];
+                    cl.committed[p as usize] = pos;
+                    cl.has_commit[p as usize] = true;
+                }
+            }
+            let con = &mut self.consumers[ci];
+            if pos > start {
+                if let Some(t) = con.waiting.remove(&(cx, p)) {
+                    self.stats.fence_waits.push(self.now - t);
+                }
+            }
+            if held_back {
+                con.waiting.entry((cx, p)).or_insert(self.now);
+            }
+        }
+    }
+
+    /// Auto-commit: consumer `ci` commits `cx/p` up to `to` (the group's
+    /// offset; a commit only moves forward) and forgets the deliveries below.
+    fn commit_partition(&mut self, ci: usize, cx: u16, p: u32, to: i64) {
+        let cl = &mut self.clusters[cx as usize];
+        if to > cl.committed[p as usize] {
+            cl.committed[p as usize] = to;
+        }
+        cl.has_commit[p as usize] = true;
+        if let Some(q) = self.consumers[ci].uncommitted.get_mut(&(cx, p)) {
+            while q.front().is_some_and(|u| u.off < to) {
+                q.pop_front();
+            }
+        }
+    }
+
+    /// Auto-commit: consumer `ci` commits its position on every partition
+    /// that moved, on clusters that answer.
+    fn periodic_commit(&mut self, ci: usize) {
+        let moved: Vec<((u16, u32), i64)> = self.consumers[ci]
+            .pos
+            .iter()
+            .filter(|((cx, p), pos)| {
+                let cl = &self.clusters[*cx as usize];
+                cl.up && !cl.torn_down && **pos > cl.committed[*p as usize]
+            })
+            .map(|(k, v)| (*k, *v))
+            .collect();
+        if moved.is_empty() {
+            return;
+        }
+        self.stats.periodic_commits += 1;
+        tr!(self, "cons{ci} auto-commits {} partitions", moved.len());
+        for ((cx, p), to) in moved {
+            self.commit_partition(ci, cx, p, to);
         }
     }
 
@@ -1470,23 +1736,43 @@ impl World {
         }
     }
 
-    fn deliver(&mut self, ci: usize, c: u16, p: u32, off: i64, rid: u64, class: RecordClass) {
+    /// Delivers record `rid` of `c/p@off` to the application of consumer
+    /// `ci`, whose route is `view`, and checks it. Returns the key's last
+    /// consumed sequence number before it (to undo an uncommitted delivery).
+    #[allow(clippy::too_many_arguments)]
+    fn deliver(
+        &mut self,
+        ci: usize,
+        c: u16,
+        p: u32,
+        off: i64,
+        rid: u64,
+        class: RecordClass,
+        view: &TopicRoute,
+    ) -> Option<u64> {
         self.stats.consumed += 1;
         let r = &self.recs[rid as usize];
-        let (key, seq) = (r.key, r.seq);
+        let (key, seq, epoch) = (r.key, r.seq, r.epoch);
         tr!(
             self,
             "cons{ci} got r{rid} key{key}#{seq} from c{c}/{p}@{off} {class:?}"
         );
-        let found = checker::on_delivery(
+        let prev_last = self.key_last[key as usize];
+        let mut found = checker::on_delivery(
             rid,
             &mut self.recs[rid as usize],
             &mut self.key_last[key as usize],
             (c, p, off),
         );
+        if let Some((kind, detail)) =
+            checker::before_seal(Some(view), &self.clusters[c as usize].name, epoch)
+        {
+            found.push((kind, format!("cons{ci} got r{rid}: {detail}")));
+        }
         for (kind, detail) in found {
             self.anomaly(kind, detail);
         }
+        prev_last
     }
 
     // ---------------------------------------------------------------- lifecycle
@@ -1533,6 +1819,13 @@ impl World {
                 c.rs_cache = None;
                 c.seen.clear();
                 c.bf_route = None;
+                c.prejoined.clear();
+                c.parked.clear();
+                c.joined.clear();
+                c.pos.clear();
+                c.uncommitted.clear();
+                c.waiting.clear();
+                c.next_commit = self.now + self.cfg.auto_commit_ms.unwrap_or(0);
                 self.after(5, Ev::Poll { ci: idx, sess });
             }
         }
@@ -1544,12 +1837,47 @@ impl World {
         self.after(ttl / 3, Ev::Keepalive { l, sess });
     }
 
+    /// Auto-commit: consumer `ci` died; what it delivered and did not commit
+    /// will be delivered again by its next incarnation (at-least-once), so
+    /// the checker forgets those deliveries. A key's uncommitted deliveries
+    /// are the last of its deliveries (a later epoch's record is delivered
+    /// only once the group committed the older one's fence; one partition
+    /// commits as a prefix), so its last consumed sequence number goes back
+    /// to what it was before the first of them.
+    fn undo_uncommitted(&mut self, ci: usize) {
+        let mut undo: Vec<Uncommitted> = std::mem::take(&mut self.consumers[ci].uncommitted)
+            .into_values()
+            .flatten()
+            .collect();
+        if undo.is_empty() {
+            return;
+        }
+        undo.sort_by_key(|u| u.dseq);
+        let mut keys = BTreeSet::new();
+        for u in &undo {
+            let r = &mut self.recs[u.rid as usize];
+            r.consumed = r.consumed.saturating_sub(1);
+            if !r.straggler && keys.insert(r.key) {
+                self.key_last[r.key as usize] = u.prev_last;
+            }
+        }
+        self.stats.redelivered += undo.len() as u64;
+        tr!(
+            self,
+            "# cons{ci}: {} deliveries not committed (delivered again after the restart)",
+            undo.len()
+        );
+    }
+
     fn crash(&mut self, l: usize) {
         let k = &mut self.links[l];
         k.alive = false;
         let (idx, kind) = (k.idx, k.kind);
         let id = k.id();
         tr!(self, "# CRASH {id}");
+        if kind == ClientKind::Consumer {
+            self.undo_uncommitted(idx);
+        }
         if kind == ClientKind::Producer {
             let pr = &mut self.producers[idx];
             let mut lost: Vec<u64> = pr.held.drain(..).collect();
