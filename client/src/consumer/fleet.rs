@@ -1276,6 +1276,9 @@ impl Shared {
         {
             let mut st = self.lock();
             let mut released = false;
+            // Clusters to commit at once: a route change gave them fences the
+            // group has not committed up to (see below).
+            let mut commit_now: BTreeMap<ClusterId, Arc<ClusterConsumer>> = BTreeMap::new();
             for t in &topics {
                 let Some(route) = snap.route(t) else {
                     continue;
@@ -1305,6 +1308,29 @@ impl Shared {
                     self.routes_gen.fetch_add(1, Ordering::AcqRel);
                 }
                 released |= self.apply(&mut st, t, actions);
+                if changed && self.commits_at_fences() {
+                    // Under auto-commit `delivered` commits at once when it
+                    // hands out the last record below a fence. But a member
+                    // that keeps up has usually handed out all of a
+                    // cluster's records of the old epoch before the seal
+                    // brings their fence: then no delivery completes it, and
+                    // the next epoch's records would wait for the periodic
+                    // auto-commit (5 s by default). So when a route change
+                    // shows fences the group has not committed up to, commit
+                    // what this member delivered there now. (Found with
+                    // flotilla-sim's consumer model, docs/simulator.md.)
+                    let gate = st.gates.get(t);
+                    for (c, r) in &st.readers {
+                        let behind = gate.is_some_and(|g| {
+                            g.fence_ends(c)
+                                .iter()
+                                .any(|&(p, end)| g.committed(c, p).is_none_or(|o| o < end))
+                        });
+                        if behind && r.topics.contains(t) {
+                            commit_now.insert(c.clone(), r.consumer.clone());
+                        }
+                    }
+                }
                 if changed {
                     // Records parked as `Ahead` wait for a route, not for a limit.
                     let slots: Vec<Slot> =
@@ -1317,6 +1343,17 @@ impl Shared {
             drop(st);
             if released {
                 self.wake_recv();
+            }
+            for (c, consumer) in commit_now {
+                // The stores were flushed in step 0.
+                match consumer.commit_consumer_state(CommitMode::Async) {
+                    Ok(()) => {
+                        tracing::debug!(cluster = %c, "new fences: committing the delivered offsets now")
+                    }
+                    Err(e) => {
+                        tracing::debug!(cluster = %c, error = %e, "new fences: nothing to commit now")
+                    }
+                }
             }
         }
         // 2. The group's committed offsets on clusters of sealed epochs not yet consumed.

@@ -480,6 +480,40 @@ async fn with_auto_commit_a_member_reaching_a_fence_commits_it_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_auto_commit_a_member_past_a_fence_when_it_is_sealed_commits_at_once() {
+    let parts = 2;
+    let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
+    let fence_a = env.produce(0, 6, parts, 1).await;
+    // Auto-commit every minute, longer than the test waits.
+    let c = FleetConsumer::new(
+        env.config("g-past-fence")
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "60000"),
+    )
+    .await
+    .unwrap();
+    c.subscribe(&[TOPIC]).unwrap();
+    // Every record of a delivered while epoch 1 is still open: no delivery
+    // can complete a fence, there is none yet.
+    drop(recv_n_uncommitted(&c, 6, Duration::from_secs(30)).await);
+    env.seal_a_open_b(parts, fence_a.clone(), vec![0, 0]).await;
+    env.produce(1, 4, parts, 2).await;
+    // b's records wait for a committed up to its fence: only a commit made
+    // when the seal arrives lets them through within the minute.
+    let got = recv_n_uncommitted(&c, 4, Duration::from_secs(30)).await;
+    assert!(got.iter().all(|m| m.cluster() == "b"));
+    for (p, end) in fence_a.iter().enumerate() {
+        assert_eq!(
+            c.gate_committed("a", TOPIC, p as u32),
+            Some(*end),
+            "a/{p} not committed up to its fence"
+        );
+    }
+    c.close().await;
+    env.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retired_cluster_counts_as_consumed_up_to_its_fence() {
     let parts = 2;
     let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
