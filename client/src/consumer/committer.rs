@@ -28,7 +28,7 @@
 //! the consumer (or a cluster leaving the read set) drains the queue the same
 //! way ([`Committer::drain`]) before the thread stops.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -65,6 +65,9 @@ struct Inner {
     pending: BTreeMap<Tp, i64>,
     /// The offsets of the attempt running now.
     in_flight: BTreeMap<Tp, i64>,
+    /// Partitions of the running attempt forgotten meanwhile
+    /// ([`Committer::forget`]): if the attempt fails, they are not retried.
+    forgotten: BTreeSet<Tp>,
     /// Highest offset the cluster confirmed per partition (this member's commits).
     confirmed: BTreeMap<Tp, i64>,
     /// Offsets whose commit failed for good, with the error.
@@ -131,11 +134,18 @@ impl Committer {
         self.cond.notify_all();
     }
 
-    /// Forgets pending commits of partitions this member lost.
+    /// Forgets pending commits of partitions this member lost, including
+    /// those of the attempt running now, should it fail: retried later, a
+    /// commit of a partition another member now owns could move the group's
+    /// offset back below what that member committed (the coordinator checks
+    /// the member's generation, not who owns the partition).
     pub(crate) fn forget(&self, partitions: &[(String, i32)]) {
         let mut inner = self.lock();
         for tp in partitions {
             inner.pending.remove(tp);
+            if inner.in_flight.contains_key(tp) {
+                inner.forgotten.insert(tp.clone());
+            }
         }
     }
 
@@ -382,12 +392,15 @@ impl Committer {
             let mut inner = self.lock();
             inner.in_flight_since = None;
             inner.in_flight.clear();
+            let forgotten = std::mem::take(&mut inner.forgotten);
             for (tp, o) in ok {
                 let c = inner.confirmed.entry(tp).or_insert(o);
                 *c = (*c).max(o);
             }
             for (tp, o, err) in bad {
-                if classify(&err) == ErrorClass::Transient {
+                if forgotten.contains(&tp) {
+                    tracing::debug!(cluster = %self.cluster, topic = %tp.0, partition = tp.1, offset = o, error = %err, "commit of a partition revoked meanwhile failed; not retried");
+                } else if classify(&err) == ErrorClass::Transient {
                     // The cluster or its coordinator is away: keep the offset
                     // (unless a later request superseded it) and try again.
                     let e = inner.pending.entry(tp).or_insert(o);
