@@ -265,6 +265,14 @@ pub struct Config {
     /// partition at once instead of at the next periodic commit, as
     /// `FleetConsumer` does.
     pub fence_commit: bool,
+    /// With [`Config::auto_commit_ms`]: when a consumer's route changes and
+    /// its gate shows fence ends (`FenceGate::fence_ends`) on a cluster it
+    /// reads that the group has not committed up to (`FenceGate::committed`
+    /// unknown or below), it commits its delivered positions on that cluster
+    /// at once, as `FleetConsumer` does since the fix of the "seal after the
+    /// last delivery" gap: a member that keeps up delivered the old epoch
+    /// before the seal brought its fence, so no delivery completes it.
+    pub seal_commit: bool,
     /// Keep the readable trace lines (the hash of the trace is always computed).
     pub keep_trace: bool,
 }
@@ -296,6 +304,7 @@ impl Default for Config {
             join_ms: 150,
             auto_commit_ms: Some(1_000),
             fence_commit: true,
+            seal_commit: true,
             keep_trace: false,
         }
     }
@@ -312,6 +321,7 @@ impl Config {
         self.join_ms = 0;
         self.auto_commit_ms = None;
         self.fence_commit = false;
+        self.seal_commit = false;
         self
     }
 

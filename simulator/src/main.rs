@@ -236,6 +236,11 @@ struct Shape {
     /// record below a fence end.
     #[arg(long)]
     no_fence_commit: bool,
+    /// Consumers do not commit at once when a route change shows fence ends
+    /// the group has not committed up to on a cluster they read (they wait
+    /// for a delivery that completes a fence, or the periodic commit).
+    #[arg(long)]
+    no_seal_commit: bool,
     /// The consumer model before pre-join and auto-commit: an exactly-once
     /// sink (process + commit per record), no join delay, no pre-join (the
     /// findings' repro seeds were measured with it).
@@ -288,6 +293,7 @@ impl Shape {
         cfg.join_ms = self.join_ms;
         cfg.auto_commit_ms = Some(self.auto_commit_ms.max(1));
         cfg.fence_commit = !self.no_fence_commit;
+        cfg.seal_commit = !self.no_seal_commit;
         if self.sink_consumer {
             cfg = cfg.sink_consumer();
         }

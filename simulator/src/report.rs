@@ -53,8 +53,9 @@ pub struct Summary {
     /// held records dropped on an abort).
     pub prejoin: (u64, u64, u64, u64),
     /// Auto-commit: (periodic commits, commits at fence ends, deliveries
-    /// undone by a crash before their commit).
-    pub commits: (u64, u64, u64),
+    /// undone by a crash before their commit, commits at route changes that
+    /// showed fences not committed up to).
+    pub commits: (u64, u64, u64, u64),
 }
 
 impl Summary {
@@ -102,6 +103,7 @@ impl Summary {
         c.0 += st.periodic_commits;
         c.1 += st.fence_commits;
         c.2 += st.redelivered;
+        c.3 += st.seal_commits;
         for (f, n) in &r.stats.faults {
             *self.faults.entry(f.to_string()).or_insert(0) += n;
         }
@@ -164,11 +166,12 @@ impl Summary {
                  {parked} records held until the seal, {dropped} dropped on an abort"
             );
         }
-        let (periodic, at_fence, undone) = self.commits;
-        if periodic + at_fence > 0 {
+        let (periodic, at_fence, undone, at_seal) = self.commits;
+        if periodic + at_fence + at_seal > 0 {
             let _ = writeln!(
                 s,
-                "auto-commits:     {periodic} periodic, {at_fence} at fence ends; \
+                "auto-commits:     {periodic} periodic, {at_fence} at fence ends, \
+                 {at_seal} at new fences; \
                  {undone} deliveries not committed before a crash (delivered again)"
             );
         }

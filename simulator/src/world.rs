@@ -103,6 +103,10 @@ pub struct Stats {
     /// Auto-commit: immediate commits after the last record below a fence
     /// end ([`Config::fence_commit`]).
     pub fence_commits: u64,
+    /// Auto-commit: immediate commits (per member and cluster) when a route
+    /// change showed fence ends the group had not committed up to on a
+    /// cluster the member reads ([`Config::seal_commit`]).
+    pub seal_commits: u64,
     /// Auto-commit: deliveries not committed when their consumer crashed
     /// (delivered again by its next incarnation: at-least-once).
     pub redelivered: u64,
@@ -954,6 +958,7 @@ impl World {
                 let parts = self.cfg.partitions;
                 let c = &mut self.consumers[idx];
                 // Most registry changes (acks, leases) leave the route alone.
+                let mut route_changed = false;
                 if let Some(r) = snap.route(TOPIC).filter(|r| c.route.as_ref() != Some(*r)) {
                     c.gate.on_route(r);
                     c.sealed = r
@@ -962,6 +967,7 @@ impl World {
                         .collect();
                     c.route = Some(r.clone());
                     c.rs_cache = None;
+                    route_changed = true;
                 }
                 // The adapter contract of `FenceGate::on_retired` (finding 1):
                 // a retired cluster's committed offsets can no longer be
@@ -979,6 +985,9 @@ impl World {
                     c.bf_route = snap.route(BF_TOPIC).cloned();
                 }
                 tr!(self, "cons{idx} snapshot rev {}", snap.revision);
+                if route_changed && self.cfg.seal_commit && self.cfg.auto_commit_ms.is_some() {
+                    self.commit_at_new_fences(idx);
+                }
             }
         }
     }
@@ -1662,6 +1671,64 @@ impl World {
         if let Some(q) = self.consumers[ci].uncommitted.get_mut(&(cx, p)) {
             while q.front().is_some_and(|u| u.off < to) {
                 q.pop_front();
+            }
+        }
+    }
+
+    /// Auto-commit with [`Config::seal_commit`], as `FleetConsumer::tick`:
+    /// consumer `ci`'s route just changed. On every cluster it reads (its
+    /// read set and pre-joined clusters) where its gate shows a fence end
+    /// (`FenceGate::fence_ends`) that the group has not committed up to
+    /// (`FenceGate::committed` unknown or below it), it commits its
+    /// delivered positions at once, like any other commit: only on a
+    /// cluster that answers, only where the position moved. A member that
+    /// keeps up has delivered the old epoch's records before the seal
+    /// brings their fence, so no delivery completes it
+    /// ([`Config::fence_commit`]) and the next epoch's records would wait
+    /// for the periodic commit.
+    fn commit_at_new_fences(&mut self, ci: usize) {
+        let con = &self.consumers[ci];
+        let Some(route) = con.route.as_ref() else {
+            return;
+        };
+        let reads: BTreeSet<u16> = read_set(route, |c| con.retired.contains(c))
+            .iter()
+            .chain(&con.prejoined)
+            .map(|c| cluster_index(c))
+            .collect();
+        let mut due: Vec<(u16, Vec<(u32, i64)>)> = Vec::new();
+        for cx in reads {
+            let cl = &self.clusters[cx as usize];
+            if !cl.up || cl.torn_down {
+                continue;
+            }
+            let g = &con.gate;
+            let behind = g
+                .fence_ends(&cl.name)
+                .iter()
+                .any(|&(p, end)| g.committed(&cl.name, p).is_none_or(|o| o < end));
+            if !behind {
+                continue;
+            }
+            let moved: Vec<(u32, i64)> = con
+                .pos
+                .range((cx, 0)..=(cx, u32::MAX))
+                .filter(|((_, p), to)| **to > cl.committed[*p as usize])
+                .map(|(&(_, p), &to)| (p, to))
+                .collect();
+            if !moved.is_empty() {
+                due.push((cx, moved));
+            }
+        }
+        for (cx, moved) in due {
+            self.stats.seal_commits += 1;
+            tr!(
+                self,
+                "cons{ci} commits c{cx} ({} partitions) at once: its route shows fences not committed up to",
+                moved.len()
+            );
+            for (p, to) in moved {
+                self.commit_partition(ci, cx, p, to);
             }
         }
     }
