@@ -143,7 +143,7 @@ impl Controller {
     /// find every deadline already passed and seal at once, without any
     /// acknowledgement. Instead the wait is measured on this controller's
     /// monotonic clock from the pass that first saw the pending epoch (see
-    /// [`Controller::ack_clock`]); a pass that cannot read the registry forgets
+    /// `Controller::ack_clock`); a pass that cannot read the registry forgets
     /// those times, so the wait restarts after a registry outage, and a new
     /// leader (or a one-shot `flotilla reconcile`) starts its own wait. Both
     /// only ever wait longer than the proposer asked, never shorter.
@@ -493,7 +493,7 @@ fn leader_key(cp: &ControlPlane) -> String {
 /// pass; without a watch (registry unreachable) the leader reconciles on the
 /// interval alone and tries to watch again before each pass.
 ///
-/// While it leads, a separate task ([`keep_leading`]) renews the lease every
+/// While it leads, a separate task (`keep_leading`) renews the lease every
 /// `ttl/3`, independently of the reconcile pass, so a pass that waits on a
 /// dead Kafka cluster longer than the TTL does not let the lease lapse. That task declares the leadership
 /// lost when the lease is gone (expired, revoked), when the leader key no

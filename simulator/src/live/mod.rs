@@ -12,7 +12,7 @@
 //! run waits (with a deadline) for the group to catch up and the switches to
 //! complete. The history is checked with the simulator's own rules
 //! ([`crate::checker`], via [`record::Recorder::check`]) and summarised with
-//! the simulator's [`Summary`](crate::report::Summary).
+//! the simulator's [`Summary`].
 //!
 //! The *schedule* comes from the seed ([`schedule::plan`]); the run itself
 //! is real time against real processes, so it is **not** deterministic: the
