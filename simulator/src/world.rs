@@ -1702,12 +1702,7 @@ impl World {
             if !cl.up || cl.torn_down {
                 continue;
             }
-            let g = &con.gate;
-            let behind = g
-                .fence_ends(&cl.name)
-                .iter()
-                .any(|&(p, end)| g.committed(&cl.name, p).is_none_or(|o| o < end));
-            if !behind {
+            if !con.gate.fence_uncommitted(&cl.name) {
                 continue;
             }
             let moved: Vec<(u32, i64)> = con

@@ -1310,23 +1310,13 @@ impl Shared {
                 released |= self.apply(&mut st, t, actions);
                 if changed && self.commits_at_fences() {
                     // Under auto-commit `delivered` commits at once when it
-                    // hands out the last record below a fence. But a member
-                    // that keeps up has usually handed out all of a
-                    // cluster's records of the old epoch before the seal
-                    // brings their fence: then no delivery completes it, and
-                    // the next epoch's records would wait for the periodic
-                    // auto-commit (5 s by default). So when a route change
-                    // shows fences the group has not committed up to, commit
-                    // what this member delivered there now. (Found with
-                    // flotilla-sim's consumer model, docs/simulator.md.)
+                    // hands out the last record below a fence; a member that
+                    // kept up handed those out before the seal brought the
+                    // fence, so it commits now (`FenceGate::fence_uncommitted`;
+                    // found with flotilla-sim's consumer model).
                     let gate = st.gates.get(t);
                     for (c, r) in &st.readers {
-                        let behind = gate.is_some_and(|g| {
-                            g.fence_ends(c)
-                                .iter()
-                                .any(|&(p, end)| g.committed(c, p).is_none_or(|o| o < end))
-                        });
-                        if behind && r.topics.contains(t) {
+                        if r.topics.contains(t) && gate.is_some_and(|g| g.fence_uncommitted(c)) {
                             commit_now.insert(c.clone(), r.consumer.clone());
                         }
                     }

@@ -345,6 +345,20 @@ impl FenceGate {
             .contains(&(partition, offset.saturating_add(1)))
     }
 
+    /// Whether the group has not committed `cluster` up to one of its
+    /// [fence ends](FenceGate::fence_ends) (as far as this gate knows: a
+    /// partition whose committed offset it never saw counts as not). A
+    /// consumer under auto-commit that learns such fences from a new route
+    /// commits what it delivered there at once: having kept up, it has
+    /// usually delivered the old epoch already, so no delivery
+    /// [completes](FenceGate::completes_fence) the fence, and the next
+    /// epoch's records would wait for the periodic commit.
+    pub fn fence_uncommitted(&self, cluster: &str) -> bool {
+        self.fence_ends(cluster)
+            .iter()
+            .any(|&(p, end)| self.committed(cluster, p).is_none_or(|o| o < end))
+    }
+
     /// Stragglers seen by [`FenceGate::classify`] so far.
     pub fn stragglers(&self) -> u64 {
         self.stragglers
@@ -679,6 +693,20 @@ mod tests {
         assert!(!g.completes_fence("b", 0, 2));
         assert!(!g.completes_fence("c", 0, -1));
         assert!(!g.completes_fence("a", 0, i64::MAX));
+        // Nothing committed seen yet: every cluster with fence ends awaits.
+        assert!(g.fence_uncommitted("a") && g.fence_uncommitted("b"));
+        assert!(!g.fence_uncommitted("c"));
+        g.on_committed("b", 0, 4);
+        assert!(g.fence_uncommitted("b"), "b/1 not committed");
+        g.on_committed("b", 1, 2);
+        assert!(g.fence_uncommitted("b"), "b/1 below its end 3");
+        g.on_committed("b", 1, 3);
+        assert!(!g.fence_uncommitted("b"));
+        // a: every end of both sealed epochs (the highest per partition).
+        g.on_committed("a", 0, 7);
+        assert!(g.fence_uncommitted("a"));
+        g.on_committed("a", 1, 2);
+        assert!(!g.fence_uncommitted("a"));
     }
 
     #[test]
