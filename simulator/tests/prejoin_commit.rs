@@ -20,6 +20,25 @@ fn lines<'a>(r: &'a RunResult, needle: &'a str) -> impl Iterator<Item = &'a Stri
     r.trace.iter().filter(move |l| l.contains(needle))
 }
 
+/// `seed` run with `cfg`, which must show no anomaly.
+fn clean_run(seed: u64, cfg: &Config) -> RunResult {
+    let r = run_seed(seed, cfg);
+    assert!(
+        r.anomalies.is_empty(),
+        "seed {seed}: {:?}",
+        r.anomalies.list
+    );
+    r
+}
+
+/// The simulated time (ms) a trace line starts with.
+fn time_of(line: &str) -> u64 {
+    line.split_whitespace()
+        .next()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no time in {line:?}"))
+}
+
 #[test]
 fn defaults_model_prejoin_and_auto_commit() {
     let c = Config::default();
@@ -46,12 +65,7 @@ fn defaults_model_prejoin_and_auto_commit() {
 fn prejoined_cluster_of_a_sealed_epoch_holds_then_delivers() {
     let mut found = None;
     for seed in 0..40 {
-        let r = run_seed(seed, &tiny(Faults::none().with(Fault::Partition)));
-        assert!(
-            r.anomalies.is_empty(),
-            "seed {seed}: {:?}",
-            r.anomalies.list
-        );
+        let r = clean_run(seed, &tiny(Faults::none().with(Fault::Partition)));
         if r.stats.parked > 0 {
             found = Some(r);
             break;
@@ -65,33 +79,17 @@ fn prejoined_cluster_of_a_sealed_epoch_holds_then_delivers() {
         .find(|l| !l.contains(": 0 held"))
         .expect("a cluster gated with held records");
     let f: Vec<&str> = gated.split_whitespace().collect();
-    let (at, cons, cluster) = (f[0].parse::<u64>().unwrap(), f[1], f[2]);
+    let (at, cons, cluster) = (time_of(gated), f[1], f[2]);
     let needle = format!("{cons} pre-joins {cluster} ");
     let joined = lines(&r, &needle).next().expect("pre-joined first");
-    assert!(
-        joined
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            < at
-    );
+    assert!(time_of(joined) < at);
     let from = format!(" from {cluster}/");
     let first = r
         .trace
         .iter()
         .find(|l| l.contains(&format!("{cons} got ")) && l.contains(&from))
         .expect("the held records are delivered");
-    assert!(
-        first
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            >= at
-    );
+    assert!(time_of(first) >= at);
     assert_eq!(r.stats.parked_dropped, 0);
 }
 
@@ -102,12 +100,7 @@ fn prejoined_cluster_of_a_sealed_epoch_holds_then_delivers() {
 fn prejoined_cluster_of_an_aborted_epoch_is_dropped() {
     let mut seen = false;
     for seed in 0..40 {
-        let r = run_seed(seed, &tiny(Faults::none().with(Fault::Flap)));
-        assert!(
-            r.anomalies.is_empty(),
-            "seed {seed}: {:?}",
-            r.anomalies.list
-        );
+        let r = clean_run(seed, &tiny(Faults::none().with(Fault::Flap)));
         for l in lines(&r, "(no longer pre-joined)") {
             let f: Vec<&str> = l.split_whitespace().collect();
             let (cons, cluster) = (f[1], f[3]);
@@ -117,9 +110,7 @@ fn prejoined_cluster_of_an_aborted_epoch_is_dropped() {
             let at: u64 = f[0].parse().unwrap();
             let from = format!(" from {cluster}/");
             assert!(!r.trace.iter().any(|x| {
-                x.contains(&format!("{cons} got "))
-                    && x.contains(&from)
-                    && x.split_whitespace().next().unwrap().parse::<u64>().unwrap() <= at
+                x.contains(&format!("{cons} got ")) && x.contains(&from) && time_of(x) <= at
             }));
             seen = true;
         }
@@ -207,12 +198,7 @@ fn seeded_runs_with_every_fault_keep_the_invariants() {
     };
     let (mut prejoins, mut fence, mut periodic, mut redelivered, mut seal) = (0, 0, 0, 0, 0);
     for seed in 0..30 {
-        let r = run_seed(seed, &cfg);
-        assert!(
-            r.anomalies.is_empty(),
-            "seed {seed}: {:?}",
-            &r.anomalies.list
-        );
+        let r = clean_run(seed, &cfg);
         prejoins += r.stats.prejoins;
         fence += r.stats.fence_commits;
         periodic += r.stats.periodic_commits;
@@ -265,8 +251,7 @@ fn commits_at_new_fences_close_the_gap_of_members_that_keep_up() {
     let run = |cfg: &Config| {
         let (mut waits, mut seal) = (Vec::new(), 0);
         for s in 0..10 {
-            let r = run_seed(s, cfg);
-            assert!(r.anomalies.is_empty(), "seed {s}: {:?}", r.anomalies.list);
+            let r = clean_run(s, cfg);
             waits.extend(r.stats.fence_waits);
             seal += r.stats.seal_commits;
         }

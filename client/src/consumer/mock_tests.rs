@@ -446,6 +446,18 @@ async fn stragglers_above_a_fence_are_delivered_and_counted() {
     env.shutdown().await;
 }
 
+/// A consumer of `group` that auto-commits every minute, longer than a test
+/// waits: only the consumer's own immediate commits land in time.
+async fn minute_auto_commit_consumer(env: &Env, group: &str) -> FleetConsumer {
+    FleetConsumer::new(
+        env.config(group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "60000"),
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_auto_commit_a_member_reaching_a_fence_commits_it_at_once() {
     let parts = 2;
@@ -453,14 +465,8 @@ async fn with_auto_commit_a_member_reaching_a_fence_commits_it_at_once() {
     let fence_a = env.produce(0, 6, parts, 1).await;
     env.seal_a_open_b(parts, fence_a, vec![0, 0]).await;
     env.produce(1, 4, parts, 2).await;
-    // Auto-commit every minute: only the commit at the fence lets b through in time.
-    let c = FleetConsumer::new(
-        env.config("g5")
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "60000"),
-    )
-    .await
-    .unwrap();
+    // Only the commit at the fence lets b through in time.
+    let c = minute_auto_commit_consumer(&env, "g5").await;
     c.subscribe(&[TOPIC]).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut got = Vec::new();
@@ -484,14 +490,7 @@ async fn with_auto_commit_a_member_past_a_fence_when_it_is_sealed_commits_at_onc
     let parts = 2;
     let env = Env::start(parts, vec![epoch(1, &["a"], EpochState::Open, &[])]).await;
     let fence_a = env.produce(0, 6, parts, 1).await;
-    // Auto-commit every minute, longer than the test waits.
-    let c = FleetConsumer::new(
-        env.config("g-past-fence")
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "60000"),
-    )
-    .await
-    .unwrap();
+    let c = minute_auto_commit_consumer(&env, "g-past-fence").await;
     c.subscribe(&[TOPIC]).unwrap();
     // Every record of a delivered while epoch 1 is still open: no delivery
     // can complete a fence, there is none yet.
