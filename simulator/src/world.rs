@@ -1678,10 +1678,9 @@ impl World {
     /// Auto-commit with [`Config::seal_commit`], as `FleetConsumer::tick`:
     /// consumer `ci`'s route just changed. On every cluster it reads (its
     /// read set and pre-joined clusters) where its gate shows a fence end
-    /// (`FenceGate::fence_ends`) that the group has not committed up to
-    /// (`FenceGate::committed` unknown or below it), it commits its
-    /// delivered positions at once, like any other commit: only on a
-    /// cluster that answers, only where the position moved. A member that
+    /// the group has not committed up to (`FenceGate::fence_uncommitted`),
+    /// it commits its delivered positions at once, like any other commit:
+    /// only on a cluster that answers, only where the position moved. A member that
     /// keeps up has delivered the old epoch's records before the seal
     /// brings their fence, so no delivery completes it
     /// ([`Config::fence_commit`]) and the next epoch's records would wait
@@ -1696,50 +1695,45 @@ impl World {
             .chain(&con.prejoined)
             .map(|c| cluster_index(c))
             .collect();
-        let mut due: Vec<(u16, Vec<(u32, i64)>)> = Vec::new();
-        for cx in reads {
-            let cl = &self.clusters[cx as usize];
-            if !cl.up || cl.torn_down {
+        let due: Vec<u16> = reads
+            .into_iter()
+            .filter(|&cx| con.gate.fence_uncommitted(&self.clusters[cx as usize].name))
+            .collect();
+        for cx in due {
+            let moved = self.moved_positions(ci, |x| x == cx);
+            if moved.is_empty() {
                 continue;
             }
-            if !con.gate.fence_uncommitted(&cl.name) {
-                continue;
-            }
-            let moved: Vec<(u32, i64)> = con
-                .pos
-                .range((cx, 0)..=(cx, u32::MAX))
-                .filter(|((_, p), to)| **to > cl.committed[*p as usize])
-                .map(|(&(_, p), &to)| (p, to))
-                .collect();
-            if !moved.is_empty() {
-                due.push((cx, moved));
-            }
-        }
-        for (cx, moved) in due {
             self.stats.seal_commits += 1;
             tr!(
                 self,
                 "cons{ci} commits c{cx} ({} partitions) at once: its route shows fences not committed up to",
                 moved.len()
             );
-            for (p, to) in moved {
+            for ((_, p), to) in moved {
                 self.commit_partition(ci, cx, p, to);
             }
         }
     }
 
-    /// Auto-commit: consumer `ci` commits its position on every partition
-    /// that moved, on clusters that answer.
-    fn periodic_commit(&mut self, ci: usize) {
-        let moved: Vec<((u16, u32), i64)> = self.consumers[ci]
+    /// Auto-commit: consumer `ci`'s positions above the group's committed
+    /// offset, on the clusters `of` selects that answer (up, not torn down).
+    fn moved_positions(&self, ci: usize, of: impl Fn(u16) -> bool) -> Vec<((u16, u32), i64)> {
+        self.consumers[ci]
             .pos
             .iter()
             .filter(|((cx, p), pos)| {
                 let cl = &self.clusters[*cx as usize];
-                cl.up && !cl.torn_down && **pos > cl.committed[*p as usize]
+                of(*cx) && cl.up && !cl.torn_down && **pos > cl.committed[*p as usize]
             })
             .map(|(k, v)| (*k, *v))
-            .collect();
+            .collect()
+    }
+
+    /// Auto-commit: consumer `ci` commits its position on every partition
+    /// that moved, on clusters that answer.
+    fn periodic_commit(&mut self, ci: usize) {
+        let moved = self.moved_positions(ci, |_| true);
         if moved.is_empty() {
             return;
         }
