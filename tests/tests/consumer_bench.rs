@@ -294,6 +294,31 @@ const TPUT_PROPS: [(&str, &str); 2] = [
     ("fetch.queue.backoff.ms", "10"),
 ];
 
+/// [`TPUT_PROPS`] plus `FLOTILLA_BENCH_CONSUMER_PROPS` (`key=value,...`),
+/// given to both contenders alike (to compare fetch settings).
+fn tput_props() -> Vec<(String, String)> {
+    let mut props: Vec<(String, String)> = TPUT_PROPS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if let Ok(extra) = std::env::var("FLOTILLA_BENCH_CONSUMER_PROPS") {
+        for kv in extra.split(',').filter(|kv| !kv.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .expect("FLOTILLA_BENCH_CONSUMER_PROPS: key=value,...");
+            props.push((k.to_string(), v.to_string()));
+        }
+    }
+    props
+}
+
+fn as_refs(props: &[(String, String)]) -> Vec<(&str, &str)> {
+    props
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
+}
+
 /// Stands for an application's processing of a record: `WORK_PASSES`
 /// FNV-1a passes over the payload (a couple of microseconds per record).
 fn work(payload: &[u8], passes: u32) -> u64 {
@@ -390,7 +415,8 @@ impl Timing {
 
 async fn consume_raw(bootstrap: &str, topic: &str, group: &str, passes: u32) -> Timing {
     let started = Instant::now();
-    let c = raw_consumer_with(bootstrap, group, &TPUT_PROPS);
+    let props = tput_props();
+    let c = raw_consumer_with(bootstrap, group, &as_refs(&props));
     c.subscribe(&[topic]).unwrap();
     let mut first = None;
     let mut bytes = 0usize;
@@ -409,7 +435,8 @@ async fn consume_raw(bootstrap: &str, topic: &str, group: &str, passes: u32) -> 
 
 async fn consume_fleet(b: &Bench, topic: &str, group: &str, passes: u32) -> Timing {
     let started = Instant::now();
-    let c = b.fleet_consumer_with(group, &TPUT_PROPS).await;
+    let props = tput_props();
+    let c = b.fleet_consumer_with(group, &as_refs(&props)).await;
     c.subscribe(&[topic]).unwrap();
     let mut first = None;
     let mut bytes = 0usize;
@@ -491,12 +518,13 @@ async fn compare(b: &Bench, topic: &str, label: &str, rounds: usize, passes: u32
     };
     eprintln!(
         "{label}{rounds} rounds ({RECORDS} x {VALUE} B, {PARTITIONS} partitions, \
-         queued.max.messages.kbytes={PREFETCH_KB}, {passes} work passes/rec): \
+         properties {:?}, {passes} work passes/rec): \
          ratio of sums {:.3} (StreamConsumer {:.0} rec/s, FleetConsumer {:.0} rec/s); \
          per-round ratios {ratios:.2?} (median {median:.3}); \
          client CPU per record: StreamConsumer {:.3} us, FleetConsumer {:.3} us (ratio {:.3}); \
          broker CPU per record: {:.3} us, {:.3} us; machine idle: {:.1}%, {:.1}%; \
          load {}",
+        tput_props(),
         wall_raw.as_secs_f64() / wall_fleet.as_secs_f64(),
         n / wall_raw.as_secs_f64(),
         n / wall_fleet.as_secs_f64(),
