@@ -81,6 +81,13 @@ impl Runtime {
                 "-Xshare:auto".into(),
             ];
         }
+        // Options for the brokers only, not the storage tool (e.g. `-Xms`,
+        // which the tool's smaller heap would refuse).
+        if let Ok(extra) = std::env::var("FLOTILLA_KAFKA_BROKER_JVM_OPTS") {
+            runtime
+                .broker_opts
+                .extend(extra.split_whitespace().map(String::from));
+        }
         Ok(runtime)
     }
 
