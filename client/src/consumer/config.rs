@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
+use super::FleetConsumeError;
 use crate::kafka::{KafkaProperties, SecurityProfiles};
 use crate::registry::{ClusterId, Registry, WatcherOptions};
 
@@ -28,6 +29,7 @@ pub(crate) const CONSUMER_ONLY: &[&str] = &[
     "max.poll.interval.ms",
     "partition.assignment.strategy",
     "group.protocol",
+    "group.protocol.type",
     "group.remote.assignor",
     "enable.partition.eof",
     "isolation.level",
@@ -41,6 +43,25 @@ pub(crate) const CONSUMER_ONLY: &[&str] = &[
     "check.crcs",
     "fetch.queue.backoff.ms",
     "statistics.interval.ms",
+];
+
+/// Properties of the classic group protocol that librdkafka refuses (when
+/// it creates the consumer) with `group.protocol=consumer` (KIP-848), and
+/// what to do instead. The fleet consumer sets none of them itself.
+pub(crate) const CLASSIC_ONLY: &[(&str, &str)] = &[
+    (
+        "session.timeout.ms",
+        "the broker sets it for the group (`group.consumer.session.timeout.ms`, 45 s by default)",
+    ),
+    (
+        "heartbeat.interval.ms",
+        "the broker sets it for the group (`group.consumer.heartbeat.interval.ms`, 5 s by default)",
+    ),
+    (
+        "partition.assignment.strategy",
+        "the broker assigns the partitions: choose its assignor with `group.remote.assignor` (`uniform` or `range`)",
+    ),
+    ("group.protocol.type", "it belongs to the classic protocol"),
 ];
 
 /// Which side of a rebalance a [`RebalanceEvent`] reports.
@@ -151,6 +172,12 @@ impl FleetConsumerConfig {
     /// *delivered*, not when rdkafka hands it to the gate; `false` here
     /// means "only [`store_offset`](super::FleetConsumer::store_offset)
     /// stores"). `enable.auto.commit` defaults to `false`.
+    ///
+    /// `group.protocol=consumer` (KIP-848) is passed on like any property;
+    /// with it, [`FleetConsumer::new`](super::FleetConsumer::new) refuses the
+    /// classic protocol's `session.timeout.ms`, `heartbeat.interval.ms`,
+    /// `partition.assignment.strategy` and `group.protocol.type`
+    /// ([`FleetConsumeError::UnsupportedProperty`]), as librdkafka would.
     pub fn set(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.properties.set(key, value);
         self
@@ -277,6 +304,35 @@ impl FleetConsumerConfig {
         self
     }
 
+    /// Whether the consumers use the KIP-848 consumer group protocol
+    /// (`group.protocol=consumer`; librdkafka's default is `classic`).
+    pub(crate) fn consumer_protocol(&self) -> bool {
+        self.properties
+            .get("group.protocol")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("consumer"))
+    }
+
+    /// Refuses, before anything connects, a property the chosen group
+    /// protocol does not take: librdkafka would refuse it only when the
+    /// consumer of each cluster is created, in the background (logged and
+    /// retried; nothing would ever be read).
+    pub(crate) fn check_group_protocol(&self) -> Result<(), FleetConsumeError> {
+        if !self.consumer_protocol() {
+            return Ok(());
+        }
+        match CLASSIC_ONLY
+            .iter()
+            .find(|(k, _)| self.properties.get(k).is_some())
+        {
+            Some((property, hint)) => Err(FleetConsumeError::UnsupportedProperty {
+                property: (*property).to_string(),
+                protocol: "consumer".to_string(),
+                hint: (*hint).to_string(),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Whether delivered records store their offset (the user's
     /// `enable.auto.offset.store`, default true).
     pub(crate) fn auto_store(&self) -> bool {
@@ -371,5 +427,53 @@ mod tests {
             .set("enable.auto.commit", "true");
         assert!(!c.auto_store());
         assert_eq!(c.consumer_base().get("enable.auto.commit"), Some("true"));
+    }
+
+    #[test]
+    fn the_consumer_protocol_refuses_classic_only_properties_by_name() {
+        let c = FleetConsumerConfig::new(reg())
+            .set("group.id", "g")
+            .set("group.protocol", "consumer");
+        assert!(c.consumer_protocol());
+        c.check_group_protocol().unwrap();
+        // What the fleet consumer sets itself takes none of them.
+        let b = c.consumer_base();
+        for (k, _) in CLASSIC_ONLY {
+            assert_eq!(b.get(k), None, "{k}");
+        }
+        assert_eq!(b.get("group.protocol"), Some("consumer"));
+        // The admin clients (committed offsets, the coordinator probe) and
+        // their offset-reading consumers stay classic: they never join.
+        assert_eq!(c.admin_base().get("group.protocol"), None);
+        for (k, _) in CLASSIC_ONLY {
+            let e = c.clone().set(*k, "1").check_group_protocol().unwrap_err();
+            match &e {
+                FleetConsumeError::UnsupportedProperty {
+                    property, protocol, ..
+                } => {
+                    assert_eq!(property, k);
+                    assert_eq!(protocol, "consumer");
+                }
+                other => panic!("{k}: {other:?}"),
+            }
+            assert!(e.to_string().contains(k), "{e}");
+            assert!(c.clone().set(*k, "1").admin_base().get(k).is_none(), "{k}");
+        }
+        // The classic protocol (the default) takes them.
+        let classic = FleetConsumerConfig::new(reg())
+            .set("group.id", "g")
+            .set("session.timeout.ms", "6000")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        assert!(!classic.consumer_protocol());
+        classic.check_group_protocol().unwrap();
+        classic
+            .set("group.protocol", "classic")
+            .check_group_protocol()
+            .unwrap();
+        assert!(FleetConsumerConfig::new(reg())
+            .set("group.protocol", "CONSUMER")
+            .set("heartbeat.interval.ms", "1000")
+            .check_group_protocol()
+            .is_err());
     }
 }

@@ -45,6 +45,19 @@ pub enum FleetConsumeError {
     /// The configuration is unusable (e.g. no `group.id`).
     #[error("fleet consumer configuration: {0}")]
     Config(String),
+    /// A property the chosen consumer group protocol refuses: with
+    /// `group.protocol=consumer` (KIP-848), the classic protocol's
+    /// `session.timeout.ms`, `heartbeat.interval.ms`,
+    /// `partition.assignment.strategy` and `group.protocol.type`.
+    #[error("fleet consumer configuration: `{property}` is not supported with `group.protocol={protocol}`: {hint}")]
+    UnsupportedProperty {
+        /// The refused property.
+        property: String,
+        /// The group protocol chosen (`group.protocol`).
+        protocol: String,
+        /// What to do instead.
+        hint: String,
+    },
     /// The registry could not be read or written.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
@@ -1856,6 +1869,7 @@ impl FleetConsumer {
             .filter(|g| !g.is_empty())
             .ok_or_else(|| FleetConsumeError::Config("`group.id` is required".into()))?
             .to_string();
+        config.check_group_protocol()?;
         let client_id = config
             .client_id
             .clone()
