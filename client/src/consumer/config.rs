@@ -13,6 +13,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 
 use super::FleetConsumeError;
+use crate::kafka::config::{validate_properties, InvalidProperty};
 use crate::kafka::{KafkaProperties, SecurityProfiles};
 use crate::registry::{ClusterId, Registry, WatcherOptions};
 
@@ -63,6 +64,17 @@ pub(crate) const CLASSIC_ONLY: &[(&str, &str)] = &[
     ),
     ("group.protocol.type", "it belongs to the classic protocol"),
 ];
+
+impl From<InvalidProperty> for FleetConsumeError {
+    fn from(e: InvalidProperty) -> Self {
+        FleetConsumeError::InvalidProperty {
+            property: e.property,
+            value: e.value,
+            reason: e.reason,
+            profile: e.profile,
+        }
+    }
+}
 
 /// Which side of a rebalance a [`RebalanceEvent`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -333,6 +345,41 @@ impl FleetConsumerConfig {
         }
     }
 
+    /// Refuses, before anything connects, a property librdkafka refuses (an
+    /// unknown name, an invalid value: [`FleetConsumeError::InvalidProperty`]),
+    /// as rdkafka's `ClientConfig::create` would; librdkafka would refuse it
+    /// only when the consumer of each cluster is created, in the background.
+    ///
+    /// Checked: the properties as set (so a value the fleet overrides, e.g.
+    /// `auto.offset.reset=bogus`, is refused as rdkafka would, while
+    /// `auto.offset.reset=latest` passes), then as each per-cluster consumer
+    /// gets them ([`consumer_base`](Self::consumer_base), with the fleet's own
+    /// settings; the admin clients get a subset of the properties as set),
+    /// then the defined security profiles ([`SecurityProfiles::validate`]).
+    /// `bootstrap.servers` comes from the registry and is not checked.
+    pub(crate) fn check_properties(&self) -> Result<(), FleetConsumeError> {
+        validate_properties(&self.properties)?;
+        validate_properties(&self.consumer_base())?;
+        self.profiles.validate()?;
+        Ok(())
+    }
+
+    /// What [`FleetConsumer::new`](super::FleetConsumer::new) checks before
+    /// anything connects: `group.id` is set, the group protocol takes every
+    /// property ([`check_group_protocol`](Self::check_group_protocol), whose
+    /// hint is better than librdkafka's), and librdkafka takes every property
+    /// ([`check_properties`](Self::check_properties)). Returns the group.
+    pub(crate) fn check(&self) -> Result<String, FleetConsumeError> {
+        let group = self
+            .group_id()
+            .filter(|g| !g.is_empty())
+            .ok_or_else(|| FleetConsumeError::Config("`group.id` is required".into()))?
+            .to_string();
+        self.check_group_protocol()?;
+        self.check_properties()?;
+        Ok(group)
+    }
+
     /// Whether delivered records store their offset (the user's
     /// `enable.auto.offset.store`, default true).
     pub(crate) fn auto_store(&self) -> bool {
@@ -475,5 +522,144 @@ mod tests {
             .set("heartbeat.interval.ms", "1000")
             .check_group_protocol()
             .is_err());
+    }
+
+    fn invalid(e: &FleetConsumeError) -> (&str, &str, &str, Option<&str>) {
+        match e {
+            FleetConsumeError::InvalidProperty {
+                property,
+                value,
+                reason,
+                profile,
+            } => (property, value, reason, profile.as_deref()),
+            other => panic!("not InvalidProperty: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn librdkafka_refuses_an_unknown_property_or_an_invalid_value_by_name() {
+        let ok = FleetConsumerConfig::new(reg()).set("group.id", "g");
+        let e = ok
+            .clone()
+            .set("enable.auto.comit", "false")
+            .check()
+            .unwrap_err();
+        let (property, value, reason, profile) = invalid(&e);
+        assert_eq!(
+            (property, value, profile),
+            ("enable.auto.comit", "false", None)
+        );
+        assert!(
+            reason.contains("No such configuration property"),
+            "{reason}"
+        );
+        assert!(e.to_string().contains("`enable.auto.comit`"), "{e}");
+        // Invalid values, also of a property the fleet overrides
+        // (`auto.offset.reset`, always `earliest`): rdkafka refuses it.
+        for (k, v) in [
+            ("auto.offset.reset", "bogus"),
+            ("fetch.wait.max.ms", "abc"),
+            ("enable.auto.offset.store", "maybe"),
+            ("group.protocol", "kip848"),
+        ] {
+            let e = ok.clone().set(k, v).check().unwrap_err();
+            let (property, value, reason, _) = invalid(&e);
+            assert_eq!((property, value), (k, v), "{e}");
+            assert!(reason.contains(k), "{e}");
+        }
+        // A security profile's property, named with the profile.
+        let mut profiles = SecurityProfiles::empty();
+        profiles.insert(
+            "prod",
+            KafkaProperties::new().with("sasl.mechansim", "PLAIN"),
+        );
+        let e = ok.clone().security_profiles(profiles).check().unwrap_err();
+        assert_eq!(invalid(&e).0, "sasl.mechansim");
+        assert_eq!(invalid(&e).3, Some("prod"));
+    }
+
+    #[test]
+    fn what_the_fleet_sets_or_removes_itself_is_not_refused() {
+        let c = FleetConsumerConfig::new(reg())
+            .set("group.id", "g")
+            .set("bootstrap.servers", "replaced by the registry\0")
+            .set("metadata.broker.list", "replaced by the registry\0")
+            .set("auto.offset.reset", "latest")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.auto.commit", "true")
+            .set("session.timeout.ms", "6000")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("statistics.interval.ms", "1000")
+            .set("client.id", "billing");
+        assert_eq!(c.check().unwrap(), "g");
+        let mut profiles = SecurityProfiles::empty();
+        profiles.insert(
+            "prod",
+            KafkaProperties::new()
+                .with("security.protocol", "SASL_PLAINTEXT")
+                .with("sasl.mechanism", "PLAIN"),
+        );
+        c.security_profiles(profiles).check().unwrap();
+        // KIP-848 with what it takes; `group.protocol` is removed from the
+        // admin clients.
+        FleetConsumerConfig::new(reg())
+            .set("group.id", "g")
+            .set("group.protocol", "consumer")
+            .set("group.remote.assignor", "uniform")
+            .check()
+            .unwrap();
+        // The classic-only check runs first: its hint is better.
+        let e = FleetConsumerConfig::new(reg())
+            .set("group.id", "g")
+            .set("group.protocol", "consumer")
+            .set("session.timeout.ms", "abc")
+            .check()
+            .unwrap_err();
+        assert!(
+            matches!(e, FleetConsumeError::UnsupportedProperty { .. }),
+            "{e}"
+        );
+    }
+
+    /// A registry that fails every operation, and a watcher that gives up
+    /// on it soon: reaching it is a `Registry` error.
+    fn down() -> (Registry, WatcherOptions) {
+        let kv = Arc::new(MemoryKv::new());
+        kv.set_unavailable(true);
+        let opts = WatcherOptions {
+            start_timeout: Duration::from_millis(200),
+            ..WatcherOptions::default()
+        };
+        (Registry::new(kv, "f"), opts)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_refuses_a_bad_property_before_anything_connects() {
+        use crate::consumer::FleetConsumer;
+        let (registry, opts) = down();
+        let bad = FleetConsumerConfig::new(registry)
+            .watcher_options(opts)
+            .set("group.id", "g")
+            .set("auto.offset.reset", "bogus");
+        let e = FleetConsumer::new(bad.clone()).await.unwrap_err();
+        assert_eq!(invalid(&e).0, "auto.offset.reset", "{e}");
+        // As does `with_watcher`: nothing is registered.
+        let registry = Registry::new(Arc::new(MemoryKv::new()), "f");
+        let watcher = Arc::new(
+            crate::registry::FleetWatcher::start(registry.clone(), WatcherOptions::default())
+                .await
+                .unwrap(),
+        );
+        let bad = FleetConsumerConfig::new(registry.clone())
+            .set("group.id", "g")
+            .set("linger.ms", "abc")
+            .client_id("c1");
+        let e = FleetConsumer::with_watcher(bad, watcher).await.unwrap_err();
+        assert_eq!(invalid(&e).0, "linger.ms", "{e}");
+        let registered = registry
+            .client(crate::registry::ClientKind::Consumer, "c1")
+            .await
+            .unwrap();
+        assert!(registered.is_none());
     }
 }

@@ -58,6 +58,21 @@ pub enum FleetConsumeError {
         /// What to do instead.
         hint: String,
     },
+    /// A property librdkafka refuses (an unknown name, an invalid value),
+    /// refused by [`FleetConsumer::new`] before anything connects, as
+    /// rdkafka's `ClientConfig::create` would (librdkafka would refuse every
+    /// per-cluster consumer in the background).
+    #[error("fleet consumer configuration: {}", crate::kafka::config::invalid_property_message(.property, .value, .reason, .profile.as_deref()))]
+    InvalidProperty {
+        /// The property as set.
+        property: String,
+        /// Its value (`<redacted>` for a secret property).
+        value: String,
+        /// librdkafka's reason.
+        reason: String,
+        /// The security profile that sets it, when it comes from one.
+        profile: Option<String>,
+    },
     /// The registry could not be read or written.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
@@ -1849,11 +1864,15 @@ impl Drop for FleetConsumer {
 }
 
 impl FleetConsumer {
-    /// Starts a consumer: checks the configuration (`group.id` is required),
+    /// Starts a consumer: checks the configuration (`group.id` is required;
+    /// a property librdkafka refuses is
+    /// [`FleetConsumeError::InvalidProperty`], before anything connects),
     /// starts a registry watcher, and registers the consumer as a lease-bound
     /// client (`clients/consumer/<id>`). Nothing is read before
     /// [`FleetConsumer::subscribe`].
     pub async fn new(config: FleetConsumerConfig) -> Result<FleetConsumer, FleetConsumeError> {
+        // Before the watcher connects to the registry.
+        config.check()?;
         let watcher = FleetWatcher::start(config.registry.clone(), config.watcher.clone()).await?;
         Self::with_watcher(config, Arc::new(watcher)).await
     }
@@ -1864,12 +1883,7 @@ impl FleetConsumer {
         config: FleetConsumerConfig,
         watcher: Arc<FleetWatcher>,
     ) -> Result<FleetConsumer, FleetConsumeError> {
-        let group = config
-            .group_id()
-            .filter(|g| !g.is_empty())
-            .ok_or_else(|| FleetConsumeError::Config("`group.id` is required".into()))?
-            .to_string();
-        config.check_group_protocol()?;
+        let group = config.check()?;
         let client_id = config
             .client_id
             .clone()

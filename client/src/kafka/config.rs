@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
+use rdkafka::error::KafkaError as RdKafkaError;
 use rdkafka::ClientConfig;
 
 use crate::kafka::error::KafkaError;
@@ -313,6 +314,25 @@ impl SecurityProfiles {
         props
     }
 
+    /// Checks the properties of every profile defined in a file or by
+    /// [`SecurityProfiles::insert`] (with their `FLOTILLA_PROFILE_*`
+    /// overrides) with librdkafka, as [`validate_properties`] does; the
+    /// error names the profile. Profiles defined only through environment
+    /// variables are not checked: their names are only guessed
+    /// ([`SecurityProfiles::names`]), and a wrong guess (`dev-eu` read as
+    /// `dev` with an `eu.*` property) would refuse a property no cluster gets.
+    pub fn validate(&self) -> Result<(), InvalidProperty> {
+        for name in self.profiles.keys() {
+            if let Some(props) = self.get(name) {
+                validate_properties(&props).map_err(|mut e| {
+                    e.profile = Some(name.clone());
+                    e
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// The properties of profile `name` used by `cluster`; an unknown profile is
     /// [`KafkaError::UnknownProfile`] naming both.
     pub fn resolve(&self, cluster: &str, name: &str) -> Result<KafkaProperties, KafkaError> {
@@ -483,6 +503,115 @@ pub fn validate_bootstrap(bootstrap: &str) -> Result<(), KafkaError> {
         }
     }
     Ok(())
+}
+
+/// Properties every flotilla client gets from the registry instead of from
+/// the properties given: [`validate_properties`] skips them.
+const REPLACED_PROPERTIES: &[&str] = &["bootstrap.servers", "metadata.broker.list"];
+
+/// A property librdkafka refuses: an unknown name or an invalid value
+/// (found by [`validate_properties`] or [`SecurityProfiles::validate`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", invalid_property_message(.property, .value, .reason, .profile.as_deref()))]
+pub struct InvalidProperty {
+    /// The property as given.
+    pub property: String,
+    /// Its value as given (`<redacted>` for a secret property, see
+    /// [`is_secret_key`]).
+    pub value: String,
+    /// librdkafka's reason, e.g. `No such configuration property:
+    /// "enable.auto.comit"` or `Invalid value "bogus" for configuration
+    /// property "auto.offset.reset"`.
+    pub reason: String,
+    /// The security profile that sets the property, when it comes from one.
+    pub profile: Option<String>,
+}
+
+impl InvalidProperty {
+    fn new(property: &str, value: &str, error: &RdKafkaError) -> Self {
+        let reason = match error {
+            RdKafkaError::ClientConfig(_, desc, _, _) if !desc.is_empty() => desc.clone(),
+            RdKafkaError::Nul(_) => "the name or the value contains a NUL byte".to_string(),
+            other => other.to_string(),
+        };
+        let (value, reason) = if !is_secret_key(property) {
+            (value.to_string(), reason)
+        } else if value.is_empty() {
+            ("<redacted>".to_string(), reason)
+        } else {
+            (
+                "<redacted>".to_string(),
+                reason.replace(value, "<redacted>"),
+            )
+        };
+        InvalidProperty {
+            property: property.to_string(),
+            value,
+            reason,
+            profile: None,
+        }
+    }
+}
+
+/// The message of an [`InvalidProperty`] (and of the fleet clients' errors
+/// that carry its fields).
+pub(crate) fn invalid_property_message(
+    property: &str,
+    value: &str,
+    reason: &str,
+    profile: Option<&str>,
+) -> String {
+    let source = match profile {
+        Some(p) => format!(" (security profile `{p}`)"),
+        None => String::new(),
+    };
+    format!("librdkafka refuses property `{property}` = `{value}`{source}: {reason}")
+}
+
+/// librdkafka's verdict on `pairs` alone: `rd_kafka_conf_set` for each, on a
+/// fresh configuration (no client, no network).
+fn native_check(pairs: &[(&str, &str)]) -> Result<(), RdKafkaError> {
+    let mut config = ClientConfig::new();
+    for (k, v) in pairs {
+        config.set(*k, *v);
+    }
+    config.create_native_config().map(drop)
+}
+
+/// Checks `props` with librdkafka as rdkafka's `ClientConfig::create` would
+/// before creating a client — an unknown property name, a value of the wrong
+/// type or out of range — without creating a client and without network
+/// (`rd_kafka_conf_set` on a throw-away configuration).
+///
+/// `bootstrap.servers` and `metadata.broker.list` are skipped: every
+/// flotilla client gets its bootstrap list from the registry. Checks that
+/// librdkafka makes only when it creates a client, across properties (e.g.
+/// `acks` other than `all` with `enable.idempotence=true`), are not made.
+///
+/// Of several refused properties, the first in key order is reported.
+pub fn validate_properties(props: &KafkaProperties) -> Result<(), InvalidProperty> {
+    let pairs: Vec<(&str, &str)> = props
+        .iter()
+        .filter(|(k, _)| !REPLACED_PROPERTIES.contains(k))
+        .collect();
+    let whole = match native_check(&pairs) {
+        Ok(()) => return Ok(()),
+        Err(e) => e,
+    };
+    // librdkafka stops at the first property it refuses in rdkafka's
+    // (hash) order: name the first in key order instead, so the same
+    // properties always give the same error. Only on this error path.
+    for i in 1..=pairs.len() {
+        if let Err(e) = native_check(&pairs[..i]) {
+            let (k, v) = pairs[i - 1];
+            return Err(InvalidProperty::new(k, v, &e));
+        }
+    }
+    // Not reached: the last prefix is the whole set.
+    match &whole {
+        RdKafkaError::ClientConfig(_, _, k, v) => Err(InvalidProperty::new(k, v, &whole)),
+        _ => Err(InvalidProperty::new("?", "", &whole)),
+    }
 }
 
 /// The rdkafka configuration for a client of the cluster `spec`: the `base`
@@ -685,6 +814,136 @@ mod tests {
             c.create::<rdkafka::producer::BaseProducer>()
                 .expect("librdkafka accepts the defaults");
         }
+    }
+
+    #[test]
+    fn validate_properties_names_an_unknown_property() {
+        let props = KafkaProperties::new()
+            .with("group.id", "g")
+            .with("enable.auto.comit", "false");
+        let e = validate_properties(&props).unwrap_err();
+        assert_eq!(e.property, "enable.auto.comit");
+        assert_eq!(e.value, "false");
+        assert_eq!(e.profile, None);
+        assert!(e.reason.contains("No such configuration property"), "{e:?}");
+        let s = e.to_string();
+        assert!(s.contains("`enable.auto.comit`"), "{s}");
+    }
+
+    #[test]
+    fn validate_properties_names_an_invalid_value() {
+        // librdkafka's reason names an alias by its canonical name
+        // (`linger.ms`: `queue.buffering.max.ms`); `property` is as given.
+        for (k, v, canonical) in [
+            ("auto.offset.reset", "bogus", "auto.offset.reset"),
+            ("linger.ms", "abc", "queue.buffering.max.ms"),
+            ("enable.idempotence", "perhaps", "enable.idempotence"),
+            ("session.timeout.ms", "-5", "session.timeout.ms"),
+        ] {
+            let props = KafkaProperties::new().with("acks", "all").with(k, v);
+            let e = validate_properties(&props).unwrap_err();
+            assert_eq!((e.property.as_str(), e.value.as_str()), (k, v), "{e:?}");
+            assert!(e.reason.contains(canonical), "{k}: {e:?}");
+            let s = e.to_string();
+            assert!(s.contains(k) && s.contains(v), "{s}");
+        }
+    }
+
+    #[test]
+    fn validate_properties_passes_a_valid_set_and_skips_the_bootstrap_list() {
+        let props = KafkaProperties::new()
+            .with("group.id", "g")
+            .with("group.protocol", "consumer")
+            .with("auto.offset.reset", "latest")
+            .with("enable.auto.commit", "true")
+            .with("session.timeout.ms", "6000")
+            .with("acks", "all")
+            .with("linger.ms", "5")
+            .with("enable.idempotence", "true")
+            .with("compression.type", "lz4")
+            .with("client.id", "app")
+            .with("security.protocol", "plaintext")
+            .with("statistics.interval.ms", "5000");
+        validate_properties(&props).unwrap();
+        validate_properties(&KafkaProperties::new()).unwrap();
+        // The registry gives the bootstrap list: what is set here is never
+        // used (a NUL byte would make librdkafka refuse it).
+        let props = props
+            .with("bootstrap.servers", "ignored\0")
+            .with("metadata.broker.list", "ignored\0");
+        validate_properties(&props).unwrap();
+        // Every configuration the per-cluster clients get passes.
+        let c = client_config(&spec(None), &props, &SecurityProfiles::empty()).unwrap();
+        c.create_native_config().unwrap();
+    }
+
+    #[test]
+    fn validate_properties_reports_the_first_refused_in_key_order() {
+        let props = KafkaProperties::new()
+            .with("zz.unknown", "1")
+            .with("linger.ms", "abc")
+            .with("aa.unknown", "1")
+            .with("acks", "all");
+        // rdkafka sets the properties in hash order (random per map).
+        for _ in 0..20 {
+            assert_eq!(
+                validate_properties(&props).unwrap_err().property,
+                "aa.unknown"
+            );
+        }
+        let e = validate_properties(&KafkaProperties::new().with("linger.ms", "1\0")).unwrap_err();
+        assert_eq!(e.property, "linger.ms");
+        assert!(e.reason.contains("NUL"), "{e:?}");
+    }
+
+    #[test]
+    fn validate_properties_redacts_secret_values() {
+        let props = KafkaProperties::new().with("sasl.pasword.typo.password", "hunter2");
+        let e = validate_properties(&props).unwrap_err();
+        assert_eq!(e.property, "sasl.pasword.typo.password");
+        assert_eq!(e.value, "<redacted>");
+        let all = format!("{e} {e:?}");
+        assert!(!all.contains("hunter2"), "{all}");
+    }
+
+    #[test]
+    fn validate_profiles_names_the_profile() {
+        let mut profiles = SecurityProfiles::empty();
+        profiles.insert(
+            "prod",
+            KafkaProperties::new()
+                .with("security.protocol", "SASL_PLAINTEXT")
+                .with("sasl.mechanism", "PLAIN")
+                .with("sasl.password", "s3cret"),
+        );
+        profiles.validate().unwrap();
+        SecurityProfiles::empty().validate().unwrap();
+        // A property of a defined profile, from the file or the environment.
+        let mut bad = profiles.clone();
+        bad.add_env_vars([(
+            "FLOTILLA_PROFILE_PROD_SECURITY_PROTOCOL",
+            "SASL_PLAINTEXT_x",
+        )]);
+        let e = bad.validate().unwrap_err();
+        assert_eq!(e.property, "security.protocol");
+        assert_eq!(e.profile.as_deref(), Some("prod"));
+        assert!(e.to_string().contains("`prod`"), "{e}");
+        let mut bad = profiles.clone();
+        bad.insert(
+            "dev",
+            KafkaProperties::new().with("security.protocl", "SSL"),
+        );
+        let e = bad.validate().unwrap_err();
+        assert_eq!(
+            (e.property.as_str(), e.profile.as_deref()),
+            ("security.protocl", Some("dev"))
+        );
+        // Profiles known only from the environment are not checked: their
+        // name is a guess (`dev-eu` would be read as `dev` with `eu.*`).
+        let mut env_only = profiles;
+        env_only.add_env_vars([("FLOTILLA_PROFILE_DEV_EU_SASL_MECHANISM", "PLAIN")]);
+        assert!(env_only.names().contains(&"dev".to_string()));
+        env_only.validate().unwrap();
     }
 
     #[test]

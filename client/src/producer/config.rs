@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use super::FleetProducerError;
+use crate::kafka::config::{validate_properties, InvalidProperty};
 use crate::kafka::{KafkaProperties, SecurityProfiles};
 use crate::registry::{Registry, WatcherOptions};
 
@@ -143,6 +145,30 @@ impl FleetProducerConfig {
         self.watcher = opts;
         self
     }
+
+    /// Refuses, before anything connects, a property librdkafka refuses (an
+    /// unknown name, an invalid value: [`FleetProducerError::InvalidProperty`]),
+    /// as rdkafka's `ClientConfig::create` would. Checked: the rdkafka
+    /// properties (each per-cluster producer, and the client that verifies
+    /// the cluster's id, is built from them; `bootstrap.servers` comes from
+    /// the registry and is not checked), then the defined security profiles
+    /// ([`SecurityProfiles::validate`]).
+    pub(crate) fn check_properties(&self) -> Result<(), FleetProducerError> {
+        validate_properties(&self.kafka)?;
+        self.profiles.validate()?;
+        Ok(())
+    }
+}
+
+impl From<InvalidProperty> for FleetProducerError {
+    fn from(e: InvalidProperty) -> Self {
+        FleetProducerError::InvalidProperty {
+            property: e.property,
+            value: e.value,
+            reason: e.reason,
+            profile: e.profile,
+        }
+    }
 }
 
 /// `<host>-<pid>-<suffix>`, where the suffix comes from the clock and a process counter.
@@ -162,4 +188,108 @@ pub fn default_client_id() -> String {
         std::process::id(),
         (nanos << 8) ^ seq.wrapping_mul(0x9e37_79b9)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::producer::FleetProducer;
+    use crate::registry::memory::MemoryKv;
+
+    fn invalid(e: &FleetProducerError) -> (&str, &str, &str, Option<&str>) {
+        match e {
+            FleetProducerError::InvalidProperty {
+                property,
+                value,
+                reason,
+                profile,
+            } => (property, value, reason, profile.as_deref()),
+            other => panic!("not InvalidProperty: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn librdkafka_refuses_an_unknown_property_or_an_invalid_value_by_name() {
+        let mut c = FleetProducerConfig::new();
+        c.set("lingerms", "5");
+        let e = c.check_properties().unwrap_err();
+        let (property, value, reason, profile) = invalid(&e);
+        assert_eq!((property, value, profile), ("lingerms", "5", None));
+        assert!(
+            reason.contains("No such configuration property"),
+            "{reason}"
+        );
+        assert!(e.to_string().contains("`lingerms`"), "{e}");
+        // librdkafka names an alias by its canonical name.
+        for (k, v, canonical) in [
+            ("linger.ms", "abc", "queue.buffering.max.ms"),
+            ("acks", "most", "request.required.acks"),
+            ("compression.type", "zip", "compression.codec"),
+            ("enable.idempotence", "yes please", "enable.idempotence"),
+        ] {
+            let mut c = FleetProducerConfig::new();
+            c.set(k, v);
+            let e = c.check_properties().unwrap_err();
+            let (property, value, reason, _) = invalid(&e);
+            assert_eq!((property, value), (k, v), "{e}");
+            assert!(reason.contains(canonical), "{e}");
+        }
+        let mut profiles = SecurityProfiles::empty();
+        profiles.insert(
+            "prod",
+            KafkaProperties::new().with("security.protocol", "sasl_plain"),
+        );
+        let mut c = FleetProducerConfig::new();
+        c.profiles(profiles);
+        let e = c.check_properties().unwrap_err();
+        assert_eq!(invalid(&e).0, "security.protocol");
+        assert_eq!(invalid(&e).3, Some("prod"));
+    }
+
+    #[test]
+    fn a_valid_set_and_what_the_fleet_sets_itself_pass() {
+        // The defaults (`enable.idempotence=true`).
+        FleetProducerConfig::new().check_properties().unwrap();
+        let mut c = FleetProducerConfig::new();
+        c.set("bootstrap.servers", "replaced by the registry\0")
+            .set("metadata.broker.list", "replaced by the registry\0")
+            .set("linger.ms", "5")
+            .set("acks", "all")
+            .set("message.timeout.ms", "30000")
+            .set("compression.type", "lz4")
+            .set("reconnect.backoff.ms", "3000")
+            .set("client.id", "app");
+        let mut profiles = SecurityProfiles::empty();
+        profiles.insert(
+            "prod",
+            KafkaProperties::new()
+                .with("security.protocol", "SASL_PLAINTEXT")
+                .with("sasl.mechanism", "PLAIN")
+                .with("sasl.username", "u")
+                .with("sasl.password", "p"),
+        );
+        c.profiles(profiles);
+        c.check_properties().unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_and_connect_refuse_a_bad_property_before_anything_connects() {
+        // A registry that fails every operation: reaching it would be a
+        // `Registry` error (after the watcher's start timeout).
+        let kv = Arc::new(MemoryKv::new());
+        kv.set_unavailable(true);
+        let mut c = FleetProducerConfig::new();
+        c.registry(Registry::new(kv, "test"))
+            .set("linger.ms", "abc");
+        c.watcher.start_timeout = Duration::from_millis(200);
+        let e = FleetProducer::new(c.clone()).await.unwrap_err();
+        assert_eq!(invalid(&e).0, "linger.ms", "{e}");
+        // No etcd there: `connect` refuses the property before dialling it.
+        let e = FleetProducer::connect(&["http://127.0.0.1:1"], "test", c)
+            .await
+            .unwrap_err();
+        assert_eq!(invalid(&e).0, "linger.ms", "{e}");
+    }
 }

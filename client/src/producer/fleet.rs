@@ -1402,12 +1402,16 @@ impl FleetProducer {
         fleet: &str,
         mut config: FleetProducerConfig,
     ) -> Result<FleetProducer, FleetProducerError> {
+        // Before connecting to etcd.
+        config.check_properties()?;
         let kv = EtcdKv::connect(endpoints, Default::default()).await?;
         config.registry = Some(Registry::new(Arc::new(kv), fleet));
         Self::new(config).await
     }
 
-    /// Starts a producer: reads the fleet snapshot (an unreachable registry
+    /// Starts a producer: checks the rdkafka properties with librdkafka (one
+    /// it refuses is [`FleetProducerError::InvalidProperty`], before anything
+    /// connects), reads the fleet snapshot (an unreachable registry
     /// is an error after `config.watcher.start_timeout`), registers the client
     /// record under a lease, opens the clusters the routes need and
     /// acknowledges any pending epoch.
@@ -1423,6 +1427,7 @@ impl FleetProducer {
                 "hold_capacity must be at least 1".into(),
             ));
         }
+        config.check_properties()?;
         let watcher =
             Arc::new(FleetWatcher::start(registry.clone(), config.watcher.clone()).await?);
         let template = ClientRecord {

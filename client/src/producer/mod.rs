@@ -257,6 +257,22 @@ pub enum FleetProducerError {
     /// The configuration lacks something (e.g. no registry).
     #[error("fleet producer configuration: {0}")]
     Config(String),
+    /// A property librdkafka refuses (an unknown name, an invalid value),
+    /// refused by [`FleetProducer::new`] / [`FleetProducer::connect`] before
+    /// anything connects, as rdkafka's `ClientConfig::create` would
+    /// (librdkafka would refuse each cluster's producer when a route first
+    /// needs it, and every record routed there would fail).
+    #[error("fleet producer configuration: {}", crate::kafka::config::invalid_property_message(.property, .value, .reason, .profile.as_deref()))]
+    InvalidProperty {
+        /// The property as set.
+        property: String,
+        /// Its value (`<redacted>` for a secret property).
+        value: String,
+        /// librdkafka's reason.
+        reason: String,
+        /// The security profile that sets it, when it comes from one.
+        profile: Option<String>,
+    },
     /// The registry could not be read or written (e.g. etcd down at start).
     #[error("fleet producer cannot use the registry: {0}")]
     Registry(#[from] RegistryError),
