@@ -385,7 +385,7 @@ impl FleetConsumerConfig {
     pub(crate) fn auto_store(&self) -> bool {
         self.properties
             .get("enable.auto.offset.store")
-            .is_none_or(|v| v.eq_ignore_ascii_case("true"))
+            .is_none_or(librdkafka_true)
     }
 
     /// Whether rdkafka commits stored offsets by itself (`enable.auto.commit`,
@@ -393,7 +393,7 @@ impl FleetConsumerConfig {
     pub(crate) fn auto_commit(&self) -> bool {
         self.properties
             .get("enable.auto.commit")
-            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            .is_some_and(librdkafka_true)
     }
 
     /// The base properties of each per-cluster consumer.
@@ -437,6 +437,14 @@ impl FleetConsumerConfig {
     }
 }
 
+/// Whether librdkafka reads a boolean property's `value` as true: `true`
+/// and `t` in any case, or `1` (`rd_kafka_anyconf_set_prop0`). Anything
+/// else that is not refused (`validate_properties`) is false.
+fn librdkafka_true(value: &str) -> bool {
+    let v = value.trim();
+    v.eq_ignore_ascii_case("true") || v.eq_ignore_ascii_case("t") || v == "1"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,6 +482,27 @@ mod tests {
             .set("enable.auto.commit", "true");
         assert!(!c.auto_store());
         assert_eq!(c.consumer_base().get("enable.auto.commit"), Some("true"));
+    }
+
+    #[test]
+    fn booleans_are_read_as_librdkafka_reads_them() {
+        for v in ["true", "TRUE", "t", "T", "1"] {
+            let c = FleetConsumerConfig::new(reg())
+                .set("enable.auto.commit", v)
+                .set("enable.auto.offset.store", v);
+            assert!(c.auto_commit(), "enable.auto.commit={v}");
+            assert!(c.auto_store(), "enable.auto.offset.store={v}");
+        }
+        for v in ["false", "FALSE", "f", "F", "0"] {
+            let c = FleetConsumerConfig::new(reg())
+                .set("enable.auto.commit", v)
+                .set("enable.auto.offset.store", v);
+            assert!(!c.auto_commit(), "enable.auto.commit={v}");
+            assert!(!c.auto_store(), "enable.auto.offset.store={v}");
+        }
+        let defaults = FleetConsumerConfig::new(reg());
+        assert!(!defaults.auto_commit());
+        assert!(defaults.auto_store());
     }
 
     #[test]
