@@ -13,7 +13,7 @@ use std::time::Duration;
 use rdkafka::ClientConfig;
 
 use super::FleetConsumeError;
-use crate::kafka::config::{validate_properties, InvalidProperty};
+use crate::kafka::config::validate_properties;
 use crate::kafka::{KafkaProperties, SecurityProfiles};
 use crate::registry::{ClusterId, Registry, WatcherOptions};
 
@@ -64,17 +64,6 @@ pub(crate) const CLASSIC_ONLY: &[(&str, &str)] = &[
     ),
     ("group.protocol.type", "it belongs to the classic protocol"),
 ];
-
-impl From<InvalidProperty> for FleetConsumeError {
-    fn from(e: InvalidProperty) -> Self {
-        FleetConsumeError::InvalidProperty {
-            property: e.property,
-            value: e.value,
-            reason: e.reason,
-            profile: e.profile,
-        }
-    }
-}
 
 /// Which side of a rebalance a [`RebalanceEvent`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -555,12 +544,9 @@ mod tests {
 
     fn invalid(e: &FleetConsumeError) -> (&str, &str, &str, Option<&str>) {
         match e {
-            FleetConsumeError::InvalidProperty {
-                property,
-                value,
-                reason,
-                profile,
-            } => (property, value, reason, profile.as_deref()),
+            FleetConsumeError::InvalidProperty(p) => {
+                (&p.property, &p.value, &p.reason, p.profile.as_deref())
+            }
             other => panic!("not InvalidProperty: {other:?}"),
         }
     }

@@ -21,7 +21,9 @@ use super::committer::{CommitWait, Committer};
 use super::config::{FleetConsumerConfig, RebalanceCallback};
 use super::context::FleetContext;
 use super::epoch_of;
-use crate::kafka::{classify, client_config, ClusterAdmin, ErrorClass, KafkaError};
+use crate::kafka::{
+    classify, client_config, ClusterAdmin, ErrorClass, InvalidProperty, KafkaError,
+};
 use crate::registry::{
     ClientKind, ClientLease, ClientRecord, ClusterId, ClusterState, FleetSnapshot, FleetWatcher,
     GroupRecord, Registry, RegistryError, TopicRoute, SCHEMA_VERSION,
@@ -62,17 +64,8 @@ pub enum FleetConsumeError {
     /// refused by [`FleetConsumer::new`] before anything connects, as
     /// rdkafka's `ClientConfig::create` would (librdkafka would refuse every
     /// per-cluster consumer in the background).
-    #[error("fleet consumer configuration: {}", crate::kafka::config::invalid_property_message(.property, .value, .reason, .profile.as_deref()))]
-    InvalidProperty {
-        /// The property as set.
-        property: String,
-        /// Its value (`<redacted>` for a secret property).
-        value: String,
-        /// librdkafka's reason.
-        reason: String,
-        /// The security profile that sets it, when it comes from one.
-        profile: Option<String>,
-    },
+    #[error("fleet consumer configuration: {0}")]
+    InvalidProperty(#[from] InvalidProperty),
     /// The registry could not be read or written.
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),

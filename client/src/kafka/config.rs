@@ -512,7 +512,7 @@ const REPLACED_PROPERTIES: &[&str] = &["bootstrap.servers", "metadata.broker.lis
 /// A property librdkafka refuses: an unknown name or an invalid value
 /// (found by [`validate_properties`] or [`SecurityProfiles::validate`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}", invalid_property_message(.property, .value, .reason, .profile.as_deref()))]
+#[error("librdkafka refuses property `{property}` = `{value}`{}: {reason}", .profile.as_ref().map(|p| format!(" (security profile `{p}`)")).unwrap_or_default())]
 pub struct InvalidProperty {
     /// The property as given.
     pub property: String,
@@ -551,21 +551,6 @@ impl InvalidProperty {
             profile: None,
         }
     }
-}
-
-/// The message of an [`InvalidProperty`] (and of the fleet clients' errors
-/// that carry its fields).
-pub(crate) fn invalid_property_message(
-    property: &str,
-    value: &str,
-    reason: &str,
-    profile: Option<&str>,
-) -> String {
-    let source = match profile {
-        Some(p) => format!(" (security profile `{p}`)"),
-        None => String::new(),
-    };
-    format!("librdkafka refuses property `{property}` = `{value}`{source}: {reason}")
 }
 
 /// librdkafka's verdict on `pairs` alone: `rd_kafka_conf_set` for each, on a

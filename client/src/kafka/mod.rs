@@ -19,7 +19,8 @@ pub(crate) mod producer_id;
 
 pub use admin::{ClusterAdmin, TopicStatus};
 pub use config::{
-    bootstrap_config, client_config, validate_bootstrap, KafkaProperties, SecurityProfiles,
+    bootstrap_config, client_config, validate_bootstrap, validate_properties, InvalidProperty,
+    KafkaProperties, SecurityProfiles,
 };
 pub use error::{classify, classify_code, ErrorClass, KafkaError};
 pub use identity::{check_cluster, fetch_cluster_id, read_cluster_id, verify_cluster_id};

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::FleetProducerError;
-use crate::kafka::config::{validate_properties, InvalidProperty};
+use crate::kafka::config::validate_properties;
 use crate::kafka::{KafkaProperties, SecurityProfiles};
 use crate::registry::{Registry, WatcherOptions};
 
@@ -160,17 +160,6 @@ impl FleetProducerConfig {
     }
 }
 
-impl From<InvalidProperty> for FleetProducerError {
-    fn from(e: InvalidProperty) -> Self {
-        FleetProducerError::InvalidProperty {
-            property: e.property,
-            value: e.value,
-            reason: e.reason,
-            profile: e.profile,
-        }
-    }
-}
-
 /// `<host>-<pid>-<suffix>`, where the suffix comes from the clock and a process counter.
 pub fn default_client_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -200,12 +189,9 @@ mod tests {
 
     fn invalid(e: &FleetProducerError) -> (&str, &str, &str, Option<&str>) {
         match e {
-            FleetProducerError::InvalidProperty {
-                property,
-                value,
-                reason,
-                profile,
-            } => (property, value, reason, profile.as_deref()),
+            FleetProducerError::InvalidProperty(p) => {
+                (&p.property, &p.value, &p.reason, p.profile.as_deref())
+            }
             other => panic!("not InvalidProperty: {other:?}"),
         }
     }

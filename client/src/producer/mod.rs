@@ -23,7 +23,7 @@ use std::sync::Arc;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::Timestamp;
 
-use crate::kafka::KafkaError;
+use crate::kafka::{InvalidProperty, KafkaError};
 use crate::registry::RegistryError;
 use crate::route::router::NoRoute;
 
@@ -262,17 +262,8 @@ pub enum FleetProducerError {
     /// anything connects, as rdkafka's `ClientConfig::create` would
     /// (librdkafka would refuse each cluster's producer when a route first
     /// needs it, and every record routed there would fail).
-    #[error("fleet producer configuration: {}", crate::kafka::config::invalid_property_message(.property, .value, .reason, .profile.as_deref()))]
-    InvalidProperty {
-        /// The property as set.
-        property: String,
-        /// Its value (`<redacted>` for a secret property).
-        value: String,
-        /// librdkafka's reason.
-        reason: String,
-        /// The security profile that sets it, when it comes from one.
-        profile: Option<String>,
-    },
+    #[error("fleet producer configuration: {0}")]
+    InvalidProperty(#[from] InvalidProperty),
     /// The registry could not be read or written (e.g. etcd down at start).
     #[error("fleet producer cannot use the registry: {0}")]
     Registry(#[from] RegistryError),
