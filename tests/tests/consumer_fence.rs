@@ -6,6 +6,8 @@
 //! the rest of its epoch keeps flowing. Every record is delivered, per-key order
 //! holds across every switch, and duplicates are counted.
 
+#[path = "common/fleet.rs"]
+mod fleet;
 #[path = "common/switch.rs"]
 mod switch;
 
@@ -13,15 +15,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleet::{connect_registry, open_route, permanent_cluster};
 use flotilla_client::consumer::{
     FleetConsumeError, FleetConsumer, FleetConsumerConfig, EPOCH_HEADER,
 };
 use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
-use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
-use flotilla_client::registry::{
-    ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, KvStore, Registry,
-    TopicRoute, SCHEMA_VERSION,
-};
+use flotilla_client::registry::{Epoch, EpochState, Expect, Registry, TopicRoute};
 use flotilla_client::route::murmur2::partition_for_key;
 use flotilla_client::route::rendezvous::RendezvousTable;
 use flotilla_testkit::etcd::EtcdServer;
@@ -56,21 +55,6 @@ struct World {
     producers: Vec<FutureProducer>,
     next_seq: BTreeMap<String, u64>,
     produced: usize,
-}
-
-fn spec(i: usize, fleet: &KafkaFleet) -> ClusterSpec {
-    ClusterSpec {
-        version: SCHEMA_VERSION,
-        id: IDS[i].into(),
-        bootstrap: fleet.cluster(i).bootstrap(),
-        kafka_cluster_id: fleet.cluster(i).kafka_cluster_id().to_string(),
-        state: ClusterState::Active,
-        role: ClusterRole::Permanent,
-        weight: 100,
-        labels: BTreeMap::new(),
-        security_profile: None,
-        created_at: 0,
-    }
 }
 
 fn idx(id: &str) -> usize {
@@ -318,16 +302,11 @@ async fn group_reads_every_record_in_key_order_across_switches_and_a_cluster_res
             .await
             .expect("create topic");
     }
-    let kv: Arc<dyn KvStore> = Arc::new(
-        EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
-            .await
-            .expect("connect etcd"),
-    );
-    let registry = Registry::new(kv, "consumer-fence");
+    let registry = connect_registry(&etcd.endpoint(), "consumer-fence").await;
     let mut admins = Vec::new();
     let mut producers = Vec::new();
-    for i in 0..3 {
-        let s = spec(i, &fleet);
+    for (i, id) in IDS.iter().enumerate() {
+        let s = permanent_cluster(id, fleet.cluster(i));
         registry.create_cluster(&s).await.unwrap();
         admins.push(
             ClusterAdmin::connect(
@@ -349,25 +328,7 @@ async fn group_reads_every_record_in_key_order_across_switches_and_a_cluster_res
                 .unwrap(),
         );
     }
-    registry
-        .put_route(
-            &TopicRoute {
-                version: SCHEMA_VERSION,
-                topic: TOPIC.into(),
-                partitions: PARTITIONS,
-                epochs: vec![Epoch {
-                    n: 1,
-                    write: write_set(&["a"]),
-                    state: EpochState::Open,
-                    fence: BTreeMap::new(),
-                    created_at: 0,
-                    ack_deadline: None,
-                }],
-            },
-            Expect::Absent,
-        )
-        .await
-        .unwrap();
+    open_route(&registry, TOPIC, PARTITIONS, &["a"]).await;
     let mut w = World {
         registry: registry.clone(),
         route: None,

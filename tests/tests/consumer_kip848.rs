@@ -18,6 +18,8 @@
 //! clusters, without disturbing it. A second test: the classic protocol's
 //! properties are refused by name with `group.protocol=consumer`.
 
+#[path = "common/fleet.rs"]
+mod fleet;
 #[path = "common/switch.rs"]
 mod switch;
 
@@ -26,18 +28,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleet::{connect_registry, open_route, register_clusters};
 use flotilla_client::consumer::{
     FleetConsumeError, FleetConsumer, FleetConsumerConfig, RebalanceKind, RebalancePhase,
 };
-use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
-use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
-use flotilla_client::registry::{
-    ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, KvStore, Registry,
-    TopicRoute, SCHEMA_VERSION,
-};
+use flotilla_client::kafka::ClusterAdmin;
+use flotilla_client::registry::Registry;
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_testkit::etcd::EtcdServer;
-use flotilla_testkit::{create_topic, KafkaFleet, KafkaOptions};
+use flotilla_testkit::{KafkaFleet, KafkaOptions};
 use rdkafka::admin::AdminClient;
 use rdkafka::bindings as rd;
 use rdkafka::client::DefaultClientContext;
@@ -307,62 +306,20 @@ async fn kip848_group_reads_every_record_once_in_key_order_across_switches() {
     let etcd = EtcdServer::start().expect("etcd");
     let options = KafkaOptions::default();
     let fleet = tokio::task::block_in_place(|| KafkaFleet::start_with(2, &options)).expect("kafka");
-    let kv: Arc<dyn KvStore> = Arc::new(
-        EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
-            .await
-            .unwrap(),
-    );
-    let registry = Registry::new(kv, "kip848");
-    let mut admins = HashMap::new();
-    for (i, id) in IDS.iter().enumerate() {
-        create_topic(&fleet.cluster(i).bootstrap(), TOPIC, PARTITIONS as i32)
-            .await
-            .unwrap();
-        let spec = ClusterSpec {
-            version: SCHEMA_VERSION,
-            id: id.to_string(),
-            bootstrap: fleet.cluster(i).bootstrap(),
-            kafka_cluster_id: fleet.cluster(i).kafka_cluster_id().to_string(),
-            state: ClusterState::Active,
-            role: ClusterRole::Permanent,
-            weight: 100,
-            labels: BTreeMap::new(),
-            security_profile: None,
-            created_at: 0,
-        };
-        registry.create_cluster(&spec).await.unwrap();
-        let admin = ClusterAdmin::connect(
-            &spec,
-            &KafkaProperties::new(),
-            &SecurityProfiles::empty(),
-            Duration::from_secs(20),
-        )
-        .await
-        .unwrap();
-        // What `flotilla cluster activate` does: the offsets topic exists
-        // before the first group uses the cluster.
-        admin.ensure_group_coordinator().await.unwrap();
-        admins.insert(id.to_string(), admin);
-    }
-    registry
-        .put_route(
-            &TopicRoute {
-                version: SCHEMA_VERSION,
-                topic: TOPIC.into(),
-                partitions: PARTITIONS,
-                epochs: vec![Epoch {
-                    n: 1,
-                    write: write_set(&["a"]),
-                    state: EpochState::Open,
-                    fence: BTreeMap::new(),
-                    created_at: 0,
-                    ack_deadline: None,
-                }],
-            },
-            Expect::Absent,
-        )
-        .await
-        .unwrap();
+    let registry = connect_registry(&etcd.endpoint(), "kip848").await;
+    // `true`: what `flotilla cluster activate` does, the offsets topic exists
+    // before the first group uses the cluster.
+    let admins = register_clusters(
+        &registry,
+        &fleet,
+        &IDS,
+        TOPIC,
+        PARTITIONS,
+        Duration::from_secs(20),
+        true,
+    )
+    .await;
+    open_route(&registry, TOPIC, PARTITIONS, &["a"]).await;
     eprintln!("setup: {:?}", started.elapsed());
 
     let log = Arc::new(Mutex::new(Vec::<Got>::new()));

@@ -5,6 +5,8 @@
 //! has acknowledged it, read the end offsets as the fence, seal N and open N+1.
 //! A group of two consumers must deliver every record once, in order per key.
 
+#[path = "common/fleet.rs"]
+mod fleet;
 #[path = "common/switch.rs"]
 mod switch;
 
@@ -13,16 +15,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleet::{connect_registry, open_route, register_clusters};
 use flotilla_client::consumer::{FleetConsumeError, FleetConsumer, FleetConsumerConfig};
-use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
-use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
-use flotilla_client::registry::{
-    ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, KvStore, Registry,
-    TopicRoute, SCHEMA_VERSION,
-};
+use flotilla_client::kafka::ClusterAdmin;
+use flotilla_client::registry::Registry;
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_testkit::etcd::EtcdServer;
-use flotilla_testkit::{create_topic, KafkaFleet};
+use flotilla_testkit::KafkaFleet;
 use rdkafka::consumer::CommitMode;
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
@@ -98,61 +97,18 @@ fn spawn_member(
 async fn live_switches_with_the_fleet_producer_keep_key_order() {
     let etcd = EtcdServer::start().expect("etcd");
     let fleet = tokio::task::block_in_place(|| KafkaFleet::start(2)).expect("kafka");
-    let kv: Arc<dyn KvStore> = Arc::new(
-        EtcdKv::connect(&[etcd.endpoint()], EtcdOptions::default())
-            .await
-            .unwrap(),
-    );
-    let registry = Registry::new(kv, "live");
-    let mut admins = HashMap::new();
-    for (i, id) in IDS.iter().enumerate() {
-        create_topic(&fleet.cluster(i).bootstrap(), TOPIC, PARTITIONS as i32)
-            .await
-            .unwrap();
-        let spec = ClusterSpec {
-            version: SCHEMA_VERSION,
-            id: id.to_string(),
-            bootstrap: fleet.cluster(i).bootstrap(),
-            kafka_cluster_id: fleet.cluster(i).kafka_cluster_id().to_string(),
-            state: ClusterState::Active,
-            role: ClusterRole::Permanent,
-            weight: 100,
-            labels: BTreeMap::new(),
-            security_profile: None,
-            created_at: 0,
-        };
-        registry.create_cluster(&spec).await.unwrap();
-        admins.insert(
-            id.to_string(),
-            ClusterAdmin::connect(
-                &spec,
-                &KafkaProperties::new(),
-                &SecurityProfiles::empty(),
-                Duration::from_secs(20),
-            )
-            .await
-            .unwrap(),
-        );
-    }
-    registry
-        .put_route(
-            &TopicRoute {
-                version: SCHEMA_VERSION,
-                topic: TOPIC.into(),
-                partitions: PARTITIONS,
-                epochs: vec![Epoch {
-                    n: 1,
-                    write: write_set(&["a"]),
-                    state: EpochState::Open,
-                    fence: BTreeMap::new(),
-                    created_at: 0,
-                    ack_deadline: None,
-                }],
-            },
-            Expect::Absent,
-        )
-        .await
-        .unwrap();
+    let registry = connect_registry(&etcd.endpoint(), "live").await;
+    let admins = register_clusters(
+        &registry,
+        &fleet,
+        &IDS,
+        TOPIC,
+        PARTITIONS,
+        Duration::from_secs(20),
+        false,
+    )
+    .await;
+    open_route(&registry, TOPIC, PARTITIONS, &["a"]).await;
 
     let log = Arc::new(Mutex::new(Vec::new()));
     let m1 = spawn_member(&registry, "m1", log.clone());

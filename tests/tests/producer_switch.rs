@@ -11,6 +11,8 @@
 //!   silent drop).
 //! - etcd down at start, unknown topic: clear errors.
 
+#[path = "common/fleet.rs"]
+mod fleet;
 #[path = "common/switch.rs"]
 mod switch;
 
@@ -19,54 +21,22 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
+use fleet::{connect_registry, open_route, permanent_cluster, register_clusters};
+use flotilla_client::kafka::ClusterAdmin;
 use flotilla_client::producer::{epoch_of, FleetProducerError, OutageMode};
-use flotilla_client::registry::etcd::EtcdKv;
-use flotilla_client::registry::{
-    ClusterRole, ClusterSpec, ClusterState, EpochState, Expect, Registry, TopicRoute,
-    WeightedCluster, SCHEMA_VERSION,
-};
+use flotilla_client::registry::{EpochState, Registry, WeightedCluster};
 use flotilla_client::{FleetProducer, FleetProducerConfig, FleetSendError};
 use flotilla_testkit::{create_topic, EtcdServer, KafkaFleet};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureRecord;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use switch::{drive_switch, Producers};
+use switch::{drive_switch, write_set, Producers};
 
 const FLEET: &str = "prodtest";
 const PARTITIONS: u32 = 4;
 const PRODUCERS: usize = 3;
 const KEYS_PER_PRODUCER: usize = 1000;
-
-fn spec(id: &str, bootstrap: &str, kafka_id: &str) -> ClusterSpec {
-    ClusterSpec {
-        version: SCHEMA_VERSION,
-        id: id.into(),
-        bootstrap: bootstrap.into(),
-        kafka_cluster_id: kafka_id.into(),
-        state: ClusterState::Active,
-        role: ClusterRole::Permanent,
-        weight: 100,
-        labels: BTreeMap::new(),
-        security_profile: None,
-        created_at: 0,
-    }
-}
-
-fn wc(c: &str) -> WeightedCluster {
-    WeightedCluster {
-        cluster: c.into(),
-        weight: 100,
-    }
-}
-
-async fn registry(endpoint: &str) -> Registry {
-    let kv = EtcdKv::connect(&[endpoint], Default::default())
-        .await
-        .expect("connect etcd");
-    Registry::new(Arc::new(kv), FLEET)
-}
 
 fn producer_config(id: &str, message_timeout_ms: u64) -> FleetProducerConfig {
     let mut c = FleetProducerConfig::new();
@@ -170,43 +140,18 @@ async fn switch_a_to_ab_to_b_under_load_loses_nothing_and_keeps_order() {
         .await
         .unwrap();
     let ids = ["A", "B"];
-    let mut admins = HashMap::new();
-    let reg = registry(&etcd.endpoint()).await;
-    for (i, id) in ids.iter().enumerate() {
-        let c = kafka.cluster(i);
-        create_topic(&c.bootstrap(), TOPIC, PARTITIONS as i32)
-            .await
-            .unwrap();
-        let s = spec(id, &c.bootstrap(), c.kafka_cluster_id());
-        reg.create_cluster(&s).await.unwrap();
-        let admin = ClusterAdmin::connect(
-            &s,
-            &KafkaProperties::new(),
-            &SecurityProfiles::empty(),
-            Duration::from_secs(15),
-        )
-        .await
-        .unwrap();
-        admins.insert(id.to_string(), admin);
-    }
-    reg.put_route(
-        &TopicRoute {
-            version: SCHEMA_VERSION,
-            topic: TOPIC.into(),
-            partitions: PARTITIONS,
-            epochs: vec![flotilla_client::registry::Epoch {
-                n: 1,
-                write: vec![wc("A")],
-                state: EpochState::Open,
-                fence: BTreeMap::new(),
-                created_at: 0,
-                ack_deadline: None,
-            }],
-        },
-        Expect::Absent,
+    let reg = connect_registry(&etcd.endpoint(), FLEET).await;
+    let admins = register_clusters(
+        &reg,
+        &kafka,
+        &ids,
+        TOPIC,
+        PARTITIONS,
+        Duration::from_secs(15),
+        false,
     )
-    .await
-    .unwrap();
+    .await;
+    open_route(&reg, TOPIC, PARTITIONS, &["A"]).await;
 
     let endpoint = etcd.endpoint();
     let mut producers = Vec::new();
@@ -276,9 +221,9 @@ async fn switch_a_to_ab_to_b_under_load_loses_nothing_and_keeps_order() {
     }
 
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pause1 = switch(&reg, TOPIC, vec![wc("A"), wc("B")], &admins).await;
+    let pause1 = switch(&reg, TOPIC, write_set(&["A", "B"]), &admins).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let pause2 = switch(&reg, TOPIC, vec![wc("B")], &admins).await;
+    let pause2 = switch(&reg, TOPIC, write_set(&["B"]), &admins).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let mut sent = Vec::new();
@@ -405,30 +350,13 @@ async fn killed_cluster_fails_sends_within_the_message_timeout() {
     let mut kafka = tokio::task::spawn_blocking(|| KafkaFleet::start(1).expect("start Kafka"))
         .await
         .unwrap();
-    let reg = registry(&etcd.endpoint()).await;
+    let reg = connect_registry(&etcd.endpoint(), FLEET).await;
     let c = kafka.cluster(0);
     create_topic(&c.bootstrap(), TOPIC, 2).await.unwrap();
-    reg.create_cluster(&spec("A", &c.bootstrap(), c.kafka_cluster_id()))
+    reg.create_cluster(&permanent_cluster("A", c))
         .await
         .unwrap();
-    reg.put_route(
-        &TopicRoute {
-            version: SCHEMA_VERSION,
-            topic: TOPIC.into(),
-            partitions: 2,
-            epochs: vec![flotilla_client::registry::Epoch {
-                n: 1,
-                write: vec![wc("A")],
-                state: EpochState::Open,
-                fence: BTreeMap::new(),
-                created_at: 0,
-                ack_deadline: None,
-            }],
-        },
-        Expect::Absent,
-    )
-    .await
-    .unwrap();
+    open_route(&reg, TOPIC, 2, &["A"]).await;
     let p = FleetProducer::connect(
         &[etcd.endpoint().as_str()],
         FLEET,
@@ -527,30 +455,13 @@ async fn etcd_outage_keep_producing_vs_hold() {
     let kafka = tokio::task::spawn_blocking(|| KafkaFleet::start(1).expect("start Kafka"))
         .await
         .unwrap();
-    let reg = registry(&etcd.endpoint()).await;
+    let reg = connect_registry(&etcd.endpoint(), FLEET).await;
     let c = kafka.cluster(0);
     create_topic(&c.bootstrap(), TOPIC, 2).await.unwrap();
-    reg.create_cluster(&spec("A", &c.bootstrap(), c.kafka_cluster_id()))
+    reg.create_cluster(&permanent_cluster("A", c))
         .await
         .unwrap();
-    reg.put_route(
-        &TopicRoute {
-            version: SCHEMA_VERSION,
-            topic: TOPIC.into(),
-            partitions: 2,
-            epochs: vec![flotilla_client::registry::Epoch {
-                n: 1,
-                write: vec![wc("A")],
-                state: EpochState::Open,
-                fence: BTreeMap::new(),
-                created_at: 0,
-                ack_deadline: None,
-            }],
-        },
-        Expect::Absent,
-    )
-    .await
-    .unwrap();
+    open_route(&reg, TOPIC, 2, &["A"]).await;
     let endpoint = etcd.endpoint();
     let keep = FleetProducer::connect(&[endpoint.as_str()], FLEET, producer_config("keep", 10_000))
         .await
