@@ -799,10 +799,22 @@ impl Backfill {
             }
         };
         workers.abort_all();
+        // No worker may hand the producer a record after this point.
+        while workers.join_next().await.is_some() {}
         reporter.finish().await;
         match outcome {
-            Err(e @ (BackfillError::InjectedCrash(_) | BackfillError::LockLost(_))) => {
-                // A simulated crash: nothing flushed, nothing checkpointed.
+            Err(e @ BackfillError::InjectedCrash(_)) => {
+                // A simulated crash: nothing checkpointed. Its writes end
+                // here, as a killed process's end with its connections: a
+                // producer left running would keep writing after the
+                // resume's dedupe scan (the in-process crash releases its
+                // lock at once), which a real crash cannot do.
+                let _ = producer.close(self.opts.timeout).await;
+                Err(e)
+            }
+            Err(e @ BackfillError::LockLost(_)) => {
+                // Another driver may own the backfill already: stop writing
+                // at once (dropping purges what is queued), no flush.
                 drop(producer);
                 Err(e)
             }

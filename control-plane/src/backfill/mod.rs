@@ -143,8 +143,10 @@ pub enum HookPoint {
 }
 
 /// A test hook: called at every [`HookPoint`]; returning `true` stops the
-/// driver at once with [`BackfillError::InjectedCrash`] (nothing flushed,
-/// nothing checkpointed). The CLI's hidden crash flags exit the process instead.
+/// driver at once with [`BackfillError::InjectedCrash`] (nothing checkpointed;
+/// records already handed to the producer are delivered before it returns, as
+/// a killed process's writes end with it). The CLI's hidden crash flags exit
+/// the process instead.
 pub type Hook = Arc<dyn Fn(&HookPoint) -> bool + Send + Sync>;
 
 /// How the driver runs (nothing here is stored in the registry).
