@@ -17,6 +17,8 @@
 
 #[path = "common/cpu.rs"]
 mod cpu;
+#[path = "common/fleet.rs"]
+mod fleet;
 #[path = "common/switch.rs"]
 mod switch;
 
@@ -25,12 +27,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleet::open_route;
 use flotilla_client::consumer::{FleetConsumeError, FleetConsumer, FleetConsumerConfig};
 use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
 use flotilla_client::registry::etcd::{EtcdKv, EtcdOptions};
 use flotilla_client::registry::{
-    ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, KvStore, Registry,
-    TopicRoute, SCHEMA_VERSION,
+    ClusterRole, ClusterSpec, ClusterState, KvStore, Registry, SCHEMA_VERSION,
 };
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_testkit::etcd::EtcdServer;
@@ -194,25 +196,7 @@ impl Bench {
         for b in &self.bootstraps {
             create_topic(b, topic, PARTITIONS as i32).await.unwrap();
         }
-        self.registry
-            .put_route(
-                &TopicRoute {
-                    version: SCHEMA_VERSION,
-                    topic: topic.into(),
-                    partitions: PARTITIONS,
-                    epochs: vec![Epoch {
-                        n: 1,
-                        write: write_set(write),
-                        state: EpochState::Open,
-                        fence: BTreeMap::new(),
-                        created_at: 0,
-                        ack_deadline: None,
-                    }],
-                },
-                Expect::Absent,
-            )
-            .await
-            .unwrap();
+        open_route(&self.registry, topic, PARTITIONS, write).await;
     }
 
     async fn fleet_producer(&self) -> FleetProducer {

@@ -35,6 +35,8 @@
 
 #[path = "common/cpu.rs"]
 mod cpu;
+#[path = "common/fleet.rs"]
+mod fleet;
 #[path = "common/switch.rs"]
 mod switch;
 
@@ -44,6 +46,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cpu::{cpu_time, loadavg};
+use fleet::open_route;
 use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
 use flotilla_client::producer::EPOCH_HEADER;
 use flotilla_client::registry::etcd::EtcdKv;
@@ -202,27 +205,7 @@ async fn fleet_producer_vs_future_producer_throughput() {
         create_topic(&bootstrap, t, PARTITIONS as i32)
             .await
             .unwrap();
-        reg.put_route(
-            &TopicRoute {
-                version: SCHEMA_VERSION,
-                topic: t.clone(),
-                partitions: PARTITIONS,
-                epochs: vec![Epoch {
-                    n: 1,
-                    write: vec![WeightedCluster {
-                        cluster: "A".into(),
-                        weight: 100,
-                    }],
-                    state: EpochState::Open,
-                    fence: BTreeMap::new(),
-                    created_at: 0,
-                    ack_deadline: None,
-                }],
-            },
-            Expect::Absent,
-        )
-        .await
-        .unwrap();
+        open_route(&reg, t, PARTITIONS, &["A"]).await;
     }
     let mut cfg = FleetProducerConfig::new();
     for (k, v) in PROPS {
