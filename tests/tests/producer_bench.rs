@@ -50,16 +50,13 @@ use fleet::open_route;
 use flotilla_client::kafka::{ClusterAdmin, KafkaProperties, SecurityProfiles};
 use flotilla_client::producer::EPOCH_HEADER;
 use flotilla_client::registry::etcd::EtcdKv;
-use flotilla_client::registry::{
-    ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, Registry, TopicRoute,
-    WeightedCluster, SCHEMA_VERSION,
-};
+use flotilla_client::registry::{ClusterRole, ClusterSpec, ClusterState, Registry, SCHEMA_VERSION};
 use flotilla_client::{FleetProducer, FleetProducerConfig};
 use flotilla_testkit::{create_topic, EtcdServer, KafkaFleet};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use switch::{drive_switch, Producers};
+use switch::{drive_switch, write_set, Producers};
 
 /// Records per round (`FLOTILLA_BENCH_RECORDS` overrides).
 const RECORDS: usize = 1_000_000;
@@ -370,13 +367,6 @@ mod holds {
     }
 }
 
-fn wc(c: &str) -> WeightedCluster {
-    WeightedCluster {
-        cluster: c.into(),
-        weight: 100,
-    }
-}
-
 /// Nearest-rank percentile of sorted samples.
 fn pct(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
@@ -453,24 +443,7 @@ async fn switch_pause_under_load() {
         admin.end_offsets(TOPIC, PARTITIONS).await.unwrap();
         admins.insert(id.to_string(), admin);
     }
-    reg.put_route(
-        &TopicRoute {
-            version: SCHEMA_VERSION,
-            topic: TOPIC.into(),
-            partitions: PARTITIONS,
-            epochs: vec![Epoch {
-                n: 1,
-                write: vec![wc("A")],
-                state: EpochState::Open,
-                fence: BTreeMap::new(),
-                created_at: 0,
-                ack_deadline: None,
-            }],
-        },
-        Expect::Absent,
-    )
-    .await
-    .unwrap();
+    open_route(&reg, TOPIC, PARTITIONS, &["A"]).await;
     let endpoint = etcd.endpoint();
     let mut producers = Vec::new();
     for i in 0..PAUSE_PRODUCERS {
@@ -529,10 +502,10 @@ async fn switch_pause_under_load() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let plan = [
-        vec![wc("A"), wc("B")],
-        vec![wc("B")],
-        vec![wc("A"), wc("B")],
-        vec![wc("A")],
+        write_set(&["A", "B"]),
+        write_set(&["B"]),
+        write_set(&["A", "B"]),
+        write_set(&["A"]),
     ];
     let mut started = Instant::now();
     let mut sent_before = *sent.lock().unwrap();
