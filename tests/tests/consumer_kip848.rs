@@ -296,6 +296,22 @@ fn check_order(log: &[Got], sent: &BTreeMap<String, usize>) -> usize {
     dups
 }
 
+/// Sends record `i` of the test's sequence: key `k<i % KEYS>`, payload
+/// `<key>:<i / KEYS>` (its per-key sequence number); returns the key.
+async fn send_seq(producer: &FleetProducer, i: usize) -> String {
+    let key = format!("k{}", i % KEYS);
+    let payload = format!("{key}:{}", i / KEYS);
+    producer
+        .send(
+            FutureRecord::to(TOPIC).key(&key).payload(&payload),
+            Timeout::Never,
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap_or_else(|e| panic!("send {payload}: {e}"));
+    key
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kip848_group_reads_every_record_once_in_key_order_across_switches() {
     let _ = tracing_subscriber::fmt()
@@ -352,16 +368,7 @@ async fn kip848_group_reads_every_record_once_in_key_order_across_switches() {
         tokio::spawn(async move {
             let mut i = 0;
             while writing.load(Ordering::Acquire) {
-                let key = format!("k{}", i % KEYS);
-                let payload = format!("{key}:{}", i / KEYS);
-                producer
-                    .send(
-                        FutureRecord::to(TOPIC).key(&key).payload(&payload),
-                        Timeout::Never,
-                    )
-                    .await
-                    .map_err(|(e, _)| e)
-                    .unwrap_or_else(|e| panic!("send {payload}: {e}"));
+                send_seq(&producer, i).await;
                 i += 1;
                 sent.store(i, Ordering::Release);
             }
@@ -459,16 +466,7 @@ async fn kip848_group_reads_every_record_once_in_key_order_across_switches() {
     // ... and the group is undisturbed: more records flow to it, no rebalance.
     let extra = 100;
     for i in total..total + extra {
-        let key = format!("k{}", i % KEYS);
-        let payload = format!("{key}:{}", i / KEYS);
-        producer
-            .send(
-                FutureRecord::to(TOPIC).key(&key).payload(&payload),
-                Timeout::Never,
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
+        let key = send_seq(&producer, i).await;
         *expected.entry(key).or_default() += 1;
     }
     let total = total + extra;
