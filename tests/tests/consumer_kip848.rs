@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleet::{connect_registry, open_route, register_clusters};
+use fleet::{connect_registry, open_route, register_clusters, send_seq};
 use flotilla_client::consumer::{
     FleetConsumeError, FleetConsumer, FleetConsumerConfig, RebalanceKind, RebalancePhase,
 };
@@ -42,8 +42,6 @@ use rdkafka::bindings as rd;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::CommitMode;
 use rdkafka::message::Message;
-use rdkafka::producer::FutureRecord;
-use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 use switch::{drive_switch, write_set, Producers};
 
@@ -296,22 +294,6 @@ fn check_order(log: &[Got], sent: &BTreeMap<String, usize>) -> usize {
     dups
 }
 
-/// Sends record `i` of the test's sequence: key `k<i % KEYS>`, payload
-/// `<key>:<i / KEYS>` (its per-key sequence number); returns the key.
-async fn send_seq(producer: &FleetProducer, i: usize) -> String {
-    let key = format!("k{}", i % KEYS);
-    let payload = format!("{key}:{}", i / KEYS);
-    producer
-        .send(
-            FutureRecord::to(TOPIC).key(&key).payload(&payload),
-            Timeout::Never,
-        )
-        .await
-        .map_err(|(e, _)| e)
-        .unwrap_or_else(|e| panic!("send {payload}: {e}"));
-    key
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kip848_group_reads_every_record_once_in_key_order_across_switches() {
     let _ = tracing_subscriber::fmt()
@@ -368,7 +350,7 @@ async fn kip848_group_reads_every_record_once_in_key_order_across_switches() {
         tokio::spawn(async move {
             let mut i = 0;
             while writing.load(Ordering::Acquire) {
-                send_seq(&producer, i).await;
+                send_seq(&producer, TOPIC, KEYS, i).await;
                 i += 1;
                 sent.store(i, Ordering::Release);
             }
@@ -466,7 +448,7 @@ async fn kip848_group_reads_every_record_once_in_key_order_across_switches() {
     // ... and the group is undisturbed: more records flow to it, no rebalance.
     let extra = 100;
     for i in total..total + extra {
-        let key = send_seq(&producer, i).await;
+        let key = send_seq(&producer, TOPIC, KEYS, i).await;
         *expected.entry(key).or_default() += 1;
     }
     let total = total + extra;

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fleet::{connect_registry, open_route, register_clusters};
+use fleet::{connect_registry, open_route, register_clusters, send_seq};
 use flotilla_client::consumer::{FleetConsumeError, FleetConsumer, FleetConsumerConfig};
 use flotilla_client::kafka::ClusterAdmin;
 use flotilla_client::registry::Registry;
@@ -24,8 +24,6 @@ use flotilla_testkit::etcd::EtcdServer;
 use flotilla_testkit::KafkaFleet;
 use rdkafka::consumer::CommitMode;
 use rdkafka::message::Message;
-use rdkafka::producer::FutureRecord;
-use rdkafka::util::Timeout;
 use switch::{drive_switch, write_set, Producers};
 
 const TOPIC: &str = "live";
@@ -122,16 +120,7 @@ async fn live_switches_with_the_fleet_producer_keep_key_order() {
         let (producer, sent) = (producer.clone(), sent.clone());
         tokio::spawn(async move {
             for i in 0..TOTAL {
-                let key = format!("k{}", i % KEYS);
-                let payload = format!("{key}:{}", i / KEYS);
-                producer
-                    .send(
-                        FutureRecord::to(TOPIC).key(&key).payload(&payload),
-                        Timeout::Never,
-                    )
-                    .await
-                    .map_err(|(e, _)| e)
-                    .unwrap_or_else(|e| panic!("send {payload}: {e}"));
+                send_seq(&producer, TOPIC, KEYS, i).await;
                 sent.fetch_add(1, Ordering::SeqCst);
             }
         })

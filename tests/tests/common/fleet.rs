@@ -17,7 +17,10 @@ use flotilla_client::registry::{
     ClusterRole, ClusterSpec, ClusterState, Epoch, EpochState, Expect, Registry, TopicRoute,
     SCHEMA_VERSION,
 };
+use flotilla_client::FleetProducer;
 use flotilla_testkit::{create_topic, KafkaCluster, KafkaFleet};
+use rdkafka::producer::FutureRecord;
+use rdkafka::util::Timeout;
 
 use crate::switch::write_set;
 
@@ -107,4 +110,21 @@ pub async fn open_route(registry: &Registry, topic: &str, partitions: u32, write
         )
         .await
         .unwrap();
+}
+
+/// Sends record `i` of a keyed sequence to `topic` and waits for its
+/// acknowledgement: key `k<i % keys>`, payload `<key>:<i / keys>` (its
+/// per-key sequence number); returns the key. Panics if the send fails.
+pub async fn send_seq(producer: &FleetProducer, topic: &str, keys: usize, i: usize) -> String {
+    let key = format!("k{}", i % keys);
+    let payload = format!("{key}:{}", i / keys);
+    producer
+        .send(
+            FutureRecord::to(topic).key(&key).payload(&payload),
+            Timeout::Never,
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap_or_else(|e| panic!("send {payload}: {e}"));
+    key
 }
