@@ -342,7 +342,7 @@ static BROKER_PID: std::sync::OnceLock<i32> = std::sync::OnceLock::new();
 /// Counters read at a read's first record, turned into a [`Timing`] at its last.
 struct Probe {
     /// Per-thread scheduling counters, with `FLOTILLA_BENCH_SCHED` set.
-    sched: Option<BTreeMap<String, (u64, u64, u64)>>,
+    sched: Option<BTreeMap<String, cpu::ThreadSched>>,
     at: Instant,
     cpu: Duration,
     broker_cpu: Duration,

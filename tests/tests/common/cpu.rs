@@ -65,10 +65,27 @@ pub fn machine_idle_ticks() -> (u64, u64) {
     (idle, v.iter().take(8).sum())
 }
 
-/// Per thread of this process (by name and id): time on a CPU, time waiting
-/// on a run queue (runnable, not running) and time slices so far, in ns
-/// (`/proc/self/task/*/schedstat`).
-pub fn thread_sched() -> std::collections::BTreeMap<String, (u64, u64, u64)> {
+/// One thread's scheduling counters so far ([`thread_sched`]).
+#[derive(Clone, Copy, Default)]
+pub struct ThreadSched {
+    /// Time on a CPU, ns.
+    pub run: u64,
+    /// Time runnable but waiting on a run queue, ns.
+    pub wait: u64,
+    /// Time slices run.
+    pub slices: u64,
+    /// Times the thread gave up its CPU itself (blocked: a futex, a
+    /// condition variable, I/O).
+    pub voluntary: u64,
+    /// Times it was preempted.
+    pub involuntary: u64,
+    /// Times it moved to another CPU.
+    pub migrations: u64,
+}
+
+/// Per thread of this process (by name and id): its scheduling counters
+/// (`/proc/self/task/*/schedstat` and `/proc/self/task/*/sched`).
+pub fn thread_sched() -> std::collections::BTreeMap<String, ThreadSched> {
     let mut m = std::collections::BTreeMap::new();
     let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
         return m;
@@ -81,31 +98,56 @@ pub fn thread_sched() -> std::collections::BTreeMap<String, (u64, u64, u64)> {
             .split_whitespace()
             .filter_map(|x| x.parse().ok())
             .collect();
+        // `sched` lines read "name   :   value".
+        let sched = std::fs::read_to_string(d.join("sched")).unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            sched
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim() == name)
+                .and_then(|(_, v)| v.trim().parse::<f64>().ok())
+                .map_or(0, |v| v as u64)
+        };
         if let [run, wait, slices] = v[..] {
             let key = format!("{}/{}", comm.trim(), e.file_name().to_string_lossy());
-            m.insert(key, (run, wait, slices));
+            m.insert(
+                key,
+                ThreadSched {
+                    run,
+                    wait,
+                    slices,
+                    voluntary: field("nr_voluntary_switches"),
+                    involuntary: field("nr_involuntary_switches"),
+                    migrations: field("se.nr_migrations"),
+                },
+            );
         }
     }
     m
 }
 
 /// The threads busy over `wall` since `before` ([`thread_sched`]), as
-/// "name/tid: run R% runq Q% slices N": R is the share of `wall` the thread
-/// ran, Q the share it was runnable but waited for a CPU.
+/// "name/tid: run R% runq Q% slices N vol V invol I migr M": R is the share
+/// of `wall` the thread ran, Q the share it was runnable but waited for a
+/// CPU; V, I and M the voluntary and involuntary context switches and the
+/// CPU migrations in that time.
 pub fn thread_sched_report(
-    before: &std::collections::BTreeMap<String, (u64, u64, u64)>,
+    before: &std::collections::BTreeMap<String, ThreadSched>,
     wall: Duration,
 ) -> String {
     let wall = wall.as_nanos().max(1) as f64;
     let mut out = Vec::new();
-    for (k, (run, wait, n)) in thread_sched() {
-        let (r0, w0, n0) = before.get(&k).copied().unwrap_or((0, 0, 0));
-        let run = run.saturating_sub(r0) as f64 * 100.0 / wall;
-        let wait = wait.saturating_sub(w0) as f64 * 100.0 / wall;
+    for (k, now) in thread_sched() {
+        let b = before.get(&k).copied().unwrap_or_default();
+        let run = now.run.saturating_sub(b.run) as f64 * 100.0 / wall;
+        let wait = now.wait.saturating_sub(b.wait) as f64 * 100.0 / wall;
         if run > 3.0 || wait > 3.0 {
             out.push(format!(
-                "{k}: run {run:.0}% runq {wait:.0}% slices {}",
-                n.saturating_sub(n0)
+                "{k}: run {run:.0}% runq {wait:.0}% slices {} vol {} invol {} migr {}",
+                now.slices.saturating_sub(b.slices),
+                now.voluntary.saturating_sub(b.voluntary),
+                now.involuntary.saturating_sub(b.involuntary),
+                now.migrations.saturating_sub(b.migrations),
             ));
         }
     }
