@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use super::committer::{CommitWait, Committer};
 use super::config::{FleetConsumerConfig, RebalanceCallback};
 use super::context::FleetContext;
-use super::epoch_of;
+use super::record_epoch::RecordEpoch;
 use crate::kafka::{
     classify, client_config, ClusterAdmin, ErrorClass, InvalidProperty, KafkaError,
 };
@@ -1074,7 +1074,7 @@ impl Shared {
         gate: &mut FenceGate,
         cluster: &str,
         topic: &str,
-        m: &impl Message,
+        m: &impl RecordEpoch,
     ) -> Option<(Option<u64>, bool)> {
         let p = u32::try_from(m.partition()).ok()?;
         if gate
@@ -1083,7 +1083,7 @@ impl Shared {
         {
             return None;
         }
-        let epoch = m.headers().and_then(epoch_of);
+        let epoch = m.record_epoch();
         match gate.classify(cluster, p, m.offset(), epoch) {
             RecordClass::Ahead => None,
             RecordClass::InOrder => Some((epoch, false)),

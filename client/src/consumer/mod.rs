@@ -56,6 +56,7 @@ mod context;
 mod fleet;
 #[cfg(test)]
 mod mock_tests;
+mod record_epoch;
 
 pub use config::{
     FleetConsumerConfig, RebalanceCallback, RebalanceEvent, RebalanceKind, RebalancePhase,
