@@ -3,7 +3,8 @@
 //! from, when it built them: rdkafka-sys publishes that directory as
 //! `DEP_RDKAFKA_ROOT`. Linked against a system librdkafka instead, there are
 //! no internal headers to compile against, and the consumer falls back to
-//! librdkafka's public header parse (`cfg(flotilla_binhdrs)` unset).
+//! librdkafka's public header parse (`cfg(flotilla_binhdrs)` unset); setting
+//! `FLOTILLA_NO_BINHDRS` forces that fallback.
 
 use std::path::PathBuf;
 
@@ -11,6 +12,11 @@ fn main() {
     println!("cargo:rustc-check-cfg=cfg(flotilla_binhdrs)");
     println!("cargo:rerun-if-changed=src/consumer/binhdrs.c");
     println!("cargo:rerun-if-env-changed=DEP_RDKAFKA_ROOT");
+    // Builds (and tests) the fallback on librdkafka's parse.
+    println!("cargo:rerun-if-env-changed=FLOTILLA_NO_BINHDRS");
+    if std::env::var_os("FLOTILLA_NO_BINHDRS").is_some() {
+        return;
+    }
     let Some(root) = std::env::var_os("DEP_RDKAFKA_ROOT").map(PathBuf::from) else {
         return;
     };

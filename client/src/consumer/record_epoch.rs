@@ -17,6 +17,9 @@
 //! librdkafka) the build leaves `cfg(flotilla_binhdrs)` unset and
 //! [`message_epoch`] uses librdkafka's parse.
 
+// Without the shim only the tests read header blocks.
+#![cfg_attr(not(flotilla_binhdrs), allow(dead_code))]
+
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
 
 use crate::producer::{epoch_of, parse_epoch_header, EPOCH_HEADER};
