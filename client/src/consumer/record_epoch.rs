@@ -93,15 +93,12 @@ fn header_block<'m>(m: &'m BorrowedMessage<'_>) -> Option<&'m [u8]> {
 /// none, or if the block is malformed anywhere (librdkafka's parse then
 /// fails, and [`epoch_of`] sees no headers).
 pub(crate) fn scan_epoch(mut block: &[u8]) -> Option<u64> {
-    if block.is_empty() {
-        return None;
-    }
     let count = read_varint(&mut block)?;
     if count <= 0 || count > MAX_HEADERS {
         return None;
     }
-    let mut epoch = None;
-    let mut found = false;
+    // The first epoch header's decoded value, once one was seen.
+    let mut first: Option<Option<u64>> = None;
     for _ in 0..count {
         let key_len = usize::try_from(read_varint(&mut block)?).ok()?;
         let key = take(&mut block, key_len)?;
@@ -112,12 +109,11 @@ pub(crate) fn scan_epoch(mut block: &[u8]) -> Option<u64> {
         // librdkafka copies the key into a C string: rdkafka's key ends at
         // its first NUL.
         let key = key.split(|&b| b == 0).next().unwrap_or(key);
-        if !found && key == EPOCH_HEADER.as_bytes() {
-            found = true;
-            epoch = value.and_then(parse_epoch_header);
+        if first.is_none() && key == EPOCH_HEADER.as_bytes() {
+            first = Some(value.and_then(parse_epoch_header));
         }
     }
-    epoch
+    first.flatten()
 }
 
 /// Reads a zigzag-encoded varint (at most 10 bytes), as Kafka's record
